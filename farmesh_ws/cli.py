@@ -1,0 +1,118 @@
+"""The `farmesh-ws` command. Logging is configured here and nowhere else."""
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from types import FrameType
+
+from farmesh_ws import __version__
+from farmesh_ws.home import farmesh_home
+
+logger = logging.getLogger("farmesh_ws.cli")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    if not hasattr(args, "handler"):
+        parser.print_help(sys.stderr)
+        return 2
+    result: int = args.handler(args)
+    return result
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="farmesh-ws", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"farmesh-ws {__version__}")
+    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
+    commands = parser.add_subparsers(title="commands")
+
+    model = commands.add_parser("model", help="manage the bundled model")
+    model_commands = model.add_subparsers(title="model commands")
+    prepare = model_commands.add_parser(
+        "prepare", help="convert the bundled GGUF into a Hugging Face folder (idempotent)"
+    )
+    prepare.add_argument("--quiet", action="store_true", help="no progress bar")
+    prepare.set_defaults(handler=_model_prepare)
+
+    swarm = commands.add_parser(
+        "swarm", help="run a local swarm (a DHT plus Petals servers on 127.0.0.1)"
+    )
+    swarm.add_argument("--servers", type=int, default=2, help="servers splitting the blocks")
+    swarm.add_argument(
+        "--spans", default="", help="explicit block spans, e.g. 0:15,15:30 (overrides --servers)"
+    )
+    swarm.add_argument("--replicas", type=int, default=1, help="servers per span")
+    swarm.add_argument("--dht-port", type=int, default=0, help="DHT port (0: any free port)")
+    swarm.add_argument("--num-handlers", type=int, default=2, help="handler processes per server")
+    swarm.add_argument("--log-dir", type=Path, default=None, help="per-process log files")
+    swarm.set_defaults(handler=_swarm)
+    return parser
+
+
+def _model_prepare(args: argparse.Namespace) -> int:
+    from farmesh_ws.models import ModelPreparationError, prepare_bundled_model
+
+    try:
+        path = prepare_bundled_model(farmesh_home(), progress=not args.quiet)
+    except ModelPreparationError as exc:
+        logger.error("%s", exc)
+        return 1
+    sys.stdout.write(f"{path}\n")
+    return 0
+
+
+def _swarm(args: argparse.Namespace) -> int:
+    from farmesh_ws.models import BUNDLED_MODEL_ID, dht_prefix_for, prepare_bundled_model
+    from farmesh_ws.swarm import LocalSwarm, SwarmConfig, SwarmError, read_num_blocks
+
+    model_path = prepare_bundled_model(farmesh_home())
+    spans = tuple(span for span in args.spans.split(",") if span)
+    config = SwarmConfig(
+        model_path=model_path,
+        dht_prefix=dht_prefix_for(BUNDLED_MODEL_ID),
+        num_blocks=read_num_blocks(model_path),
+        log_dir=args.log_dir or farmesh_home() / "swarm-logs",
+        num_servers=args.servers,
+        spans=spans,
+        replicas=args.replicas,
+        dht_port=args.dht_port,
+        num_handlers=args.num_handlers,
+    )
+    try:
+        config.server_spans()
+    except ValueError as exc:
+        logger.error("%s", exc)
+        return 2
+    stop = threading.Event()
+
+    def request_stop(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+    swarm = LocalSwarm(config)
+    try:
+        swarm.start()
+        sys.stdout.write(
+            f"swarm ready: model {BUNDLED_MODEL_ID}, {len(swarm.servers)} servers\n"
+            f"initial peers: {' '.join(swarm.initial_peers)}\n"
+            f"logs: {config.log_dir}\n"
+        )
+        sys.stdout.flush()
+        stop.wait()
+    except SwarmError as exc:
+        logger.error("%s", exc)
+        return 1
+    finally:
+        swarm.stop()
+    return 0

@@ -1,0 +1,103 @@
+"""Who computed what: the route of every step, summed per turn into contributions.
+
+The route can change mid-session (failover replaces a server), so it is read at every step
+from the server sessions themselves: a wrapper around Petals' per-server ``step`` reports each
+successful call (peer id, block span, tokens the server processed, replay included) to the
+:class:`StepRecorder` active in the calling thread. Petals runs a session's steps
+synchronously in the caller's thread, so a context variable scopes recording exactly.
+"""
+
+import contextlib
+import contextvars
+import functools
+from collections.abc import Iterator
+from typing import Any
+
+from farmesh_ws.mesh.base import Contribution, RouteHop
+
+_active_recorder: contextvars.ContextVar["StepRecorder | None"] = contextvars.ContextVar(
+    "farmesh_step_recorder", default=None
+)
+_PATCHED = "_farmesh_step_recorder"
+
+
+def install() -> None:
+    """Wrap ``_ServerInferenceSession.step`` once (after ``compat.apply()``)."""
+    from petals.client.inference_session import _ServerInferenceSession
+
+    original = _ServerInferenceSession.step
+    if getattr(original, _PATCHED, False):
+        return
+
+    @functools.wraps(original)
+    def step(self: Any, *args: Any, **kwargs: Any) -> Any:
+        before = self._position
+        outputs = original(self, *args, **kwargs)
+        recorder = _active_recorder.get()
+        if recorder is not None:
+            span = self.span
+            recorder.record(
+                peer_id=span.peer_id.to_base58(),
+                public_name=getattr(span.server_info, "public_name", None),
+                start_block=span.start,
+                end_block=span.end,
+                tokens=self._position - before,
+            )
+        return outputs
+
+    setattr(step, _PATCHED, True)
+    _ServerInferenceSession.step = step
+
+
+class StepRecorder:
+    """Collects the route of each step of one turn and sums it into contributions."""
+
+    def __init__(self) -> None:
+        self.routes: list[tuple[RouteHop, ...]] = []
+        self._hops: list[RouteHop] = []
+        self._step_tokens = 0
+        self._totals: dict[tuple[str, int, int], list[int]] = {}
+        self._names: dict[str, str | None] = {}
+
+    @contextlib.contextmanager
+    def step(self, new_tokens: int) -> Iterator[None]:
+        """Record the hops of one session step that carries ``new_tokens`` new tokens."""
+        self._hops, self._step_tokens = [], new_tokens
+        token = _active_recorder.set(self)
+        try:
+            yield
+        finally:
+            _active_recorder.reset(token)
+            if self._hops:
+                self.routes.append(tuple(self._hops))
+
+    def record(
+        self,
+        *,
+        peer_id: str,
+        public_name: str | None,
+        start_block: int,
+        end_block: int,
+        tokens: int,
+    ) -> None:
+        self._hops.append(RouteHop(peer_id, start_block, end_block, tokens))
+        self._names[peer_id] = public_name
+        total = self._totals.setdefault((peer_id, start_block, end_block), [0, 0])
+        total[0] += tokens
+        total[1] += max(tokens - self._step_tokens, 0)
+
+    def contributions(self) -> tuple[Contribution, ...]:
+        """Per (server, span): tokens and replayed tokens, ordered by block then peer."""
+        return tuple(
+            Contribution(
+                peer_id=peer_id,
+                public_name=self._names.get(peer_id),
+                start_block=start,
+                end_block=end,
+                tokens=tokens,
+                replayed_tokens=replayed,
+            )
+            for (peer_id, start, end), (tokens, replayed) in sorted(
+                self._totals.items(), key=lambda item: (item[0][1], item[0][0])
+            )
+        )

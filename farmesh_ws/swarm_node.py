@@ -1,0 +1,114 @@
+"""Entry point of one local swarm process: the DHT bootstrap node or one Petals server.
+
+Started by :mod:`farmesh_ws.swarm` as ``python -m farmesh_ws.swarm_node ROLE JSON``. The process
+applies the compat fixes before Petals is imported, writes exactly one JSON "ready" line to
+stdout (the parent waits for it), logs to stderr (the parent points that at a log file), and
+turns SIGTERM into a graceful shutdown so no DHT process, handler or p2pd is orphaned.
+"""
+
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+from types import FrameType
+from typing import Any
+
+from farmesh_ws.mesh import compat
+
+logger = logging.getLogger(__name__)
+
+
+def _announce(**fields: Any) -> None:
+    sys.stdout.write(json.dumps(fields) + "\n")
+    sys.stdout.flush()
+
+
+def _sigterm_as_keyboard_interrupt() -> None:
+    """SIGTERM → KeyboardInterrupt in this process only; forked children keep the default."""
+    main_pid = os.getpid()
+
+    def on_sigterm(signum: int, frame: FrameType | None) -> None:
+        if os.getpid() != main_pid:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+
+
+def run_dht(options: dict[str, Any]) -> None:
+    """Run the bootstrap DHT node until SIGTERM."""
+    from hivemind.dht import DHT
+
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
+    port = int(options.get("port", 0))
+    dht = DHT(host_maddrs=[f"/ip4/{options['host']}/tcp/{port}"], start=True)
+    try:
+        _announce(
+            role="dht",
+            peer_id=dht.peer_id.to_base58(),
+            maddrs=[str(maddr) for maddr in dht.get_visible_maddrs()],
+        )
+        stop.wait()
+    finally:
+        dht.shutdown()
+
+
+def run_server(options: dict[str, Any]) -> None:
+    """Run one Petals server over a span of blocks until SIGTERM."""
+    from petals.server.server import Server
+
+    _sigterm_as_keyboard_interrupt()
+    server = Server(
+        initial_peers=options["initial_peers"],
+        dht_prefix=options["dht_prefix"],
+        converted_model_name_or_path=options["model_path"],
+        public_name=options["public_name"],
+        block_indices=options["block_indices"],
+        throughput=float(options["throughput"]),
+        num_handlers=int(options["num_handlers"]),
+        inference_max_length=int(options["inference_max_length"]),
+        session_timeout=float(options["session_timeout_s"]),
+        update_period=float(options["update_period_s"]),
+        expiration=float(options["expiration_s"]),
+        device="cpu",
+        torch_dtype="float32",
+        host_maddrs=[f"/ip4/{options['host']}/tcp/0"],
+        reachable_via_relay=False,
+        use_relay=False,
+        use_auto_relay=False,
+        skip_reachability_check=True,
+    )
+    _announce(role="server", peer_id=server.dht.peer_id.to_base58())
+    try:
+        server.run()
+    except KeyboardInterrupt:
+        logger.info("shutting down on SIGTERM")
+    finally:
+        server.shutdown()
+
+
+def main(argv: list[str]) -> int:
+    role, raw_options = argv
+    options = json.loads(raw_options)
+    logging.basicConfig(
+        level=options.get("log_level", "INFO"),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    compat.apply()
+    if role == "dht":
+        run_dht(options)
+    elif role == "server":
+        run_server(options)
+    else:
+        raise SystemExit(f"unknown swarm role {role!r}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))

@@ -1,0 +1,64 @@
+"""Shared fixtures: the bundled model, one local swarm and one mesh backend per test session."""
+
+import json
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from farmesh_ws.home import farmesh_home
+
+GOLDEN_PATH = (
+    Path(__file__).resolve().parents[2] / "shared" / "golden" / ("smollm2-135m-instruct-q4_1.json")
+)
+
+
+@pytest.fixture(scope="session")
+def golden() -> dict[str, Any]:
+    data: dict[str, Any] = json.loads(GOLDEN_PATH.read_text())
+    return data
+
+
+@pytest.fixture(scope="session")
+def bundled_model_path() -> Path:
+    from farmesh_ws.models import prepare_bundled_model
+
+    return prepare_bundled_model(farmesh_home(), progress=False)
+
+
+@pytest.fixture(scope="session")
+def swarm(bundled_model_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """Two servers splitting the 30 blocks (0:15, 15:30), as the embedded default does.
+
+    Tests that kill or add servers must leave every block served when they finish.
+    """
+    from farmesh_ws.models import BUNDLED_MODEL_ID, dht_prefix_for
+    from farmesh_ws.swarm import LocalSwarm, SwarmConfig, read_num_blocks
+
+    config = SwarmConfig(
+        model_path=bundled_model_path,
+        dht_prefix=dht_prefix_for(BUNDLED_MODEL_ID),
+        num_blocks=read_num_blocks(bundled_model_path),
+        log_dir=tmp_path_factory.mktemp("swarm-logs"),
+        update_period_s=5.0,
+        expiration_s=20.0,
+    )
+    with LocalSwarm(config) as local_swarm:
+        yield local_swarm
+
+
+@pytest.fixture(scope="session")
+async def backend(swarm: Any, bundled_model_path: Path) -> AsyncIterator[Any]:
+    from farmesh_ws.mesh.petals import ModelSpec, PetalsBackend, PetalsBackendConfig
+    from farmesh_ws.models import BUNDLED_MODEL_ID
+
+    config = PetalsBackendConfig(
+        initial_peers=tuple(swarm.initial_peers),
+        models=(ModelSpec(BUNDLED_MODEL_ID, bundled_model_path, swarm.config.dht_prefix),),
+        update_period_s=5.0,
+        ban_timeout_s=5.0,
+    )
+    mesh = await PetalsBackend.start(config)
+    yield mesh
+    await mesh.aclose()

@@ -1,0 +1,146 @@
+"""Each compat fix, shown to be needed (the check fails on stock Petals/hivemind) and to work."""
+
+import ast
+import importlib
+import subprocess
+import sys
+import threading
+import warnings
+from pathlib import Path
+from weakref import WeakMethod
+
+import psutil
+
+from farmesh_ws.mesh import compat
+
+
+def _run_python(code: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False
+    )
+
+
+def _names_petals_imports_from_hivemind() -> set[str]:
+    spec = importlib.util.find_spec("petals")
+    assert spec is not None
+    assert spec.origin is not None
+    names = set()
+    for path in Path(spec.origin).parent.rglob("*.py"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Petals has invalid escape sequences
+            tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module == "hivemind":
+                names.update(alias.name for alias in node.names)
+            elif (
+                isinstance(node, ast.Attribute)
+                and isinstance(node.value, ast.Name)
+                and node.value.id == "hivemind"
+            ):
+                names.add(node.attr)
+    return names
+
+
+def test_stock_petals_does_not_import_on_this_hivemind() -> None:
+    result = _run_python("import petals")
+    assert result.returncode != 0
+    assert "ImportError" in result.stderr
+
+
+def test_petals_imports_after_apply() -> None:
+    result = _run_python(
+        "from farmesh_ws.mesh import compat\n"
+        "compat.apply()\n"
+        "import petals\n"
+        "print(petals.__version__)"
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "2.2.0.post1"
+
+
+def test_every_name_petals_takes_from_hivemind_exists() -> None:
+    compat.apply()
+    import hivemind
+
+    missing = sorted(
+        name for name in _names_petals_imports_from_hivemind() if not hasattr(hivemind, name)
+    )
+    assert missing == []
+
+
+async def test_p2p_daemon_runs_without_nat_port_mapping_or_autonat() -> None:
+    compat.apply()
+    from hivemind.p2p import P2P
+
+    p2p = await P2P.create(host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+    try:
+        daemon = psutil.Process(p2p._child.pid)
+        args = " ".join(daemon.cmdline())
+        assert "-natPortMap=0" in args
+        assert "-autonat=0" in args
+        listening = [
+            c.laddr.ip for c in daemon.net_connections(kind="inet") if c.status == "LISTEN"
+        ]
+        assert listening
+        assert all(ip == "127.0.0.1" for ip in listening)
+    finally:
+        await p2p.shutdown()
+
+
+def test_server_start_makes_no_version_request() -> None:
+    compat.apply()
+    run_server = importlib.import_module("petals.cli.run_server")
+    attempts: list[tuple[str, object]] = []
+    recording = threading.Event()
+
+    def audit(event: str, args: tuple[object, ...]) -> None:
+        if recording.is_set() and event in {"socket.connect", "socket.getaddrinfo"}:
+            attempts.append((event, args))
+
+    sys.addaudithook(audit)
+    recording.set()
+    try:
+        run_server.validate_version()
+    finally:
+        recording.clear()
+    assert attempts == []
+
+
+def test_failed_peer_leaves_routing_at_once() -> None:
+    """Fix 1: after a failure, routing must no longer offer the failed peer's span."""
+    compat.apply()
+    from hivemind.dht.node import Blacklist
+    from hivemind.p2p import PeerID
+    from petals.client.routing.sequence_info import RemoteSequenceInfo
+    from petals.client.routing.sequence_manager import (
+        RemoteSequenceManager,
+        SequenceManagerState,
+        _SequenceManagerUpdateThread,
+    )
+    from petals.data_structures import RemoteModuleInfo, ServerInfo, ServerState
+
+    uids = [f"model.{index}" for index in range(4)]
+    dead, alive = PeerID(b"\x00" * 34), PeerID(b"\x01" * 34)
+    info = RemoteSequenceInfo.make_empty(uids)
+    info.update_(
+        [
+            RemoteModuleInfo(
+                uid,
+                {
+                    dead: ServerInfo(ServerState.ONLINE, 10.0, start_block=0, end_block=4),
+                    alive: ServerInfo(ServerState.ONLINE, 1.0, start_block=0, end_block=4),
+                },
+            )
+            for uid in uids
+        ]
+    )
+    manager = RemoteSequenceManager.__new__(RemoteSequenceManager)
+    manager.state = SequenceManagerState(sequence_info=info, banned_peers=Blacklist(15, 2.0))
+    manager.lock_changes = threading.Lock()
+    manager._thread = _SequenceManagerUpdateThread(60, WeakMethod(manager.on_request_success))
+
+    manager.on_request_failure(dead)
+
+    peers_per_block = [{span.peer_id for span in spans} for spans in info.spans_containing_block]
+    assert peers_per_block == [{alive}] * 4
+    assert [span.peer_id for span in info.spans_by_priority] == [alive]
