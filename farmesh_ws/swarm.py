@@ -15,14 +15,16 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, TypeVar
 
 from farmesh_ws.mesh import compat
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class SwarmError(RuntimeError):
@@ -201,7 +203,9 @@ class LocalSwarm:
         deadline = time.monotonic() + (timeout_s or self.config.start_timeout_s)
         dht = self.client_dht()
         while True:
-            coverage = model_coverage(dht, self.config.dht_prefix, self.config.num_blocks)
+            coverage = self._in_dht_thread(
+                model_coverage, dht, self.config.dht_prefix, self.config.num_blocks
+            )
             if coverage.fully_served and set(required_peers) <= coverage.online_peer_ids():
                 return
             for node in self.servers:
@@ -220,7 +224,8 @@ class LocalSwarm:
             compat.apply()
             from hivemind.dht import DHT
 
-            self._client_dht = DHT(
+            self._client_dht = self._in_dht_thread(
+                DHT,
                 initial_peers=self.initial_peers,
                 client_mode=True,
                 start=True,
@@ -228,10 +233,17 @@ class LocalSwarm:
             )
         return self._client_dht
 
+    def _in_dht_thread(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run a blocking DHT call in a worker thread. hivemind's futures call
+        ``asyncio.get_event_loop()``, which in the main thread creates an event loop that
+        nobody closes; in a worker thread it creates none."""
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="farmesh-swarm-dht") as pool:
+            return pool.submit(fn, *args, **kwargs).result()
+
     def stop(self) -> None:
         """Stop every server, then the DHT; nothing is left running."""
         if self._client_dht is not None:
-            self._client_dht.shutdown()
+            self._in_dht_thread(self._client_dht.shutdown)
             self._client_dht = None
         for node in reversed(self.servers):
             self._stop_node(node)

@@ -62,3 +62,14 @@ async def backend(swarm: Any, bundled_model_path: Path) -> AsyncIterator[Any]:
     mesh = await PetalsBackend.start(config)
     yield mesh
     await mesh.aclose()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "disruptive: kills or adds swarm servers; runs after every other test"
+    )
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Run the tests that break the shared swarm last, so others see a clean swarm."""
+    items.sort(key=lambda item: item.get_closest_marker("disruptive") is not None)

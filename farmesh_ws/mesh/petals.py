@@ -22,6 +22,7 @@ from typing import Any
 from farmesh_ws.errors import (
     ContextOverflow,
     FarmeshError,
+    InvalidRequest,
     MeshError,
     MeshTimeout,
     MeshUnavailable,
@@ -61,6 +62,7 @@ class PetalsBackendConfig:
     initial_peers: tuple[str, ...]
     models: tuple[ModelSpec, ...]
     max_concurrent_turns: int = 8
+    max_session_length: int = 2048
     max_retries: int = 2
     connect_timeout_s: float = 5.0
     request_timeout_s: float = 30.0
@@ -127,7 +129,13 @@ class _LoadedModel:
         return str(self.tokenizer.decode(list(ids), skip_special_tokens=True))
 
     def close(self) -> None:
-        self.sequence_manager.shutdown()
+        """Stop the routing thread, the replicated p2p client and the client DHT process."""
+        from hivemind.moe.client.remote_expert_worker import RemoteExpertWorker
+
+        manager = self.sequence_manager
+        manager.shutdown()
+        RemoteExpertWorker.run_coroutine(manager.state.p2p.shutdown())
+        manager.dht.shutdown()
 
 
 class PetalsBackend:
@@ -165,6 +173,10 @@ class PetalsBackend:
         return self._model(model_id).num_blocks
 
     async def open_session(self, model_id: str, *, max_length: int) -> "PetalsChatSession":
+        if not 1 <= max_length <= self.config.max_session_length:
+            raise InvalidRequest(
+                f"max_length must be between 1 and {self.config.max_session_length}"
+            )
         session = PetalsChatSession(self, self._model(model_id), max_length)
         self._sessions.add(session)
         return session
@@ -249,6 +261,7 @@ class PetalsChatSession:
         self._pending_id: int | None = None
         self._transcript_started = False
         self._closed = False
+        self._routes_stale = False
         self.remote_sessions_opened = 0
 
     @property
@@ -354,6 +367,9 @@ class PetalsChatSession:
             from petals.client.inference_session import InferenceSession
 
             replay = list(self._held_ids)
+            if self._routes_stale:
+                self._model.sequence_manager.update(wait=True)
+                self._routes_stale = False
             self._inference = InferenceSession(self._model.sequence_manager, self._max_length)
             self.remote_sessions_opened += 1
             if replay:
@@ -364,8 +380,7 @@ class PetalsChatSession:
                 hidden = self._inference.step(self._model.model.model.embed_tokens(ids))
         except Exception:
             self._drop_inference()
-            if replay:
-                self._held_ids = replay
+            self._routes_stale = True
             raise
         self._held_ids = self._held_ids + inputs
         return hidden

@@ -1,0 +1,172 @@
+"""Protocol v1 messages (protocol.md): one tagged union per direction, decoded with msgspec.
+
+Client messages forbid unknown fields and carry their limits in ``Meta``, so a bad frame
+becomes one readable ``invalid_message`` error naming the JSON path. Limits that depend on
+configuration (max_length, max_new_tokens, text size) are checked in session.py.
+"""
+
+from typing import Annotated, Final, Literal
+
+import msgspec
+from msgspec import Meta
+
+PROTOCOL_VERSION: Final = 1
+
+RequestId = Annotated[str, Meta(min_length=1, max_length=128)]
+Wallet = Annotated[str, Meta(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:\-]+$")]
+ModelName = Annotated[str, Meta(min_length=1, max_length=200)]
+Temperature = Annotated[float, Meta(ge=0.0, le=2.0)]
+TopP = Annotated[float, Meta(gt=0.0, le=1.0)]
+TopK = Annotated[int, Meta(ge=0, le=1000)]
+RepetitionPenalty = Annotated[float, Meta(ge=1.0, le=2.0)]
+Seed = Annotated[int, Meta(ge=0, le=2**63 - 1)]
+PositiveTokens = Annotated[int, Meta(ge=1)]
+StopSequence = Annotated[str, Meta(min_length=1, max_length=64)]
+StopList = Annotated[list[StopSequence], Meta(max_length=8)]
+
+
+class _ClientMessage(
+    msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, tag_field="type"
+):
+    pass
+
+
+class Sampling(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Sampling options; every field optional. ``temperature`` 0 is greedy."""
+
+    temperature: Temperature | None = None
+    top_p: TopP | None = None
+    top_k: TopK | None = None
+    repetition_penalty: RepetitionPenalty | None = None
+    seed: Seed | None = None
+    max_new_tokens: PositiveTokens | None = None
+    stop: StopList | None = None
+
+
+class Open(_ClientMessage, tag="open"):
+    model: ModelName | None = None
+    max_length: PositiveTokens | None = None
+    user_wallet: Wallet | None = None
+    system_prompt: str | None = None
+    sampling: Sampling | None = None
+
+
+class Turn(_ClientMessage, tag="turn"):
+    request_id: RequestId
+    text: Annotated[str, Meta(min_length=1)]
+    temperature: Temperature | None = None
+    top_p: TopP | None = None
+    top_k: TopK | None = None
+    repetition_penalty: RepetitionPenalty | None = None
+    seed: Seed | None = None
+    max_new_tokens: PositiveTokens | None = None
+    stop: StopList | None = None
+
+
+class Generate(_ClientMessage, tag="generate"):
+    request_id: RequestId
+    prompt: Annotated[str, Meta(min_length=1)]
+    max_tokens: PositiveTokens | None = None
+    temperature: Temperature | None = None
+    top_p: TopP | None = None
+    user_wallet: Wallet | None = None
+    model_id: ModelName | None = None
+
+
+class Cancel(_ClientMessage, tag="cancel"):
+    request_id: RequestId
+
+
+class Close(_ClientMessage, tag="close"):
+    pass
+
+
+class Ping(_ClientMessage, tag="ping"):
+    data: Annotated[str, Meta(max_length=128)] | None = None
+
+
+ClientMessage = Open | Turn | Generate | Cancel | Close | Ping
+
+
+class _ServerMessage(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, tag_field="type"):
+    pass
+
+
+class Opened(_ServerMessage, tag="opened"):
+    session_id: str
+    model: str
+    max_length: int
+    price_per_token_far: str
+    protocol_version: int = PROTOCOL_VERSION
+
+
+class Token(_ServerMessage, tag="token"):
+    request_id: str
+    token: str
+    tokens_generated: int
+    cost_far: str
+
+
+class Usage(msgspec.Struct, frozen=True, kw_only=True):
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+    cost_far: str
+
+
+class Done(_ServerMessage, tag="done"):
+    request_id: str
+    finish_reason: Literal["stop", "length", "cancelled", "error"]
+    usage: Usage
+    position: int
+    max_length: int
+    time_to_first_token_ms: float | None = None
+    duration_ms: float
+    error: str | None = None
+
+
+class NodeShare(msgspec.Struct, frozen=True, kw_only=True):
+    peer_id: str
+    name: str | None
+    start_block: int
+    end_block: int
+    tokens: int
+    replayed_tokens: int
+    work: int
+    share_far: str
+
+
+class ContributionReport(_ServerMessage, tag="contribution"):
+    request_id: str
+    cost_far: str
+    nodes: list[NodeShare]
+
+
+class Pong(_ServerMessage, tag="pong"):
+    data: str | None = None
+
+
+class Closed(_ServerMessage, tag="closed"):
+    session_id: str | None = None
+
+
+class Error(_ServerMessage, tag="error"):
+    code: str
+    message: str
+    retryable: bool = False
+    request_id: str | None = None
+
+
+ServerMessage = Opened | Token | Done | ContributionReport | Pong | Closed | Error
+
+_decoder: Final = msgspec.json.Decoder(ClientMessage)
+_encoder: Final = msgspec.json.Encoder()
+
+
+def decode_client_message(frame: str | bytes) -> ClientMessage:
+    """Decode one client frame; raises ``msgspec.ValidationError`` / ``DecodeError``."""
+    return _decoder.decode(frame)
+
+
+def encode_server_message(message: ServerMessage) -> str:
+    return _encoder.encode(message).decode()

@@ -1,0 +1,487 @@
+"""Benchmark the Far Mesh on the bundled model (SmolLM2-135M-Instruct) against plain transformers.
+
+Run: ``.venv/bin/python scripts/bench_mesh.py [--turns 10] [--tokens 32] [--json-only]``
+
+One run starts a local swarm (a DHT node plus 2 Petals servers splitting the 30 blocks evenly)
+and measures, side by side:
+
+1. Start-up: ``prepare_bundled_model`` wall time (a no-op when the converted folder is current)
+   and ``LocalSwarm.start`` wall time (until the DHT lists every block as served).
+2. Decode throughput, greedy: one turn through the mesh (a fresh session per repeat) versus the
+   same weights in this process with ``transformers.LlamaForCausalLM`` (float32, KV cache, one
+   token per forward). Only decode steps are timed, on both sides: from the first generated
+   token (which ends the prefill) to the last one, i.e. ``(n - 1) / (t_last - t_first)``.
+   Prefill, opening the remote session and the first token are excluded. The local run decodes
+   exactly as many tokens as the mesh produced (ignoring EOS); median over ``--repeats``.
+3. Multi-turn: a conversation of ``--turns`` distinct user messages (greedy, ``--tokens`` new
+   tokens at most). (a) reuse: one session, each turn sends only its new messages, the servers'
+   attention caches hold the history; (b) replay baseline: turn k runs in a fresh session that
+   is sent the whole conversation so far (the replies of (a) as assistant messages). TTFT
+   (turn call to first token event) and turn time are client wall times. The point of session
+   reuse is that TTFT stays flat while the replay baseline grows with the history.
+4. Peak memory, sampled by a background thread: this process (RSS, and ``ru_maxrss``), its
+   helper children (the client's hivemind DHT process and p2pd, plus the swarm's coverage DHT),
+   and every swarm node's process tree (RSS sum, and PSS sum since forked children share pages).
+
+A warm-up turn (4 tokens) runs before any timing on each side. The machine has 2 cores shared by
+the client, both servers and the local baseline, so absolute figures are noisy; the ratios are
+measured in the same run under the same conditions. The last stdout line is ``BENCH_JSON {...}``.
+"""
+
+import argparse
+import asyncio
+import json
+import os
+import resource
+import shutil
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from farmesh_ws.home import farmesh_home
+from farmesh_ws.mesh.base import ChatMessage, SamplingParams, TokenEvent, TurnDone
+from farmesh_ws.models import BUNDLED_MODEL_ID, dht_prefix_for, prepare_bundled_model, read_marker
+from farmesh_ws.swarm import LocalSwarm, SwarmConfig, read_num_blocks
+
+MIB = 2**20
+MAX_LENGTH = 2048
+WARMUP_TOKENS = 4
+TARGET_THROUGHPUT_RATIO = 0.5
+TARGET_TTFT_RATIO = 1.2
+TARGET_CLIENT_MIB = 1536.0
+THROUGHPUT_PROMPT = (
+    "Write a long, detailed story about a lighthouse keeper who finds an old map in the attic. "
+    "Describe every room of the lighthouse."
+)
+USER_MESSAGES = (
+    "Hi! What is the capital of France?",
+    "Name three primary colors.",
+    "Why is the sky blue?",
+    "Give me a tip for learning to cook.",
+    "What is 12 times 7?",
+    "Suggest a name for a grey cat.",
+    "How many legs does a spider have?",
+    "What does a bee make?",
+    "Recommend a short book for a train ride.",
+    "Say goodbye in Spanish.",
+    "What is the largest ocean?",
+    "Which planet is called the red planet?",
+)
+
+
+def user_message(index: int) -> str:
+    base = USER_MESSAGES[index % len(USER_MESSAGES)]
+    rounds = index // len(USER_MESSAGES)
+    return base if rounds == 0 else f"{base} (asked again, round {rounds + 1})"
+
+
+@dataclass(slots=True)
+class TurnResult:
+    """One turn seen from the client: token ids, their arrival times and the done event."""
+
+    done: TurnDone
+    token_ids: list[int]
+    arrivals: list[float]
+    started: float
+    ended: float
+
+    @property
+    def ttft_s(self) -> float:
+        return (self.arrivals[0] if self.arrivals else self.ended) - self.started
+
+    @property
+    def turn_s(self) -> float:
+        return self.ended - self.started
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        return decode_rate(self.arrivals)
+
+
+def decode_rate(stamps: list[float]) -> float:
+    """Tokens/s over decode steps only: tokens 2..n over the time since token 1."""
+    if len(stamps) < 2 or stamps[-1] <= stamps[0]:
+        return float("nan")
+    return (len(stamps) - 1) / (stamps[-1] - stamps[0])
+
+
+class MemorySampler:
+    """Background thread keeping the peak RSS (and PSS, every few samples) of process groups:
+    ``client`` (this process), ``client_helpers`` (its other children) and each swarm node."""
+
+    def __init__(self, swarm: LocalSwarm, interval_s: float = 0.5, pss_every: int = 4) -> None:
+        self._swarm = swarm
+        self._interval_s = interval_s
+        self._pss_every = pss_every
+        self._me = psutil.Process()
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._peaks: dict[str, dict[str, float]] = {}
+        self._thread = threading.Thread(target=self._run, name="bench-memory", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def snapshot(self) -> dict[str, dict[str, float]]:
+        with self._lock:
+            return {name: dict(peak) for name, peak in self._peaks.items()}
+
+    def _run(self) -> None:
+        count = 0
+        while not self._stop.is_set():
+            self._sample(with_pss=count % self._pss_every == 0)
+            count += 1
+            self._stop.wait(self._interval_s)
+
+    def _groups(self) -> dict[str, list[psutil.Process]]:
+        nodes = [*self._swarm.servers, *([self._swarm.dht_node] if self._swarm.dht_node else [])]
+        names = {node.process.pid: node.name for node in nodes}
+        groups: dict[str, list[psutil.Process]] = {"client": [self._me], "client_helpers": []}
+        for child in _safe(lambda: self._me.children(recursive=False), []):
+            tree = [child, *_safe(lambda c=child: c.children(recursive=True), [])]
+            if child.pid in names:
+                groups[names[child.pid]] = tree
+            elif "farmesh_ws.swarm_node" not in " ".join(_safe(child.cmdline, [])):
+                groups["client_helpers"].extend(tree)  # a node not yet listed is skipped
+        return groups
+
+    def _sample(self, *, with_pss: bool) -> None:
+        for name, processes in self._groups().items():
+            rss = sum(_safe(lambda p=p: p.memory_info().rss, 0) for p in processes)
+            pss = (
+                sum(_safe(lambda p=p: p.memory_full_info().pss, 0) for p in processes)
+                if with_pss
+                else 0
+            )
+            with self._lock:
+                peak = self._peaks.setdefault(name, {"rss_mib": 0.0, "pss_mib": 0.0, "procs": 0})
+                peak["rss_mib"] = max(peak["rss_mib"], round(rss / MIB, 1))
+                peak["pss_mib"] = max(peak["pss_mib"], round(pss / MIB, 1))
+                peak["procs"] = max(peak["procs"], len(processes))
+
+
+def _safe(call: Any, default: Any) -> Any:
+    """psutil calls on processes that may exit between listing and reading."""
+    try:
+        return call()
+    except psutil.Error:
+        return default
+
+
+def ru_maxrss_mib() -> float:
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / MIB, 1)  # KiB
+
+
+async def collect(
+    session: Any, messages: list[ChatMessage], sampling: SamplingParams
+) -> TurnResult:
+    started = time.perf_counter()
+    token_ids: list[int] = []
+    arrivals: list[float] = []
+    async for event in session.run_turn(messages, sampling):
+        now = time.perf_counter()
+        if isinstance(event, TokenEvent):
+            token_ids.append(event.token_id)
+            arrivals.append(now)
+        elif isinstance(event, TurnDone):
+            if event.error is not None:
+                raise RuntimeError(f"mesh turn failed: {event.error.code}: {event.error}")
+            return TurnResult(event, token_ids, arrivals, started, now)
+    raise RuntimeError("the turn ended without a TurnDone event")
+
+
+async def fresh_turn(
+    backend: Any, messages: list[ChatMessage], sampling: SamplingParams
+) -> TurnResult:
+    session = await backend.open_session(BUNDLED_MODEL_ID, max_length=MAX_LENGTH)
+    try:
+        return await collect(session, messages, sampling)
+    finally:
+        await session.aclose()
+
+
+def turn_row(result: TurnResult) -> dict[str, Any]:
+    done = result.done
+    return {
+        "ttft_s": round(result.ttft_s, 4),
+        "turn_s": round(result.turn_s, 4),
+        "prompt_tokens": done.prompt_tokens,
+        "cached_tokens": done.cached_tokens,
+        "completion_tokens": done.completion_tokens,
+        "finish": done.finish_reason,
+    }
+
+
+async def run_mesh(args: argparse.Namespace, swarm: LocalSwarm, model_path: Path) -> dict[str, Any]:
+    from farmesh_ws.mesh.petals import ModelSpec, PetalsBackend, PetalsBackendConfig
+
+    spec = ModelSpec(BUNDLED_MODEL_ID, model_path, swarm.config.dht_prefix)
+    started = time.perf_counter()
+    backend = await PetalsBackend.start(
+        PetalsBackendConfig(initial_peers=tuple(swarm.initial_peers), models=(spec,))
+    )
+    backend_start_s = time.perf_counter() - started
+    try:
+        prompt = [ChatMessage(role="user", content=THROUGHPUT_PROMPT)]
+        await fresh_turn(backend, prompt, SamplingParams(max_new_tokens=WARMUP_TOKENS))
+        greedy = SamplingParams(temperature=0.0, max_new_tokens=args.tokens)
+        runs = [await fresh_turn(backend, prompt, greedy) for _ in range(args.repeats)]
+
+        reuse: list[TurnResult] = []
+        history: list[ChatMessage] = []
+        session = await backend.open_session(BUNDLED_MODEL_ID, max_length=MAX_LENGTH)
+        try:
+            for index in range(args.turns):
+                user = ChatMessage(role="user", content=user_message(index))
+                reuse.append(await collect(session, [user], greedy))
+                history += [user, ChatMessage(role="assistant", content=reuse[-1].done.text)]
+        finally:
+            await session.aclose()
+        replay = [
+            await fresh_turn(backend, history[: 2 * index + 1], greedy)
+            for index in range(args.turns)
+        ]
+    finally:
+        await backend.aclose()
+    return {"backend_start_s": backend_start_s, "runs": runs, "reuse": reuse, "replay": replay}
+
+
+def run_local(model_path: Path, prompt_ids: list[int], tokens: int, repeats: int) -> dict[str, Any]:
+    """Greedy decode with plain transformers in this process, KV cache, one token per forward."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    started = time.perf_counter()
+    model = LlamaForCausalLM.from_pretrained(str(model_path), torch_dtype=torch.float32)
+    model.eval()
+    load_s = time.perf_counter() - started
+
+    def decode(count: int) -> tuple[list[int], list[float]]:
+        with torch.inference_mode():
+            out = model(input_ids=torch.tensor([prompt_ids]), use_cache=True)
+            ids = [int(torch.argmax(out.logits[0, -1]).item())]
+            stamps = [time.perf_counter()]
+            while len(ids) < count:
+                step = torch.tensor([[ids[-1]]])
+                out = model(input_ids=step, past_key_values=out.past_key_values, use_cache=True)
+                ids.append(int(torch.argmax(out.logits[0, -1]).item()))
+                stamps.append(time.perf_counter())
+        return ids, stamps
+
+    decode(WARMUP_TOKENS)
+    runs = [decode(tokens) for _ in range(repeats)]
+    return {
+        "load_s": load_s,
+        "token_ids": runs[0][0],
+        "rates": [decode_rate(stamps) for _, stamps in runs],
+    }
+
+
+def first_turn_ids(model_path: Path, messages: list[ChatMessage]) -> list[int]:
+    from transformers import AutoTokenizer
+
+    from farmesh_ws.mesh.chat_turns import ChatTurns
+
+    return ChatTurns(AutoTokenizer.from_pretrained(str(model_path))).first_turn_ids(messages)
+
+
+def matching_prefix(left: list[int], right: list[int]) -> int:
+    count = 0
+    for a, b in zip(left, right, strict=False):
+        if a != b:
+            break
+        count += 1
+    return count
+
+
+def ratio(numerator: float, denominator: float) -> float:
+    return round(numerator / denominator, 3) if denominator > 0 else float("nan")
+
+
+ROW = "  {:>4} | {:>8} {:>7} {:>6} {:>6} | {:>8} {:>7} {:>6}"
+
+
+def print_report(report: dict[str, Any]) -> None:
+    tp, mt, mem = report["throughput"], report["multi_turn"], report["memory"]
+    print(f"\nFar Mesh benchmark: {report['model']}, {report['swarm']['layout']}")
+    print(f"NOTE: {report['note']}")
+    rows = [
+        (
+            "prepare bundled model (s)",
+            f"{report['prepare_s']:.2f} (cached: {report['prepare_cached']})",
+        ),
+        ("swarm start, until all blocks served (s)", f"{report['swarm_start_s']:.2f}"),
+        ("mesh client start, PetalsBackend.start (s)", f"{report['backend_start_s']:.2f}"),
+        ("local model load, transformers (s)", f"{report['local_load_s']:.2f}"),
+        ("mesh decode tokens/s (median)", f"{tp['mesh_tokens_per_s']:.2f}  runs {tp['mesh_runs']}"),
+        (
+            "local decode tokens/s (median)",
+            f"{tp['local_tokens_per_s']:.2f}  runs {tp['local_runs']}",
+        ),
+        ("ratio mesh / local (target >= 0.5)", f"{tp['ratio_mesh_over_local']:.3f}"),
+        ("greedy tokens identical, mesh vs local", tp["greedy_match"]),
+        ("TTFT last / first turn, reuse (target <= 1.2)", f"{mt['reuse_ttft_ratio']:.3f}"),
+        ("TTFT last / first turn, replay baseline", f"{mt['replay_ttft_ratio']:.3f}"),
+        (
+            "prompt tokens sent, reuse / replay",
+            f"{mt['reuse_prompt_tokens']} / {mt['replay_prompt_tokens']}",
+        ),
+        ("replay replies identical to reuse replies", mt["replies_identical"]),
+    ]
+    for name, peak in mem["groups"].items():
+        rss_pss = f"{peak['rss_mib']:.0f} / {peak['pss_mib']:.0f} ({peak['procs']:.0f} procs)"
+        rows.append((f"peak RSS / PSS MiB, {name}", rss_pss))
+    rows.append(("client ru_maxrss MiB, mesh phases (<= 1536)", mem["client_maxrss_mesh_mib"]))
+    rows.append(("client ru_maxrss MiB, incl. local baseline", mem["client_maxrss_total_mib"]))
+    print(f"\nDecode throughput: {tp['measured']}")
+    for label, value in rows:
+        print(f"  {label:<47} {value}")
+    print("\nMulti-turn (client wall times; prompt = new tokens sent, cached = held by the mesh)")
+    print(ROW.format("", "reuse:", "", "", "", "replay:", "", ""))
+    print(ROW.format("turn", "ttft s", "turn s", "prompt", "cached", "ttft s", "turn s", "prompt"))
+    for index, (a, b) in enumerate(zip(mt["reuse"], mt["replay"], strict=True), start=1):
+        print(
+            ROW.format(
+                index,
+                f"{a['ttft_s']:.3f}",
+                f"{a['turn_s']:.2f}",
+                a["prompt_tokens"],
+                a["cached_tokens"],
+                f"{b['ttft_s']:.3f}",
+                f"{b['turn_s']:.2f}",
+                b["prompt_tokens"],
+            )
+        )
+    print(f"\nTargets met: {report['targets']}; total run {report['total_s']:.1f} s")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--turns", type=int, default=10, help="multi-turn conversation length")
+    parser.add_argument("--tokens", type=int, default=32, help="max new tokens per turn/run")
+    parser.add_argument("--repeats", type=int, default=3, help="throughput runs (median)")
+    parser.add_argument("--servers", type=int, default=2, help="servers in the local swarm")
+    parser.add_argument("--json-only", action="store_true", help="print only the JSON line")
+    args = parser.parse_args()
+    run_started = time.perf_counter()
+
+    home = farmesh_home()
+    cached = read_marker(home / "models" / BUNDLED_MODEL_ID) is not None
+    started = time.perf_counter()
+    model_path = prepare_bundled_model(home, progress=not args.json_only)
+    prepare_s = time.perf_counter() - started
+
+    log_dir = Path(tempfile.mkdtemp(prefix="farmesh-bench-logs-"))
+    config = SwarmConfig(
+        model_path=model_path,
+        dht_prefix=dht_prefix_for(BUNDLED_MODEL_ID),
+        num_blocks=read_num_blocks(model_path),
+        log_dir=log_dir,
+        num_servers=args.servers,
+    )
+    swarm = LocalSwarm(config)
+    sampler = MemorySampler(swarm)
+    sampler.start()
+    finished = False
+    try:
+        started = time.perf_counter()
+        swarm.start()
+        swarm_start_s = time.perf_counter() - started
+        mesh = asyncio.run(run_mesh(args, swarm, model_path))
+        mesh_memory = sampler.snapshot()
+        client_maxrss_mesh = ru_maxrss_mib()
+        prompt = [ChatMessage(role="user", content=THROUGHPUT_PROMPT)]
+        prompt_ids = first_turn_ids(model_path, prompt)
+        mesh_tokens = len(mesh["runs"][0].token_ids)
+        local = run_local(model_path, prompt_ids, mesh_tokens, args.repeats)
+        finished = True
+    finally:
+        sampler.stop()
+        swarm.stop()
+        if finished:
+            shutil.rmtree(log_dir, ignore_errors=True)
+        else:
+            print(f"swarm logs kept in {log_dir}", file=sys.stderr)
+
+    runs: list[TurnResult] = mesh["runs"]
+    mesh_rate = statistics.median(run.decode_tokens_per_s for run in runs)
+    local_rate = statistics.median(local["rates"])
+    reuse, replay = [turn_row(r) for r in mesh["reuse"]], [turn_row(r) for r in mesh["replay"]]
+    pairs = zip(mesh["reuse"], mesh["replay"], strict=True)
+    identical = sum(a.done.text == b.done.text for a, b in pairs)
+    memory = sampler.snapshot()
+    memory["client"] = mesh_memory["client"]  # the local baseline's weights are not the client's
+    memory["client_incl_local_baseline"] = sampler.snapshot()["client"]
+    report: dict[str, Any] = {
+        "model": BUNDLED_MODEL_ID,
+        "note": "noisy 2-core machine (client, servers and local baseline share it); ratios are "
+        "from the same run; one warm-up turn of 4 tokens on each side before timing",
+        "swarm": {
+            "layout": f"{args.servers} servers, spans {config.server_spans()}",
+            "num_blocks": config.num_blocks,
+        },
+        "cpus": os.cpu_count(),
+        "prepare_s": round(prepare_s, 3),
+        "prepare_cached": cached,
+        "swarm_start_s": round(swarm_start_s, 3),
+        "backend_start_s": round(mesh["backend_start_s"], 3),
+        "local_load_s": round(local["load_s"], 3),
+        "throughput": {
+            "measured": f"greedy decode steps only, tokens 2..{mesh_tokens} of one turn after a "
+            f"{len(prompt_ids)}-token prompt, prefill and first token excluded",
+            "tokens": mesh_tokens,
+            "prompt_tokens": runs[0].done.prompt_tokens,
+            "mesh_tokens_per_s": round(mesh_rate, 2),
+            "local_tokens_per_s": round(local_rate, 2),
+            "mesh_runs": [round(run.decode_tokens_per_s, 2) for run in runs],
+            "local_runs": [round(rate, 2) for rate in local["rates"]],
+            "ratio_mesh_over_local": ratio(mesh_rate, local_rate),
+            "greedy_match": f"{matching_prefix(runs[0].token_ids, local['token_ids'])}"
+            f"/{mesh_tokens} leading tokens",
+        },
+        "multi_turn": {
+            "turns": args.turns,
+            "max_new_tokens": args.tokens,
+            "reuse": reuse,
+            "replay": replay,
+            "reuse_ttft_ratio": ratio(reuse[-1]["ttft_s"], reuse[0]["ttft_s"]),
+            "replay_ttft_ratio": ratio(replay[-1]["ttft_s"], replay[0]["ttft_s"]),
+            "reuse_prompt_tokens": sum(row["prompt_tokens"] for row in reuse),
+            "replay_prompt_tokens": sum(row["prompt_tokens"] for row in replay),
+            "replies_identical": f"{identical}/{args.turns}",
+        },
+        "memory": {
+            "groups": memory,
+            "client_maxrss_mesh_mib": client_maxrss_mesh,
+            "client_maxrss_total_mib": ru_maxrss_mib(),
+        },
+        "total_s": round(time.perf_counter() - run_started, 1),
+    }
+    mt = report["multi_turn"]
+    report["targets"] = {
+        "throughput_ratio_ge_0.5": report["throughput"]["ratio_mesh_over_local"]
+        >= TARGET_THROUGHPUT_RATIO,
+        "reuse_ttft_ratio_le_1.2": mt["reuse_ttft_ratio"] <= TARGET_TTFT_RATIO,
+        "replay_ttft_grows": mt["replay_ttft_ratio"] > mt["reuse_ttft_ratio"],
+        "client_peak_le_1.5GB": max(client_maxrss_mesh, memory["client"]["rss_mib"])
+        <= TARGET_CLIENT_MIB,
+    }
+    if not args.json_only:
+        print_report(report)
+    print("BENCH_JSON " + json.dumps(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

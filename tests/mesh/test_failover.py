@@ -1,0 +1,96 @@
+"""A session survives a crashed server (replica present), and recovers after an outage.
+
+These tests SIGKILL servers of the shared swarm, so they run last (marker ``disruptive``).
+"""
+
+import time
+from typing import Any
+
+import pytest
+
+from farmesh_ws.mesh.base import ChatMessage, SamplingParams, TokenEvent, TurnDone
+from farmesh_ws.models import BUNDLED_MODEL_ID
+
+pytestmark = pytest.mark.disruptive
+GREEDY_48 = SamplingParams(max_new_tokens=48)
+
+
+def _messages(raw: list[dict[str, str]]) -> list[ChatMessage]:
+    return [ChatMessage(role=m["role"], content=m["content"]) for m in raw]  # type: ignore[arg-type]
+
+
+async def _run(session: Any, messages: list[ChatMessage]) -> tuple[list[int], TurnDone]:
+    ids: list[int] = []
+    async for event in session.run_turn(messages, GREEDY_48):
+        if isinstance(event, TokenEvent):
+            ids.append(event.token_id)
+        else:
+            return ids, event
+    raise AssertionError("no done event")
+
+
+def _node_serving(swarm: Any, peer_id: str) -> Any:
+    return next(node for node in swarm.servers if node.peer_id == peer_id)
+
+
+async def test_turn_after_a_crash_reroutes_to_the_replica_and_credits_its_replay(
+    backend: Any, swarm: Any, golden: dict[str, Any]
+) -> None:
+    swarm.add_server("15:30")
+    turn1, turn2 = golden["conversations"][0][:2]
+    session = await backend.open_session(BUNDLED_MODEL_ID, max_length=512)
+    try:
+        _, done1 = await _run(session, _messages(turn1["new_messages"]))
+        tail_peer = done1.routes[-1][-1].peer_id
+        victim = _node_serving(swarm, tail_peer)
+        survivor = next(n for n in swarm.servers if n.span == "15:30" and n is not victim)
+        swarm.kill_server(victim.name)
+
+        ids2, done2 = await _run(session, _messages(turn2["new_messages"]))
+    finally:
+        await session.aclose()
+
+    assert done2.finish_reason == "stop", done2.error
+    assert ids2 == turn2["greedy_48_ids"]
+    assert session.remote_sessions_opened == 1  # Petals rerouted inside the same session
+    credited = {c.peer_id: c for c in done2.contributions}
+    assert victim.peer_id not in credited
+    assert credited[survivor.peer_id].replayed_tokens == done1.position
+    head = next(c for c in done2.contributions if c.start_block == 0)
+    assert head.replayed_tokens == 0
+    for route in done2.routes:
+        assert [b for hop in route for b in range(hop.start_block, hop.end_block)] == list(
+            range(30)
+        )
+
+
+async def test_missing_span_is_a_fast_retryable_error_then_the_session_recovers(
+    backend: Any, swarm: Any, golden: dict[str, Any]
+) -> None:
+    turn1, turn2 = golden["conversations"][0][:2]
+    session = await backend.open_session(BUNDLED_MODEL_ID, max_length=512)
+    try:
+        _, done1 = await _run(session, _messages(turn1["new_messages"]))
+        for node in swarm.servers:
+            if node.alive and node.span == "15:30":
+                swarm.kill_server(node.name)
+
+        started = time.monotonic()
+        _, failed = await _run(session, _messages(turn2["new_messages"]))
+        elapsed = time.monotonic() - started
+        assert failed.finish_reason == "error"
+        assert failed.error is not None
+        assert failed.error.code == "mesh_unavailable"
+        assert failed.error.retryable
+        assert elapsed < 10
+
+        fresh = swarm.add_server("15:30")
+        ids2, done2 = await _run(session, _messages(turn2["new_messages"]))
+    finally:
+        await session.aclose()
+
+    assert done2.finish_reason == "stop", done2.error
+    assert ids2 == turn2["greedy_48_ids"]
+    credited = {c.peer_id: c for c in done2.contributions}
+    assert fresh.peer_id in credited
+    assert credited[fresh.peer_id].replayed_tokens == done1.position
