@@ -43,7 +43,7 @@ class Sampling(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     stop: StopList | None = None
 
 
-class Open(_ClientMessage, tag="open"):
+class Open(_ClientMessage, tag="open", frozen=True):
     model: ModelName | None = None
     max_length: PositiveTokens | None = None
     user_wallet: Wallet | None = None
@@ -51,7 +51,7 @@ class Open(_ClientMessage, tag="open"):
     sampling: Sampling | None = None
 
 
-class Turn(_ClientMessage, tag="turn"):
+class Turn(_ClientMessage, tag="turn", frozen=True):
     request_id: RequestId
     text: Annotated[str, Meta(min_length=1)]
     temperature: Temperature | None = None
@@ -63,7 +63,7 @@ class Turn(_ClientMessage, tag="turn"):
     stop: StopList | None = None
 
 
-class Generate(_ClientMessage, tag="generate"):
+class Generate(_ClientMessage, tag="generate", frozen=True):
     request_id: RequestId
     prompt: Annotated[str, Meta(min_length=1)]
     max_tokens: PositiveTokens | None = None
@@ -73,26 +73,28 @@ class Generate(_ClientMessage, tag="generate"):
     model_id: ModelName | None = None
 
 
-class Cancel(_ClientMessage, tag="cancel"):
+class Cancel(_ClientMessage, tag="cancel", frozen=True):
     request_id: RequestId
 
 
-class Close(_ClientMessage, tag="close"):
+class Close(_ClientMessage, tag="close", frozen=True):
     pass
 
 
-class Ping(_ClientMessage, tag="ping"):
+class Ping(_ClientMessage, tag="ping", frozen=True):
     data: Annotated[str, Meta(max_length=128)] | None = None
 
 
 ClientMessage = Open | Turn | Generate | Cancel | Close | Ping
 
 
-class _ServerMessage(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, tag_field="type"):
+class _ServerMessage(
+    msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, tag_field="type"
+):
     pass
 
 
-class Opened(_ServerMessage, tag="opened"):
+class Opened(_ServerMessage, tag="opened", frozen=True):
     session_id: str
     model: str
     max_length: int
@@ -100,7 +102,7 @@ class Opened(_ServerMessage, tag="opened"):
     protocol_version: int = PROTOCOL_VERSION
 
 
-class Token(_ServerMessage, tag="token"):
+class Token(_ServerMessage, tag="token", frozen=True):
     request_id: str
     token: str
     tokens_generated: int
@@ -114,14 +116,14 @@ class Usage(msgspec.Struct, frozen=True, kw_only=True):
     cost_far: str
 
 
-class Done(_ServerMessage, tag="done"):
+class Done(_ServerMessage, tag="done", frozen=True):
     request_id: str
     finish_reason: Literal["stop", "length", "cancelled", "error"]
     usage: Usage
     position: int
     max_length: int
-    time_to_first_token_ms: float | None = None
     duration_ms: float
+    time_to_first_token_ms: float | None = None
     error: str | None = None
 
 
@@ -136,21 +138,21 @@ class NodeShare(msgspec.Struct, frozen=True, kw_only=True):
     share_far: str
 
 
-class ContributionReport(_ServerMessage, tag="contribution"):
+class ContributionReport(_ServerMessage, tag="contribution", frozen=True):
     request_id: str
     cost_far: str
     nodes: list[NodeShare]
 
 
-class Pong(_ServerMessage, tag="pong"):
+class Pong(_ServerMessage, tag="pong", frozen=True):
     data: str | None = None
 
 
-class Closed(_ServerMessage, tag="closed"):
+class Closed(_ServerMessage, tag="closed", frozen=True):
     session_id: str | None = None
 
 
-class Error(_ServerMessage, tag="error"):
+class Error(_ServerMessage, tag="error", frozen=True):
     code: str
     message: str
     retryable: bool = False
@@ -165,7 +167,8 @@ _encoder: Final = msgspec.json.Encoder()
 
 def decode_client_message(frame: str | bytes) -> ClientMessage:
     """Decode one client frame; raises ``msgspec.ValidationError`` / ``DecodeError``."""
-    return _decoder.decode(frame)
+    message: ClientMessage = _decoder.decode(frame)
+    return message
 
 
 def encode_server_message(message: ServerMessage) -> str:

@@ -41,6 +41,7 @@ class TokenEvent:
     text: str
     token_id: int
     tokens_generated: int
+    prompt_tokens: int
 
 
 @dataclass(frozen=True, slots=True)

@@ -448,7 +448,12 @@ class _TurnState:
             self.finish = "stop"
         elif ends:
             self.finish = "length"
-        return TokenEvent(text=safe, token_id=token_id, tokens_generated=self.generated)
+        return TokenEvent(
+            text=safe,
+            token_id=token_id,
+            tokens_generated=self.generated,
+            prompt_tokens=self.prompt_tokens,
+        )
 
     def cancel(self) -> None:
         self.text += self._stops.feed(self._decoder.flush()) + self._stops.flush()

@@ -26,9 +26,9 @@ from farmesh_ws.models import (
     prepare_model_folder,
     read_marker,
 )
-from farmesh_ws.models import bundled as bundled_module
 from farmesh_ws.models.bundled import MARKER_FILE
-from farmesh_ws.models.gguf_weights import hf_name, unpermute_rope_rows
+from farmesh_ws.models.gguf_weights import FloatArray, hf_name, unpermute_rope_rows
+from farmesh_ws.models.hf_folder import write_hf_folder
 
 # transformers 4.34.1 calls a torch API that torch 2.13 deprecates, once, at import time.
 TRANSFORMERS_ON_NEW_TORCH = pytest.mark.filterwarnings(
@@ -65,7 +65,7 @@ def _file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def llama_cpp_permute(weights: np.ndarray, n_head: int) -> np.ndarray:
+def llama_cpp_permute(weights: FloatArray, n_head: int) -> FloatArray:
     """llama.cpp's Q/K row permutation, written from its definition."""
     rows, hidden = weights.shape
     head_dim = rows // n_head
@@ -197,13 +197,12 @@ def test_fresh_concurrent_prepare_converts_once_and_matches(
     target = tmp_path / "models" / "copy"
 
     calls: list[Path] = []
-    real_write = bundled_module.write_hf_folder
 
     def counting_write(gguf_path: Path, folder: Path, *, progress: bool) -> Any:
         calls.append(folder)
-        return real_write(gguf_path, folder, progress=progress)
+        return write_hf_folder(gguf_path, folder, progress=progress)
 
-    monkeypatch.setattr(bundled_module, "write_hf_folder", counting_write)
+    monkeypatch.setattr("farmesh_ws.models.bundled.write_hf_folder", counting_write)
     with ThreadPoolExecutor(max_workers=2) as pool:
         futures = [
             pool.submit(prepare_model_folder, source, target, progress=False) for _ in range(2)

@@ -1,0 +1,151 @@
+"""Settings: environment variables, overridden by CLI flags, frozen once read.
+
+Every limit lives here with its unit in its name, and each maps to one environment
+variable (``FARMESH_<NAME>`` unless a seed name is listed). A bad value raises
+:class:`ConfigError` with one readable line; the CLI prints it and exits with code 2.
+"""
+
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields, replace
+from decimal import Decimal, InvalidOperation
+from typing import Any
+
+from farmesh_ws.models import BUNDLED_MODEL_ID
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+# Seed names kept as they are; every other setting reads FARMESH_<UPPER_NAME>.
+_SEED_ENV_NAMES = {
+    "default_model_id": ("DEFAULT_MODEL_ID",),
+    "price_per_token_far": ("PRICE_PER_TOKEN_FAR",),
+    "dht_bootstrap": ("FAR_MESH_DHT_BOOTSTRAP",),
+    "database_url": ("POSTGRES_URL", "DATABASE_URL"),
+    "redis_url": ("REDIS_URL",),
+    "log_level": ("LOG_LEVEL",),
+}
+
+
+class ConfigError(ValueError):
+    """A setting has a value farmesh_ws cannot use."""
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Everything configurable. Defaults run the embedded local mesh on 127.0.0.1:8100."""
+
+    host: str = "127.0.0.1"
+    port: int = 8100
+    default_model_id: str = BUNDLED_MODEL_ID
+    price_per_token_far: Decimal = Decimal("0.0001")
+    dht_bootstrap: tuple[str, ...] = ()
+    database_url: str = field(default="", repr=False)
+    redis_url: str = field(default="", repr=False)
+    log_level: str = "INFO"
+    allowed_origins: tuple[str, ...] = ()
+    local_servers: int = 2
+    max_connections: int = 1000
+    max_frame_bytes: int = 65536
+    max_text_chars: int = 16000
+    default_max_length: int = 2048
+    max_length_limit: int = 2048
+    default_max_new_tokens: int = 256
+    max_new_tokens_limit: int = 1024
+    max_concurrent_turns: int = 8
+    idle_timeout_s: float = 300.0
+    open_timeout_s: float = 30.0
+    shutdown_grace_s: float = 30.0
+    mesh_status_refresh_s: float = 5.0
+    mesh_max_retries: int = 2
+    mesh_request_timeout_s: float = 30.0
+    mesh_connect_timeout_s: float = 5.0
+
+    @property
+    def embedded_mesh(self) -> bool:
+        """True when no bootstrap is configured: start the local swarm."""
+        return not self.dht_bootstrap
+
+    def with_overrides(self, **overrides: Any) -> "Settings":
+        """Apply CLI overrides (``None`` means "not given"), then validate."""
+        given = {name: value for name, value in overrides.items() if value is not None}
+        return _validated(replace(self, **given))
+
+
+def _parse_decimal(text: str) -> Decimal:
+    try:
+        value = Decimal(text)
+    except InvalidOperation:
+        raise ValueError(f"{text!r} is not a decimal number") from None
+    if not value.is_finite():
+        raise ValueError(f"{text!r} is not a finite number")
+    return value
+
+
+def _parse_list(text: str) -> tuple[str, ...]:
+    return tuple(item for item in (part.strip() for part in text.replace(",", " ").split()) if item)
+
+
+_PARSERS: dict[Any, Callable[[str], Any]] = {
+    int: int,
+    float: float,
+    str: str,
+    Decimal: _parse_decimal,
+    tuple[str, ...]: _parse_list,
+}
+
+
+def env_names(name: str) -> tuple[str, ...]:
+    """The environment variables that set ``name``, in order of precedence."""
+    return _SEED_ENV_NAMES.get(name, (f"FARMESH_{name.upper()}",))
+
+
+def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
+    """Read settings from the environment (``os.environ`` by default)."""
+    environ = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    for setting in fields(Settings):
+        for env_name in env_names(setting.name):
+            raw = environ.get(env_name)
+            if raw is None or raw == "":
+                continue
+            parser = _PARSERS[setting.type]
+            try:
+                values[setting.name] = parser(raw.strip())
+            except ValueError as exc:
+                raise ConfigError(f"{env_name}: {exc}") from None
+            break
+    return _validated(Settings(**values))
+
+
+def _validated(settings: Settings) -> Settings:
+    checks: list[tuple[bool, str]] = [
+        (0 <= settings.port <= 65535, "port must be 0..65535"),
+        (settings.price_per_token_far >= 0, "price_per_token_far must not be negative"),
+        (settings.log_level.upper() in LOG_LEVELS, f"log_level must be one of {LOG_LEVELS}"),
+        (settings.local_servers >= 1, "local_servers must be at least 1"),
+        (settings.max_connections >= 1, "max_connections must be at least 1"),
+        (settings.max_frame_bytes >= 1024, "max_frame_bytes must be at least 1024"),
+        (settings.max_text_chars >= 1, "max_text_chars must be at least 1"),
+        (settings.max_length_limit >= 16, "max_length_limit must be at least 16"),
+        (
+            1 <= settings.default_max_length <= settings.max_length_limit,
+            "default_max_length must be between 1 and max_length_limit",
+        ),
+        (settings.max_new_tokens_limit >= 1, "max_new_tokens_limit must be at least 1"),
+        (
+            1 <= settings.default_max_new_tokens <= settings.max_new_tokens_limit,
+            "default_max_new_tokens must be between 1 and max_new_tokens_limit",
+        ),
+        (settings.max_concurrent_turns >= 1, "max_concurrent_turns must be at least 1"),
+        (settings.idle_timeout_s > 0, "idle_timeout_s must be positive"),
+        (settings.open_timeout_s > 0, "open_timeout_s must be positive"),
+        (settings.shutdown_grace_s >= 0, "shutdown_grace_s must not be negative"),
+        (settings.mesh_status_refresh_s > 0, "mesh_status_refresh_s must be positive"),
+        (settings.mesh_max_retries >= 1, "mesh_max_retries must be at least 1"),
+        (settings.mesh_request_timeout_s > 0, "mesh_request_timeout_s must be positive"),
+        (settings.mesh_connect_timeout_s > 0, "mesh_connect_timeout_s must be positive"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+    return replace(settings, log_level=settings.log_level.upper())

@@ -1,0 +1,1 @@
+"""Usage and payment records: exact $FAR amounts and how a turn's cost is split."""

@@ -1,0 +1,50 @@
+"""$FAR amounts are ``Decimal`` end to end and strings on the wire, never floats.
+
+A turn's cost is its billed tokens times the price, rounded to :data:`FAR_QUANTUM`. Node
+shares are proportional to work, rounded down to the quantum, and the leftover quanta go one
+each to the largest remainders (ties: the earlier node), so shares sum to the cost exactly.
+"""
+
+from collections.abc import Sequence
+from decimal import ROUND_DOWN, ROUND_HALF_EVEN, Decimal
+
+FAR_QUANTUM = Decimal("0.00000001")
+
+
+def far(amount: Decimal) -> Decimal:
+    """Round an amount to the ledger's quantum (banker's rounding)."""
+    return amount.quantize(FAR_QUANTUM, rounding=ROUND_HALF_EVEN)
+
+
+def far_text(amount: Decimal) -> str:
+    """The wire form of an amount: fixed-point, no exponent, trailing zeros dropped."""
+    text = format(far(amount), "f")
+    if "." in text:
+        text = text.rstrip("0").rstrip(".")
+    return text or "0"
+
+
+def turn_cost(price_per_token: Decimal, billed_tokens: int) -> Decimal:
+    if billed_tokens < 0:
+        raise ValueError("billed_tokens must not be negative")
+    return far(price_per_token * billed_tokens)
+
+
+def split_by_work(total: Decimal, works: Sequence[int]) -> list[Decimal]:
+    """Split ``total`` over nodes in proportion to ``works``; the parts sum to ``total``."""
+    total = far(total)
+    total_work = sum(works)
+    if any(work < 0 for work in works):
+        raise ValueError("work must not be negative")
+    if not works:
+        return []
+    if total_work == 0:
+        return [total, *[Decimal(0)] * (len(works) - 1)]
+    quanta = int(total / FAR_QUANTUM)
+    exact = [Decimal(quanta) * work / total_work for work in works]
+    floors = [int(value.to_integral_value(rounding=ROUND_DOWN)) for value in exact]
+    leftover = quanta - sum(floors)
+    by_remainder = sorted(range(len(works)), key=lambda i: (-(exact[i] - floors[i]), i))
+    for index in by_remainder[:leftover]:
+        floors[index] += 1
+    return [far(Decimal(count) * FAR_QUANTUM) for count in floors]

@@ -1,0 +1,89 @@
+"""A cached view of the mesh for the HTTP endpoints, refreshed in the background.
+
+``/models`` and ``/mesh/status`` must answer at once, so they read the last snapshot; a
+background task asks the DHT every ``refresh_s`` seconds, each query under a timeout.
+"""
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from farmesh_ws.mesh.discovery import ModelCoverage
+
+logger = logging.getLogger(__name__)
+
+Probe = Callable[[str], Awaitable[ModelCoverage]]
+
+
+@dataclass(frozen=True, slots=True)
+class ModelStatus:
+    model_id: str
+    num_blocks: int
+    active_nodes: int
+    missing_blocks: tuple[int, ...]
+    status: str
+    checked_at: float
+
+
+def status_of(model_id: str, coverage: ModelCoverage, checked_at: float) -> ModelStatus:
+    nodes = len(coverage.online_peer_ids())
+    if coverage.fully_served:
+        status = "online"
+    elif nodes:
+        status = "degraded"
+    else:
+        status = "offline"
+    return ModelStatus(
+        model_id, coverage.num_blocks, nodes, coverage.missing_blocks, status, checked_at
+    )
+
+
+class MeshStatusCache:
+    """Keeps the latest :class:`ModelStatus` of each model; ``unknown`` until first checked."""
+
+    def __init__(self, model_ids: list[str], probe: Probe, *, refresh_s: float) -> None:
+        self._model_ids = list(model_ids)
+        self._probe = probe
+        self._refresh_s = refresh_s
+        self._latest: dict[str, ModelStatus] = {}
+        self._task: asyncio.Task[None] | None = None
+        self.on_update: Callable[[ModelStatus], None] | None = None
+
+    def get(self, model_id: str) -> ModelStatus:
+        return self._latest.get(
+            model_id, ModelStatus(model_id, 0, 0, (), "unknown", checked_at=0.0)
+        )
+
+    def all(self) -> list[ModelStatus]:
+        return [self.get(model_id) for model_id in self._model_ids]
+
+    async def refresh(self) -> None:
+        """Query every model once (each under a timeout); keep the old entry on failure."""
+        for model_id in self._model_ids:
+            try:
+                coverage = await asyncio.wait_for(self._probe(model_id), self._refresh_s * 2)
+            except Exception as exc:  # noqa: BLE001 - a failed probe keeps the last snapshot
+                logger.warning("mesh status of %s unavailable: %s", model_id, type(exc).__name__)
+                continue
+            status = status_of(model_id, coverage, time.time())
+            self._latest[model_id] = status
+            if self.on_update is not None:
+                self.on_update(status)
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._loop(), name="farmesh-mesh-status")
+
+    async def aclose(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def _loop(self) -> None:
+        while True:
+            await self.refresh()
+            await asyncio.sleep(self._refresh_s)

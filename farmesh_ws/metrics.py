@@ -1,0 +1,102 @@
+"""Prometheus metrics in the gateway's own registry. Names: farmesh_<noun>_<unit>[_total].
+
+No label ever carries a user, wallet, session or request id: cardinality stays bounded.
+Money is not exported: Prometheus values are floats, and $FAR amounts never are.
+"""
+
+from decimal import Decimal
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from farmesh_ws.mesh.base import TurnDone
+
+_LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+class Metrics:
+    """Every gateway metric; one instance per server."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.connections_total = Counter(
+            "farmesh_connections_total", "WebSocket connections accepted", registry=r
+        )
+        self.connections_active = Gauge(
+            "farmesh_connections_active", "WebSocket connections open now", registry=r
+        )
+        self.sessions_active = Gauge(
+            "farmesh_sessions_active", "Chat sessions open now", registry=r
+        )
+        self.turns_total = Counter(
+            "farmesh_turns_total",
+            "Turns and one-shot generations finished, by kind and finish reason",
+            ["kind", "finish_reason"],
+            registry=r,
+        )
+        self.turns_started_total = Counter(
+            "farmesh_turns_started_total", "Turns started, by kind", ["kind"], registry=r
+        )
+        self.completion_tokens_total = Counter(
+            "farmesh_completion_tokens_total", "Tokens generated", registry=r
+        )
+        self.prompt_tokens_total = Counter(
+            "farmesh_prompt_tokens_total", "New prompt tokens sent to the mesh", registry=r
+        )
+        self.cached_tokens_total = Counter(
+            "farmesh_cached_tokens_total",
+            "History tokens reused from the mesh's caches instead of being sent again",
+            registry=r,
+        )
+        self.time_to_first_token_seconds = Histogram(
+            "farmesh_time_to_first_token_seconds",
+            "From turn start to the first generated token",
+            buckets=_LATENCY_BUCKETS_S,
+            registry=r,
+        )
+        self.inter_token_seconds = Histogram(
+            "farmesh_inter_token_seconds",
+            "Between consecutive token frames of a turn",
+            buckets=_LATENCY_BUCKETS_S,
+            registry=r,
+        )
+        self.errors_total = Counter(
+            "farmesh_errors_total", "Error frames sent, by code", ["code"], registry=r
+        )
+        self.mesh_nodes = Gauge(
+            "farmesh_mesh_nodes", "Online mesh servers per model", ["model"], registry=r
+        )
+        self.mesh_blocks_missing = Gauge(
+            "farmesh_mesh_blocks_missing", "Blocks no online server holds", ["model"], registry=r
+        )
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class MetricsObserver:
+    """Feeds turn events of one connection into :class:`Metrics`."""
+
+    def __init__(self, metrics: Metrics, kind_of_turn: str = "turn") -> None:
+        self._metrics = metrics
+        self._kind = kind_of_turn
+
+    def turn_started(self, kind: str) -> None:
+        self._kind = kind
+        self._metrics.turns_started_total.labels(kind=kind).inc()
+
+    def token(self, inter_token_s: float | None) -> None:
+        if inter_token_s is not None:
+            self._metrics.inter_token_seconds.observe(inter_token_s)
+
+    def turn_finished(self, done: TurnDone, cost: Decimal) -> None:
+        m = self._metrics
+        m.turns_total.labels(kind=self._kind, finish_reason=done.finish_reason).inc()
+        m.completion_tokens_total.inc(done.completion_tokens)
+        m.prompt_tokens_total.inc(done.prompt_tokens)
+        m.cached_tokens_total.inc(done.cached_tokens)
+        if done.time_to_first_token_s is not None:
+            m.time_to_first_token_seconds.observe(done.time_to_first_token_s)
+
+    def error(self, code: str) -> None:
+        self._metrics.errors_total.labels(code=code).inc()

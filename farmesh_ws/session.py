@@ -1,0 +1,429 @@
+"""One WebSocket connection's chat session: the state machine of protocol.md §3.
+
+    open ──open──▶ idle ──turn──▶ generating ──done──▶ idle ──close──▶ closed
+
+No socket and no Petals imports: messages come in decoded, frames go out through ``send``,
+and the mesh is a :class:`~farmesh_ws.mesh.base.MeshBackend`. A turn runs in its own task
+so ``cancel`` (and a closing socket) can stop it between steps; the chat session survives.
+"""
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Literal, Protocol, TypeVar
+
+from farmesh_ws import protocol as p
+from farmesh_ws.config import Settings
+from farmesh_ws.errors import FarmeshError, InvalidRequest, MeshTimeout, ModelNotFound
+from farmesh_ws.ledger.money import far_text, split_by_work, turn_cost
+from farmesh_ws.mesh.base import (
+    ChatMessage,
+    MeshSession,
+    MeshTurn,
+    SamplingParams,
+    TokenEvent,
+    TurnDone,
+)
+
+logger = logging.getLogger(__name__)
+
+Send = Callable[[p.ServerMessage], Awaitable[None]]
+T = TypeVar("T")
+State = Literal["open", "idle", "generating", "closed"]
+
+
+class SessionError(FarmeshError):
+    """A request that does not fit the session's current state (protocol.md §6)."""
+
+    def __init__(self, code: str, message: str, *, request_id: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.request_id = request_id
+
+
+class Backend(Protocol):
+    """What the session needs from the mesh backend."""
+
+    @property
+    def model_ids(self) -> list[str]: ...
+
+    async def open_session(self, model_id: str, *, max_length: int) -> MeshSession: ...
+
+
+class TurnObserver(Protocol):
+    """Receives turn events for metrics and the ledger (no-op by default)."""
+
+    def turn_started(self, kind: str) -> None: ...
+
+    def token(self, inter_token_s: float | None) -> None: ...
+
+    def turn_finished(self, done: TurnDone, cost: Decimal) -> None: ...
+
+    def error(self, code: str) -> None: ...
+
+
+@dataclass(slots=True)
+class _Running:
+    request_id: str
+    task: asyncio.Task[None]
+    turn: MeshTurn | None = None
+
+
+class ChatSession:
+    """Handles one connection's decoded messages; see protocol.md for every rule."""
+
+    def __init__(
+        self, *, backend: Backend, settings: Settings, send: Send, observer: TurnObserver
+    ) -> None:
+        self._backend = backend
+        self._settings = settings
+        self._send = send
+        self._observer = observer
+        self.state: State = "open"
+        self.session_id: str | None = None
+        self.user_wallet: str | None = None
+        self._mesh: MeshSession | None = None
+        self._system_prompt: str | None = None
+        self._defaults = p.Sampling()
+        self._turns_started = 0
+        self._seen_request_ids: set[str] = set()
+        self._running: _Running | None = None
+
+    @property
+    def busy(self) -> bool:
+        return self._running is not None
+
+    async def handle(self, message: p.ClientMessage) -> None:
+        """Act on one client message; raises :class:`FarmeshError` for an ``error`` frame."""
+        if isinstance(message, p.Ping):
+            await self._send(p.Pong(data=message.data))
+        elif isinstance(message, p.Open):
+            await self._open(message)
+        elif isinstance(message, p.Turn):
+            self._start_turn(message)
+        elif isinstance(message, p.Generate):
+            self._start_generate(message)
+        elif isinstance(message, p.Cancel):
+            self._cancel(message.request_id)
+        elif isinstance(message, p.Close):
+            await self.aclose()
+            await self._send(p.Closed(session_id=self.session_id))
+
+    async def wait_idle(self) -> None:
+        """Wait for the running turn, if any, to finish by itself."""
+        running = self._running
+        if running is not None:
+            await asyncio.shield(running.task)
+
+    async def aclose(self) -> None:
+        """Cancel a running turn and close the mesh session. Idempotent."""
+        if self.state == "closed":
+            return
+        self.state = "closed"
+        running = self._running
+        if running is not None:
+            if running.turn is not None:
+                running.turn.cancel()
+            await asyncio.gather(running.task, return_exceptions=True)
+        if self._mesh is not None:
+            mesh, self._mesh = self._mesh, None
+            await mesh.aclose()
+
+    # protocol.md §3.1
+    async def _open(self, message: p.Open) -> None:
+        if self.state != "open":
+            raise SessionError("already_open", "this connection already has a chat session")
+        model_id = message.model or self._settings.default_model_id
+        max_length = message.max_length or self._settings.default_max_length
+        if model_id not in self._backend.model_ids:
+            raise ModelNotFound(f"model {model_id!r} is not served here")
+        if max_length > self._settings.max_length_limit:
+            raise InvalidRequest(
+                f"max_length {max_length} is above the limit {self._settings.max_length_limit}"
+            )
+        if message.system_prompt is not None:
+            self._check_text(message.system_prompt, "system_prompt")
+        if message.sampling is not None:
+            self._check_max_new_tokens(message.sampling.max_new_tokens)
+        mesh = await asyncio.wait_for(
+            self._backend.open_session(model_id, max_length=max_length),
+            self._settings.open_timeout_s,
+        )
+        self._mesh = mesh
+        self.state = "idle"
+        self.session_id = uuid.uuid4().hex
+        self.user_wallet = message.user_wallet
+        self._system_prompt = message.system_prompt
+        self._defaults = message.sampling or p.Sampling()
+        await self._send(
+            p.Opened(
+                session_id=self.session_id,
+                model=model_id,
+                max_length=max_length,
+                price_per_token_far=far_text(self._settings.price_per_token_far),
+            )
+        )
+
+    # protocol.md §3.2
+    def _start_turn(self, message: p.Turn) -> None:
+        if self.state == "open" or self._mesh is None:
+            raise SessionError(
+                "no_session", "send an 'open' message first", request_id=message.request_id
+            )
+        self._check_can_start(message.request_id)
+        self._check_text(message.text, "text")
+        self._check_max_new_tokens(message.max_new_tokens)
+        self._check_stop(message.stop, self._defaults.stop)
+        messages = [ChatMessage(role="user", content=message.text)]
+        if self._turns_started == 0 and self._system_prompt is not None:
+            messages.insert(0, ChatMessage(role="system", content=self._system_prompt))
+        sampling = self._sampling(message, self._defaults)
+        self._turns_started += 1
+        self._launch(message.request_id, "turn", self._mesh, messages, sampling, close_after=False)
+
+    # protocol.md §3.3
+    def _start_generate(self, message: p.Generate) -> None:
+        self._check_can_start(message.request_id)
+        self._check_text(message.prompt, "prompt")
+        self._check_max_new_tokens(message.max_tokens)
+        model_id = message.model_id or self._settings.default_model_id
+        if model_id not in self._backend.model_ids:
+            raise ModelNotFound(f"model {model_id!r} is not served here")
+        sampling = SamplingParams(
+            temperature=message.temperature if message.temperature is not None else 0.0,
+            top_p=message.top_p if message.top_p is not None else 1.0,
+            max_new_tokens=message.max_tokens or self._settings.default_max_new_tokens,
+        )
+        messages = [ChatMessage(role="user", content=message.prompt)]
+        if message.user_wallet and self.user_wallet is None:
+            self.user_wallet = message.user_wallet
+        self._launch(message.request_id, "generate", model_id, messages, sampling, close_after=True)
+
+    def _cancel(self, request_id: str) -> None:
+        running = self._running
+        if running is None or running.request_id != request_id:
+            raise SessionError(
+                "unknown_request", f"no running request {request_id!r}", request_id=request_id
+            )
+        if running.turn is not None:
+            running.turn.cancel()
+        else:
+            running.task.cancel()
+
+    def _check_can_start(self, request_id: str) -> None:
+        if self.state == "closed":
+            raise SessionError("session_closed", "the session is closed", request_id=request_id)
+        if self._running is not None:
+            raise SessionError(
+                "busy",
+                f"request {self._running.request_id!r} is still running; wait for its done "
+                "frame or cancel it",
+                request_id=request_id,
+            )
+        if request_id in self._seen_request_ids:
+            raise SessionError(
+                "duplicate_request_id",
+                f"request_id {request_id!r} was already used on this connection",
+                request_id=request_id,
+            )
+
+    def _check_text(self, text: str, name: str) -> None:
+        if len(text) > self._settings.max_text_chars:
+            raise InvalidRequest(
+                f"{name} has {len(text)} characters; the limit is {self._settings.max_text_chars}"
+            )
+
+    def _check_max_new_tokens(self, value: int | None) -> None:
+        if value is not None and value > self._settings.max_new_tokens_limit:
+            raise InvalidRequest(
+                f"max_new_tokens {value} is above the limit {self._settings.max_new_tokens_limit}"
+            )
+
+    def _check_stop(self, *stops: Iterable[str] | None) -> None:
+        for stop_list in stops:
+            for stop in stop_list or ():
+                if not stop:
+                    raise InvalidRequest("stop sequences must not be empty")
+
+    def _sampling(self, message: p.Turn, defaults: p.Sampling) -> SamplingParams:
+        """Per-turn values win over the session's defaults, which win over ours."""
+        stop = message.stop if message.stop is not None else defaults.stop
+        return SamplingParams(
+            temperature=_first(message.temperature, defaults.temperature, default=0.0),
+            top_p=_first(message.top_p, defaults.top_p, default=1.0),
+            top_k=_first(message.top_k, defaults.top_k, default=0),
+            repetition_penalty=_first(
+                message.repetition_penalty, defaults.repetition_penalty, default=1.0
+            ),
+            seed=message.seed if message.seed is not None else defaults.seed,
+            max_new_tokens=_first(
+                message.max_new_tokens,
+                defaults.max_new_tokens,
+                default=self._settings.default_max_new_tokens,
+            ),
+            stop=tuple(stop or ()),
+        )
+
+    def _launch(
+        self,
+        request_id: str,
+        kind: str,
+        target: MeshSession | str,
+        messages: list[ChatMessage],
+        sampling: SamplingParams,
+        *,
+        close_after: bool,
+    ) -> None:
+        self._seen_request_ids.add(request_id)
+        self._observer.turn_started(kind)
+        task = asyncio.create_task(
+            self._run(request_id, kind, target, messages, sampling, close_after),
+            name=f"farmesh-{kind}-{request_id}",
+        )
+        self._running = _Running(request_id, task)
+        if self.state == "idle":
+            self.state = "generating"
+
+    async def _run(
+        self,
+        request_id: str,
+        kind: str,
+        target: MeshSession | str,
+        messages: list[ChatMessage],
+        sampling: SamplingParams,
+        close_after: bool,
+    ) -> None:
+        mesh: MeshSession | None = None
+        try:
+            if isinstance(target, str):
+                mesh = await asyncio.wait_for(
+                    self._backend.open_session(
+                        target, max_length=self._settings.default_max_length
+                    ),
+                    self._settings.open_timeout_s,
+                )
+            else:
+                mesh = target
+            await self._stream(request_id, kind, mesh, messages, sampling)
+        except TimeoutError:
+            await self._send_error(
+                MeshTimeout("the mesh did not open a session in time"), request_id
+            )
+        except FarmeshError as exc:
+            await self._send_error(exc, request_id)
+        except Exception:
+            logger.exception("request %s failed", request_id)
+            await self._send_error(FarmeshError("internal error"), request_id)
+        finally:
+            if close_after and mesh is not None:
+                await mesh.aclose()
+            self._running = None
+            if self.state == "generating":
+                self.state = "idle"
+
+    async def _stream(
+        self,
+        request_id: str,
+        kind: str,
+        mesh: MeshSession,
+        messages: list[ChatMessage],
+        sampling: SamplingParams,
+    ) -> None:
+        price = self._settings.price_per_token_far
+        turn = mesh.run_turn(messages, sampling)
+        if self._running is not None:
+            self._running.turn = turn
+        last_token_at: float | None = None
+        async for event in turn:
+            if isinstance(event, TokenEvent):
+                now = time.perf_counter()
+                self._observer.token(None if last_token_at is None else now - last_token_at)
+                last_token_at = now
+                cost = turn_cost(price, event.prompt_tokens + event.tokens_generated)
+                await self._send(
+                    p.Token(
+                        request_id=request_id,
+                        token=event.text,
+                        tokens_generated=event.tokens_generated,
+                        cost_far=far_text(cost),
+                    )
+                )
+            else:
+                await self._finish(request_id, kind, event)
+
+    async def _finish(self, request_id: str, kind: str, done: TurnDone) -> None:
+        billed = done.prompt_tokens + done.completion_tokens if done.completion_tokens else 0
+        cost = turn_cost(self._settings.price_per_token_far, billed)
+        self._observer.turn_finished(done, cost)
+        if done.error is not None:
+            await self._send_error(done.error, request_id)
+        done_frame = p.Done(
+            request_id=request_id,
+            finish_reason=done.finish_reason,
+            usage=p.Usage(
+                prompt_tokens=done.prompt_tokens,
+                completion_tokens=done.completion_tokens,
+                cached_tokens=done.cached_tokens,
+                cost_far=far_text(cost),
+            ),
+            position=done.position,
+            max_length=done.max_length,
+            duration_ms=round(done.duration_s * 1000, 3),
+            time_to_first_token_ms=(
+                None
+                if done.time_to_first_token_s is None
+                else round(done.time_to_first_token_s * 1000, 3)
+            ),
+            error=done.error.code if done.error is not None else None,
+        )
+        contribution = self._contribution_frame(request_id, done, cost)
+        if kind == "generate":
+            await self._send(contribution)
+            await self._send(done_frame)
+        else:
+            await self._send(done_frame)
+            await self._send(contribution)
+
+    @staticmethod
+    def _contribution_frame(request_id: str, done: TurnDone, cost: Decimal) -> p.ContributionReport:
+        shares = split_by_work(cost, [c.work for c in done.contributions])
+        return p.ContributionReport(
+            request_id=request_id,
+            cost_far=far_text(cost),
+            nodes=[
+                p.NodeShare(
+                    peer_id=c.peer_id,
+                    name=c.public_name,
+                    start_block=c.start_block,
+                    end_block=c.end_block,
+                    tokens=c.tokens,
+                    replayed_tokens=c.replayed_tokens,
+                    work=c.work,
+                    share_far=far_text(share),
+                )
+                for c, share in zip(done.contributions, shares, strict=True)
+            ],
+        )
+
+    async def _send_error(self, error: FarmeshError, request_id: str) -> None:
+        self._observer.error(error.code)
+        await self._send(
+            p.Error(
+                code=error.code,
+                message=error.message,
+                retryable=error.retryable,
+                request_id=request_id,
+            )
+        )
+
+
+def _first(*values: T | None, default: T) -> T:
+    """The first value that is not None, else ``default``."""
+    for value in values:
+        if value is not None:
+            return value
+    return default
