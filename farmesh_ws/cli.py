@@ -8,6 +8,10 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from farmesh_ws.server import GatewayServer
 
 from farmesh_ws import __version__
 from farmesh_ws.home import farmesh_home
@@ -56,7 +60,61 @@ def _build_parser() -> argparse.ArgumentParser:
     swarm.add_argument("--num-handlers", type=int, default=2, help="handler processes per server")
     swarm.add_argument("--log-dir", type=Path, default=None, help="per-process log files")
     swarm.set_defaults(handler=_swarm)
+
+    serve = commands.add_parser(
+        "serve", help="run the WebSocket gateway (embedded local mesh unless a bootstrap is set)"
+    )
+    serve.add_argument("--host", default=None, help="listen address (FARMESH_HOST)")
+    serve.add_argument("--port", type=int, default=None, help="listen port (FARMESH_PORT)")
+    serve.add_argument("--model", default=None, help="default model id (DEFAULT_MODEL_ID)")
+    serve.add_argument(
+        "--price-per-token", default=None, help="$FAR per token, decimal (PRICE_PER_TOKEN_FAR)"
+    )
+    serve.add_argument(
+        "--bootstrap",
+        default=None,
+        help="DHT multiaddrs of a real mesh, comma-separated (FAR_MESH_DHT_BOOTSTRAP)",
+    )
+    serve.add_argument(
+        "--local-servers", type=int, default=None, help="servers of the embedded swarm"
+    )
+    serve.set_defaults(handler=_serve)
     return parser
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from farmesh_ws.config import ConfigError, load_settings, parse_decimal, parse_list
+
+    try:
+        settings = load_settings().with_overrides(
+            host=args.host,
+            port=args.port,
+            default_model_id=args.model,
+            price_per_token_far=(
+                parse_decimal(args.price_per_token) if args.price_per_token else None
+            ),
+            dht_bootstrap=parse_list(args.bootstrap) if args.bootstrap else None,
+            local_servers=args.local_servers,
+        )
+    except (ConfigError, ValueError) as exc:
+        sys.stderr.write(f"farmesh-ws: configuration error: {exc}\n")
+        return 2
+    logging.getLogger().setLevel(settings.log_level)
+    from farmesh_ws.gateway import serve_until_stopped
+
+    def on_ready(server: "GatewayServer") -> None:
+        url = f"ws://{settings.host}:{server.port}/ws"
+        sys.stdout.write(
+            f"farmesh-ws ready: {url}  (HTTP: http://{settings.host}:{server.port}/health)\n"
+            f"try: npx wscat -c {url}   then send "
+            '{"type":"open"} and {"type":"turn","request_id":"1","text":"Hello!"}\n'
+        )
+        sys.stdout.flush()
+
+    asyncio.run(serve_until_stopped(settings, on_ready))
+    return 0
 
 
 def _model_prepare(args: argparse.Namespace) -> int:

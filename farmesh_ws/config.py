@@ -71,7 +71,7 @@ class Settings:
         return _validated(replace(self, **given))
 
 
-def _parse_decimal(text: str) -> Decimal:
+def parse_decimal(text: str) -> Decimal:
     try:
         value = Decimal(text)
     except InvalidOperation:
@@ -81,7 +81,7 @@ def _parse_decimal(text: str) -> Decimal:
     return value
 
 
-def _parse_list(text: str) -> tuple[str, ...]:
+def parse_list(text: str) -> tuple[str, ...]:
     return tuple(item for item in (part.strip() for part in text.replace(",", " ").split()) if item)
 
 
@@ -89,8 +89,8 @@ _PARSERS: dict[Any, Callable[[str], Any]] = {
     int: int,
     float: float,
     str: str,
-    Decimal: _parse_decimal,
-    tuple[str, ...]: _parse_list,
+    Decimal: parse_decimal,
+    tuple[str, ...]: parse_list,
 }
 
 

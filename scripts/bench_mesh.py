@@ -13,23 +13,30 @@ and measures, side by side:
    token (which ends the prefill) to the last one, i.e. ``(n - 1) / (t_last - t_first)``.
    Prefill, opening the remote session and the first token are excluded. The local run decodes
    exactly as many tokens as the mesh produced (ignoring EOS); median over ``--repeats``.
-3. Multi-turn: a conversation of ``--turns`` distinct user messages (greedy, ``--tokens`` new
-   tokens at most). (a) reuse: one session, each turn sends only its new messages, the servers'
-   attention caches hold the history; (b) replay baseline: turn k runs in a fresh session that
-   is sent the whole conversation so far (the replies of (a) as assistant messages). TTFT
-   (turn call to first token event) and turn time are client wall times. The point of session
-   reuse is that TTFT stays flat while the replay baseline grows with the history.
-4. Peak memory, sampled by a background thread: this process (RSS, and ``ru_maxrss``), its
-   helper children (the client's hivemind DHT process and p2pd, plus the swarm's coverage DHT),
-   and every swarm node's process tree (RSS sum, and PSS sum since forked children share pages).
+3. Multi-turn: ``--turns`` distinct short user messages (greedy, at most ``--tokens`` new tokens
+   each). (a) reuse: one session, each turn sends only its new messages, the servers' attention
+   caches hold the history; (b) replay baseline: turn k runs in a fresh session that is sent the
+   whole conversation so far (the replies of (a) as assistant messages). TTFT (turn call to
+   first token event) and turn time are client wall times. Session reuse should keep TTFT flat
+   while the replay baseline grows with the history.
+4. Peak memory, sampled every 0.5 s by a background thread: this process (RSS; ``ru_maxrss``),
+   its helper children (the client's hivemind DHT process and p2pd, and the swarm's coverage
+   DHT), and every swarm node's process tree (RSS sum, and PSS sum since forks share pages).
 
 A warm-up turn (4 tokens) runs before any timing on each side. The machine has 2 cores shared by
 the client, both servers and the local baseline, so absolute figures are noisy; the ratios are
 measured in the same run under the same conditions. The last stdout line is ``BENCH_JSON {...}``.
+
+Workaround: Petals 2.2.0.post1 can deadlock its client when the cyclic garbage collector runs on
+hivemind's RemoteExpertWorker loop thread and finalizes a server session whose close failed
+(``_ServerInferenceSession.__del__`` waits on that same loop). So automatic GC is disabled
+during the run and ``gc.collect()`` runs in the main thread between turns, outside the timed
+sections (``--no-gc-workaround`` to reproduce). A watchdog stops the swarm if the run hangs.
 """
 
 import argparse
 import asyncio
+import gc
 import json
 import os
 import resource
@@ -53,9 +60,7 @@ from farmesh_ws.swarm import LocalSwarm, SwarmConfig, read_num_blocks
 MIB = 2**20
 MAX_LENGTH = 2048
 WARMUP_TOKENS = 4
-TARGET_THROUGHPUT_RATIO = 0.5
-TARGET_TTFT_RATIO = 1.2
-TARGET_CLIENT_MIB = 1536.0
+TARGETS = {"throughput_ratio": 0.5, "reuse_ttft_ratio": 1.2, "client_peak_mib": 1536.0}
 THROUGHPUT_PROMPT = (
     "Write a long, detailed story about a lighthouse keeper who finds an old map in the attic. "
     "Describe every room of the lighthouse."
@@ -71,15 +76,18 @@ USER_MESSAGES = (
     "What does a bee make?",
     "Recommend a short book for a train ride.",
     "Say goodbye in Spanish.",
-    "What is the largest ocean?",
-    "Which planet is called the red planet?",
 )
 
 
 def user_message(index: int) -> str:
-    base = USER_MESSAGES[index % len(USER_MESSAGES)]
-    rounds = index // len(USER_MESSAGES)
+    base, rounds = USER_MESSAGES[index % len(USER_MESSAGES)], index // len(USER_MESSAGES)
     return base if rounds == 0 else f"{base} (asked again, round {rounds + 1})"
+
+
+def settle() -> None:
+    """Collect cyclic garbage in this (main) thread when automatic GC is off (the workaround)."""
+    if not gc.isenabled():
+        gc.collect()
 
 
 @dataclass(slots=True)
@@ -92,17 +100,16 @@ class TurnResult:
     started: float
     ended: float
 
-    @property
-    def ttft_s(self) -> float:
-        return (self.arrivals[0] if self.arrivals else self.ended) - self.started
-
-    @property
-    def turn_s(self) -> float:
-        return self.ended - self.started
-
-    @property
-    def decode_tokens_per_s(self) -> float:
-        return decode_rate(self.arrivals)
+    def row(self) -> dict[str, Any]:
+        first = self.arrivals[0] if self.arrivals else self.ended
+        return {
+            "ttft_s": round(first - self.started, 4),
+            "turn_s": round(self.ended - self.started, 4),
+            "prompt_tokens": self.done.prompt_tokens,
+            "cached_tokens": self.done.cached_tokens,
+            "completion_tokens": self.done.completion_tokens,
+            "finish": self.done.finish_reason,
+        }
 
 
 def decode_rate(stamps: list[float]) -> float:
@@ -112,17 +119,21 @@ def decode_rate(stamps: list[float]) -> float:
     return (len(stamps) - 1) / (stamps[-1] - stamps[0])
 
 
-class MemorySampler:
-    """Background thread keeping the peak RSS (and PSS, every few samples) of process groups:
-    ``client`` (this process), ``client_helpers`` (its other children) and each swarm node."""
+def _safe(call: Any, default: Any) -> Any:
+    """A psutil call on a process that may exit between listing and reading."""
+    try:
+        return call()
+    except psutil.Error:
+        return default
 
-    def __init__(self, swarm: LocalSwarm, interval_s: float = 0.5, pss_every: int = 4) -> None:
-        self._swarm = swarm
-        self._interval_s = interval_s
-        self._pss_every = pss_every
-        self._me = psutil.Process()
-        self._stop = threading.Event()
-        self._lock = threading.Lock()
+
+class MemorySampler:
+    """Background thread keeping the peak RSS (and PSS, every 4th sample) of process groups:
+    ``client`` (this process), ``client_helpers`` (its other children), each swarm node."""
+
+    def __init__(self, swarm: LocalSwarm, interval_s: float = 0.5) -> None:
+        self._swarm, self._interval_s, self._me = swarm, interval_s, psutil.Process()
+        self._stop, self._lock = threading.Event(), threading.Lock()
         self._peaks: dict[str, dict[str, float]] = {}
         self._thread = threading.Thread(target=self._run, name="bench-memory", daemon=True)
 
@@ -140,7 +151,8 @@ class MemorySampler:
     def _run(self) -> None:
         count = 0
         while not self._stop.is_set():
-            self._sample(with_pss=count % self._pss_every == 0)
+            for name, processes in self._groups().items():
+                self._record(name, processes, with_pss=count % 4 == 0)
             count += 1
             self._stop.wait(self._interval_s)
 
@@ -148,39 +160,49 @@ class MemorySampler:
         nodes = [*self._swarm.servers, *([self._swarm.dht_node] if self._swarm.dht_node else [])]
         names = {node.process.pid: node.name for node in nodes}
         groups: dict[str, list[psutil.Process]] = {"client": [self._me], "client_helpers": []}
-        for child in _safe(lambda: self._me.children(recursive=False), []):
+        for child in _safe(self._me.children, []):
             tree = [child, *_safe(lambda c=child: c.children(recursive=True), [])]
             if child.pid in names:
                 groups[names[child.pid]] = tree
             elif "farmesh_ws.swarm_node" not in " ".join(_safe(child.cmdline, [])):
-                groups["client_helpers"].extend(tree)  # a node not yet listed is skipped
+                groups["client_helpers"].extend(tree)  # (a node not yet listed is skipped)
         return groups
 
-    def _sample(self, *, with_pss: bool) -> None:
-        for name, processes in self._groups().items():
-            rss = sum(_safe(lambda p=p: p.memory_info().rss, 0) for p in processes)
-            pss = (
-                sum(_safe(lambda p=p: p.memory_full_info().pss, 0) for p in processes)
-                if with_pss
-                else 0
-            )
-            with self._lock:
-                peak = self._peaks.setdefault(name, {"rss_mib": 0.0, "pss_mib": 0.0, "procs": 0})
-                peak["rss_mib"] = max(peak["rss_mib"], round(rss / MIB, 1))
-                peak["pss_mib"] = max(peak["pss_mib"], round(pss / MIB, 1))
-                peak["procs"] = max(peak["procs"], len(processes))
+    def _record(self, name: str, processes: list[psutil.Process], *, with_pss: bool) -> None:
+        rss = sum(_safe(lambda p=p: p.memory_info().rss, 0) for p in processes)
+        pss = (
+            sum(_safe(lambda p=p: p.memory_full_info().pss, 0) for p in processes)
+            if with_pss
+            else 0
+        )
+        with self._lock:
+            peak = self._peaks.setdefault(name, {"rss_mib": 0.0, "pss_mib": 0.0, "procs": 0})
+            peak["rss_mib"] = max(peak["rss_mib"], round(rss / MIB, 1))
+            peak["pss_mib"] = max(peak["pss_mib"], round(pss / MIB, 1))
+            peak["procs"] = max(peak["procs"], len(processes))
 
 
-def _safe(call: Any, default: Any) -> Any:
-    """psutil calls on processes that may exit between listing and reading."""
-    try:
-        return call()
-    except psutil.Error:
-        return default
+def arm_watchdog(swarm: LocalSwarm, timeout_s: float) -> threading.Timer:
+    """If the run hangs (a deadlocked Petals client cannot be closed from inside), stop the
+    swarm, kill this process's remaining children and exit with status 3."""
+
+    def fire() -> None:
+        print(f"bench_mesh: no progress after {timeout_s:.0f} s; stopping", file=sys.stderr)
+        try:
+            swarm.stop()
+        finally:
+            for child in _safe(lambda: psutil.Process().children(recursive=True), []):
+                _safe(child.kill, None)
+            os._exit(3)
+
+    timer = threading.Timer(timeout_s, fire)
+    timer.daemon = True
+    timer.start()
+    return timer
 
 
 def ru_maxrss_mib() -> float:
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / MIB, 1)  # KiB
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # KiB on Linux
 
 
 async def collect(
@@ -201,26 +223,13 @@ async def collect(
     raise RuntimeError("the turn ended without a TurnDone event")
 
 
-async def fresh_turn(
-    backend: Any, messages: list[ChatMessage], sampling: SamplingParams
-) -> TurnResult:
+async def fresh_turn(backend: Any, messages: list[ChatMessage], tokens: int) -> TurnResult:
     session = await backend.open_session(BUNDLED_MODEL_ID, max_length=MAX_LENGTH)
     try:
-        return await collect(session, messages, sampling)
+        return await collect(session, messages, SamplingParams(max_new_tokens=tokens))
     finally:
         await session.aclose()
-
-
-def turn_row(result: TurnResult) -> dict[str, Any]:
-    done = result.done
-    return {
-        "ttft_s": round(result.ttft_s, 4),
-        "turn_s": round(result.turn_s, 4),
-        "prompt_tokens": done.prompt_tokens,
-        "cached_tokens": done.cached_tokens,
-        "completion_tokens": done.completion_tokens,
-        "finish": done.finish_reason,
-    }
+        settle()
 
 
 async def run_mesh(args: argparse.Namespace, swarm: LocalSwarm, model_path: Path) -> dict[str, Any]:
@@ -234,9 +243,8 @@ async def run_mesh(args: argparse.Namespace, swarm: LocalSwarm, model_path: Path
     backend_start_s = time.perf_counter() - started
     try:
         prompt = [ChatMessage(role="user", content=THROUGHPUT_PROMPT)]
-        await fresh_turn(backend, prompt, SamplingParams(max_new_tokens=WARMUP_TOKENS))
-        greedy = SamplingParams(temperature=0.0, max_new_tokens=args.tokens)
-        runs = [await fresh_turn(backend, prompt, greedy) for _ in range(args.repeats)]
+        await fresh_turn(backend, prompt, WARMUP_TOKENS)
+        runs = [await fresh_turn(backend, prompt, args.tokens) for _ in range(args.repeats)]
 
         reuse: list[TurnResult] = []
         history: list[ChatMessage] = []
@@ -244,12 +252,16 @@ async def run_mesh(args: argparse.Namespace, swarm: LocalSwarm, model_path: Path
         try:
             for index in range(args.turns):
                 user = ChatMessage(role="user", content=user_message(index))
-                reuse.append(await collect(session, [user], greedy))
+                reuse.append(
+                    await collect(session, [user], SamplingParams(max_new_tokens=args.tokens))
+                )
                 history += [user, ChatMessage(role="assistant", content=reuse[-1].done.text)]
+                settle()
         finally:
             await session.aclose()
+            settle()
         replay = [
-            await fresh_turn(backend, history[: 2 * index + 1], greedy)
+            await fresh_turn(backend, history[: 2 * index + 1], args.tokens)
             for index in range(args.turns)
         ]
     finally:
@@ -257,11 +269,16 @@ async def run_mesh(args: argparse.Namespace, swarm: LocalSwarm, model_path: Path
     return {"backend_start_s": backend_start_s, "runs": runs, "reuse": reuse, "replay": replay}
 
 
-def run_local(model_path: Path, prompt_ids: list[int], tokens: int, repeats: int) -> dict[str, Any]:
+def run_local(
+    model_path: Path, prompt: list[ChatMessage], tokens: int, repeats: int
+) -> dict[str, Any]:
     """Greedy decode with plain transformers in this process, KV cache, one token per forward."""
     import torch
-    from transformers import LlamaForCausalLM
+    from transformers import AutoTokenizer, LlamaForCausalLM
 
+    from farmesh_ws.mesh.chat_turns import ChatTurns
+
+    prompt_ids = ChatTurns(AutoTokenizer.from_pretrained(str(model_path))).first_turn_ids(prompt)
     started = time.perf_counter()
     model = LlamaForCausalLM.from_pretrained(str(model_path), torch_dtype=torch.float32)
     model.eval()
@@ -270,8 +287,7 @@ def run_local(model_path: Path, prompt_ids: list[int], tokens: int, repeats: int
     def decode(count: int) -> tuple[list[int], list[float]]:
         with torch.inference_mode():
             out = model(input_ids=torch.tensor([prompt_ids]), use_cache=True)
-            ids = [int(torch.argmax(out.logits[0, -1]).item())]
-            stamps = [time.perf_counter()]
+            ids, stamps = [int(torch.argmax(out.logits[0, -1]).item())], [time.perf_counter()]
             while len(ids) < count:
                 step = torch.tensor([[ids[-1]]])
                 out = model(input_ids=step, past_key_values=out.past_key_values, use_cache=True)
@@ -281,45 +297,29 @@ def run_local(model_path: Path, prompt_ids: list[int], tokens: int, repeats: int
 
     decode(WARMUP_TOKENS)
     runs = [decode(tokens) for _ in range(repeats)]
-    return {
-        "load_s": load_s,
-        "token_ids": runs[0][0],
-        "rates": [decode_rate(stamps) for _, stamps in runs],
-    }
+    rates = [decode_rate(stamps) for _, stamps in runs]
+    return {"load_s": load_s, "prompt_ids": prompt_ids, "token_ids": runs[0][0], "rates": rates}
 
 
-def first_turn_ids(model_path: Path, messages: list[ChatMessage]) -> list[int]:
-    from transformers import AutoTokenizer
-
-    from farmesh_ws.mesh.chat_turns import ChatTurns
-
-    return ChatTurns(AutoTokenizer.from_pretrained(str(model_path))).first_turn_ids(messages)
-
-
-def matching_prefix(left: list[int], right: list[int]) -> int:
-    count = 0
-    for a, b in zip(left, right, strict=False):
-        if a != b:
-            break
-        count += 1
-    return count
+def leading_matches(left: list[int], right: list[int]) -> int:
+    return next(
+        (i for i, (a, b) in enumerate(zip(left, right, strict=False)) if a != b),
+        min(len(left), len(right)),
+    )
 
 
 def ratio(numerator: float, denominator: float) -> float:
     return round(numerator / denominator, 3) if denominator > 0 else float("nan")
 
 
-ROW = "  {:>4} | {:>8} {:>7} {:>6} {:>6} | {:>8} {:>7} {:>6}"
-
-
 def print_report(report: dict[str, Any]) -> None:
     tp, mt, mem = report["throughput"], report["multi_turn"], report["memory"]
-    print(f"\nFar Mesh benchmark: {report['model']}, {report['swarm']['layout']}")
+    print(f"\nFar Mesh benchmark: {report['model']}, {report['swarm']}")
     print(f"NOTE: {report['note']}")
-    rows = [
+    rows: list[tuple[str, Any]] = [
         (
             "prepare bundled model (s)",
-            f"{report['prepare_s']:.2f} (cached: {report['prepare_cached']})",
+            f"{report['prepare_s']:.2f} (was cached: {report['prepare_cached']})",
         ),
         ("swarm start, until all blocks served (s)", f"{report['swarm_start_s']:.2f}"),
         ("mesh client start, PetalsBackend.start (s)", f"{report['backend_start_s']:.2f}"),
@@ -329,10 +329,10 @@ def print_report(report: dict[str, Any]) -> None:
             "local decode tokens/s (median)",
             f"{tp['local_tokens_per_s']:.2f}  runs {tp['local_runs']}",
         ),
-        ("ratio mesh / local (target >= 0.5)", f"{tp['ratio_mesh_over_local']:.3f}"),
+        ("ratio mesh / local (target >= 0.5)", tp["ratio_mesh_over_local"]),
         ("greedy tokens identical, mesh vs local", tp["greedy_match"]),
-        ("TTFT last / first turn, reuse (target <= 1.2)", f"{mt['reuse_ttft_ratio']:.3f}"),
-        ("TTFT last / first turn, replay baseline", f"{mt['replay_ttft_ratio']:.3f}"),
+        ("TTFT last / first turn, reuse (target <= 1.2)", mt["reuse_ttft_ratio"]),
+        ("TTFT last / first turn, replay baseline", mt["replay_ttft_ratio"]),
         (
             "prompt tokens sent, reuse / replay",
             f"{mt['reuse_prompt_tokens']} / {mt['replay_prompt_tokens']}",
@@ -340,29 +340,21 @@ def print_report(report: dict[str, Any]) -> None:
         ("replay replies identical to reuse replies", mt["replies_identical"]),
     ]
     for name, peak in mem["groups"].items():
-        rss_pss = f"{peak['rss_mib']:.0f} / {peak['pss_mib']:.0f} ({peak['procs']:.0f} procs)"
+        rss_pss = f"{peak['rss_mib']:.0f} / {peak['pss_mib']:.0f}  ({peak['procs']:.0f} procs)"
         rows.append((f"peak RSS / PSS MiB, {name}", rss_pss))
     rows.append(("client ru_maxrss MiB, mesh phases (<= 1536)", mem["client_maxrss_mesh_mib"]))
     rows.append(("client ru_maxrss MiB, incl. local baseline", mem["client_maxrss_total_mib"]))
-    print(f"\nDecode throughput: {tp['measured']}")
+    print(f"Decode throughput measures: {tp['measured']}\n")
     for label, value in rows:
         print(f"  {label:<47} {value}")
     print("\nMulti-turn (client wall times; prompt = new tokens sent, cached = held by the mesh)")
-    print(ROW.format("", "reuse:", "", "", "", "replay:", "", ""))
-    print(ROW.format("turn", "ttft s", "turn s", "prompt", "cached", "ttft s", "turn s", "prompt"))
+    line = "  {:>4} | {:>8} {:>7} {:>6} {:>6} | {:>8} {:>7} {:>6}"
+    print(line.format("", "reuse:", "", "", "", "replay:", "", ""))
+    print(line.format("turn", "ttft s", "turn s", "prompt", "cached", "ttft s", "turn s", "prompt"))
     for index, (a, b) in enumerate(zip(mt["reuse"], mt["replay"], strict=True), start=1):
-        print(
-            ROW.format(
-                index,
-                f"{a['ttft_s']:.3f}",
-                f"{a['turn_s']:.2f}",
-                a["prompt_tokens"],
-                a["cached_tokens"],
-                f"{b['ttft_s']:.3f}",
-                f"{b['turn_s']:.2f}",
-                b["prompt_tokens"],
-            )
-        )
+        cells = [a["ttft_s"], a["turn_s"], a["prompt_tokens"], a["cached_tokens"]]
+        cells += [b["ttft_s"], b["turn_s"], b["prompt_tokens"]]
+        print(line.format(index, *(f"{c:.3f}" if isinstance(c, float) else c for c in cells)))
     print(f"\nTargets met: {report['targets']}; total run {report['total_s']:.1f} s")
 
 
@@ -371,7 +363,8 @@ def main() -> int:
     parser.add_argument("--turns", type=int, default=10, help="multi-turn conversation length")
     parser.add_argument("--tokens", type=int, default=32, help="max new tokens per turn/run")
     parser.add_argument("--repeats", type=int, default=3, help="throughput runs (median)")
-    parser.add_argument("--servers", type=int, default=2, help="servers in the local swarm")
+    parser.add_argument("--timeout", type=float, default=900.0, help="watchdog seconds")
+    parser.add_argument("--no-gc-workaround", action="store_true", help="keep automatic GC on")
     parser.add_argument("--json-only", action="store_true", help="print only the JSON line")
     args = parser.parse_args()
     run_started = time.perf_counter()
@@ -388,95 +381,93 @@ def main() -> int:
         dht_prefix=dht_prefix_for(BUNDLED_MODEL_ID),
         num_blocks=read_num_blocks(model_path),
         log_dir=log_dir,
-        num_servers=args.servers,
     )
     swarm = LocalSwarm(config)
     sampler = MemorySampler(swarm)
+    watchdog = arm_watchdog(swarm, args.timeout)
     sampler.start()
+    if not args.no_gc_workaround:
+        gc.disable()
     finished = False
     try:
         started = time.perf_counter()
         swarm.start()
         swarm_start_s = time.perf_counter() - started
         mesh = asyncio.run(run_mesh(args, swarm, model_path))
-        mesh_memory = sampler.snapshot()
-        client_maxrss_mesh = ru_maxrss_mib()
+        settle()
+        mesh_memory, client_maxrss_mesh = sampler.snapshot(), ru_maxrss_mib()
         prompt = [ChatMessage(role="user", content=THROUGHPUT_PROMPT)]
-        prompt_ids = first_turn_ids(model_path, prompt)
-        mesh_tokens = len(mesh["runs"][0].token_ids)
-        local = run_local(model_path, prompt_ids, mesh_tokens, args.repeats)
+        local = run_local(model_path, prompt, len(mesh["runs"][0].token_ids), args.repeats)
         finished = True
     finally:
         sampler.stop()
         swarm.stop()
+        watchdog.cancel()
+        gc.enable()
         if finished:
             shutil.rmtree(log_dir, ignore_errors=True)
         else:
             print(f"swarm logs kept in {log_dir}", file=sys.stderr)
 
     runs: list[TurnResult] = mesh["runs"]
-    mesh_rate = statistics.median(run.decode_tokens_per_s for run in runs)
+    mesh_rate = statistics.median(decode_rate(run.arrivals) for run in runs)
     local_rate = statistics.median(local["rates"])
-    reuse, replay = [turn_row(r) for r in mesh["reuse"]], [turn_row(r) for r in mesh["replay"]]
+    reuse, replay = [r.row() for r in mesh["reuse"]], [r.row() for r in mesh["replay"]]
     pairs = zip(mesh["reuse"], mesh["replay"], strict=True)
     identical = sum(a.done.text == b.done.text for a, b in pairs)
     memory = sampler.snapshot()
+    memory["client_incl_local_baseline"] = memory["client"]
     memory["client"] = mesh_memory["client"]  # the local baseline's weights are not the client's
-    memory["client_incl_local_baseline"] = sampler.snapshot()["client"]
+    mesh_tokens = len(runs[0].token_ids)
     report: dict[str, Any] = {
         "model": BUNDLED_MODEL_ID,
-        "note": "noisy 2-core machine (client, servers and local baseline share it); ratios are "
-        "from the same run; one warm-up turn of 4 tokens on each side before timing",
-        "swarm": {
-            "layout": f"{args.servers} servers, spans {config.server_spans()}",
-            "num_blocks": config.num_blocks,
-        },
-        "cpus": os.cpu_count(),
+        "swarm": f"{len(config.server_spans())} servers, spans {config.server_spans()}",
+        "note": f"noisy {os.cpu_count()}-core machine shared by client, servers and local "
+        "baseline; ratios are from the same run; one 4-token warm-up turn on each side before "
+        f"timing; gc workaround {'off' if args.no_gc_workaround else 'on'}",
         "prepare_s": round(prepare_s, 3),
         "prepare_cached": cached,
         "swarm_start_s": round(swarm_start_s, 3),
         "backend_start_s": round(mesh["backend_start_s"], 3),
         "local_load_s": round(local["load_s"], 3),
         "throughput": {
-            "measured": f"greedy decode steps only, tokens 2..{mesh_tokens} of one turn after a "
-            f"{len(prompt_ids)}-token prompt, prefill and first token excluded",
+            "measured": f"greedy decode steps only: tokens 2..{mesh_tokens} of one turn after a "
+            f"{runs[0].done.prompt_tokens}-token prompt (prefill and first token excluded)",
             "tokens": mesh_tokens,
-            "prompt_tokens": runs[0].done.prompt_tokens,
             "mesh_tokens_per_s": round(mesh_rate, 2),
             "local_tokens_per_s": round(local_rate, 2),
-            "mesh_runs": [round(run.decode_tokens_per_s, 2) for run in runs],
+            "mesh_runs": [round(decode_rate(run.arrivals), 2) for run in runs],
             "local_runs": [round(rate, 2) for rate in local["rates"]],
             "ratio_mesh_over_local": ratio(mesh_rate, local_rate),
-            "greedy_match": f"{matching_prefix(runs[0].token_ids, local['token_ids'])}"
+            "greedy_match": f"{leading_matches(runs[0].token_ids, local['token_ids'])}"
             f"/{mesh_tokens} leading tokens",
         },
         "multi_turn": {
             "turns": args.turns,
             "max_new_tokens": args.tokens,
-            "reuse": reuse,
-            "replay": replay,
             "reuse_ttft_ratio": ratio(reuse[-1]["ttft_s"], reuse[0]["ttft_s"]),
             "replay_ttft_ratio": ratio(replay[-1]["ttft_s"], replay[0]["ttft_s"]),
             "reuse_prompt_tokens": sum(row["prompt_tokens"] for row in reuse),
             "replay_prompt_tokens": sum(row["prompt_tokens"] for row in replay),
             "replies_identical": f"{identical}/{args.turns}",
+            "reuse": reuse,
+            "replay": replay,
         },
         "memory": {
             "groups": memory,
             "client_maxrss_mesh_mib": client_maxrss_mesh,
             "client_maxrss_total_mib": ru_maxrss_mib(),
         },
-        "total_s": round(time.perf_counter() - run_started, 1),
     }
-    mt = report["multi_turn"]
+    tp, mt = report["throughput"], report["multi_turn"]
     report["targets"] = {
-        "throughput_ratio_ge_0.5": report["throughput"]["ratio_mesh_over_local"]
-        >= TARGET_THROUGHPUT_RATIO,
-        "reuse_ttft_ratio_le_1.2": mt["reuse_ttft_ratio"] <= TARGET_TTFT_RATIO,
-        "replay_ttft_grows": mt["replay_ttft_ratio"] > mt["reuse_ttft_ratio"],
-        "client_peak_le_1.5GB": max(client_maxrss_mesh, memory["client"]["rss_mib"])
-        <= TARGET_CLIENT_MIB,
+        "throughput": tp["ratio_mesh_over_local"] >= TARGETS["throughput_ratio"],
+        "reuse_ttft": mt["reuse_ttft_ratio"] <= TARGETS["reuse_ttft_ratio"],
+        "replay_grows": mt["replay_ttft_ratio"] > mt["reuse_ttft_ratio"],
+        "client_memory": max(client_maxrss_mesh, memory["client"]["rss_mib"])
+        <= TARGETS["client_peak_mib"],
     }
+    report["total_s"] = round(time.perf_counter() - run_started, 1)
     if not args.json_only:
         print_report(report)
     print("BENCH_JSON " + json.dumps(report))

@@ -1,0 +1,109 @@
+"""The composition root: prepare the model, join or start the mesh, serve until told to stop.
+
+With no ``FAR_MESH_DHT_BOOTSTRAP`` this starts the embedded local swarm (a DHT plus
+``local_servers`` Petals servers on 127.0.0.1) on the bundled model; otherwise it joins
+that mesh and starts nothing. Shutdown runs in reverse order and always completes.
+"""
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+from farmesh_ws.config import Settings
+from farmesh_ws.home import farmesh_home
+from farmesh_ws.mesh.petals import ModelSpec, PetalsBackend, PetalsBackendConfig
+from farmesh_ws.mesh.status import MeshStatusCache, ModelStatus
+from farmesh_ws.metrics import Metrics
+from farmesh_ws.models import BUNDLED_MODEL_ID, dht_prefix_for, prepare_bundled_model
+from farmesh_ws.server import GatewayServer
+from farmesh_ws.swarm import LocalSwarm, SwarmConfig, read_num_blocks
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class Gateway:
+    server: GatewayServer
+    backend: PetalsBackend
+    status: MeshStatusCache
+    swarm: LocalSwarm | None
+
+
+@contextlib.asynccontextmanager
+async def running_gateway(settings: Settings, *, progress: bool = True) -> AsyncIterator[Gateway]:
+    """Start everything; on exit, shut it all down (gracefully first)."""
+    home = farmesh_home()
+    model_path = await asyncio.to_thread(prepare_bundled_model, home, progress=progress)
+    dht_prefix = dht_prefix_for(BUNDLED_MODEL_ID)
+    swarm: LocalSwarm | None = None
+    async with contextlib.AsyncExitStack() as stack:
+        if settings.embedded_mesh:
+            swarm = LocalSwarm(
+                SwarmConfig(
+                    model_path=model_path,
+                    dht_prefix=dht_prefix,
+                    num_blocks=read_num_blocks(model_path),
+                    log_dir=home / "swarm-logs",
+                    num_servers=settings.local_servers,
+                    inference_max_length=settings.max_length_limit,
+                )
+            )
+            logger.info("starting the local swarm (%d servers)", settings.local_servers)
+            await asyncio.to_thread(swarm.start)
+            stack.push_async_callback(asyncio.to_thread, swarm.stop)
+            initial_peers = tuple(swarm.initial_peers)
+        else:
+            initial_peers = settings.dht_bootstrap
+        backend = await PetalsBackend.start(
+            PetalsBackendConfig(
+                initial_peers=initial_peers,
+                models=(ModelSpec(BUNDLED_MODEL_ID, model_path, dht_prefix),),
+                max_concurrent_turns=settings.max_concurrent_turns,
+                max_session_length=settings.max_length_limit,
+                max_retries=settings.mesh_max_retries,
+                connect_timeout_s=settings.mesh_connect_timeout_s,
+                request_timeout_s=settings.mesh_request_timeout_s,
+            )
+        )
+        stack.push_async_callback(backend.aclose)
+        metrics = Metrics()
+        status = MeshStatusCache(
+            backend.model_ids, backend.coverage, refresh_s=settings.mesh_status_refresh_s
+        )
+        status.on_update = _update_mesh_gauges(metrics)
+        await status.refresh()
+        status.start()
+        stack.push_async_callback(status.aclose)
+        server = GatewayServer(settings, backend, status, metrics)
+        await server.start()
+        stack.push_async_callback(server.shutdown)
+        yield Gateway(server, backend, status, swarm)
+
+
+def _update_mesh_gauges(metrics: Metrics) -> Callable[[ModelStatus], None]:
+    def update(status: ModelStatus) -> None:
+        metrics.mesh_nodes.labels(model=status.model_id).set(status.active_nodes)
+        metrics.mesh_blocks_missing.labels(model=status.model_id).set(len(status.missing_blocks))
+
+    return update
+
+
+async def serve_until_stopped(
+    settings: Settings, on_ready: Callable[[GatewayServer], None]
+) -> None:
+    """Run the gateway until SIGINT or SIGTERM."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        async with running_gateway(settings) as gateway:
+            on_ready(gateway.server)
+            await stop.wait()
+            logger.info("stopping: no new connections; finishing running turns")
+    finally:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(signum)

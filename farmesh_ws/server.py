@@ -1,0 +1,296 @@
+"""The I/O layer: a websockets asyncio server with the HTTP GET routes on the same port.
+
+WebSocket sessions live at ``/ws`` (protocol.md); ``/health``, ``/mesh/status``, ``/models``
+and ``/metrics`` answer plain GETs from cached state. One reader task per connection decodes
+frames and hands them to :class:`~farmesh_ws.session.ChatSession`; everything else about
+chat is there. Errors follow protocol.md §6: a bad frame gets an ``error`` frame and the
+connection stays open; oversize frames close with 1009 (websockets does this); our own bug
+closes with 1011 after an ``internal_error`` frame; shutdown closes with 1001.
+"""
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from http import HTTPStatus
+from typing import Any
+
+import msgspec
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.datastructures import Headers
+from websockets.exceptions import ConnectionClosed
+from websockets.frames import CloseCode
+from websockets.http11 import Request, Response
+
+from farmesh_ws import __version__
+from farmesh_ws import protocol as p
+from farmesh_ws.config import Settings
+from farmesh_ws.errors import FarmeshError
+from farmesh_ws.ledger.money import far_text
+from farmesh_ws.mesh.status import MeshStatusCache
+from farmesh_ws.metrics import Metrics, MetricsObserver
+from farmesh_ws.session import Backend, ChatSession
+
+logger = logging.getLogger(__name__)
+
+WEBSOCKET_PATH = "/ws"
+
+
+class _ConnectionLog(logging.LoggerAdapter[logging.Logger]):
+    def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
+        return f"[conn {self.extra['conn'] if self.extra else '?'}] {msg}", kwargs
+
+
+class GatewayServer:
+    """Serves WebSocket chat sessions and the status endpoints on one port."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        backend: Backend,
+        status: MeshStatusCache,
+        metrics: Metrics,
+    ) -> None:
+        self.settings = settings
+        self.backend = backend
+        self.status = status
+        self.metrics = metrics
+        self._server: Server | None = None
+        self._sessions: dict[ServerConnection, ChatSession] = {}
+        self._started_at = time.monotonic()
+        self._shutting_down = False
+        self._routes: dict[str, Callable[[], Response]] = {
+            "/health": self._health,
+            "/mesh/status": self._mesh_status,
+            "/models": self._models,
+            "/metrics": self._metrics,
+        }
+
+    @property
+    def port(self) -> int:
+        if self._server is None:
+            raise RuntimeError("the server is not started")
+        sockets = list(self._server.sockets)
+        return int(sockets[0].getsockname()[1])
+
+    @property
+    def active_sessions(self) -> int:
+        return sum(1 for session in self._sessions.values() if session.state != "open")
+
+    async def start(self) -> None:
+        origins: list[Any] | None = None
+        if self.settings.allowed_origins:
+            origins = [*self.settings.allowed_origins, None]
+        self._server = await serve(
+            self._handle,
+            self.settings.host,
+            self.settings.port,
+            process_request=self._process_request,
+            max_size=self.settings.max_frame_bytes,
+            origins=origins,
+            server_header=f"farmesh-ws/{__version__}",
+        )
+
+    async def shutdown(self) -> None:
+        """Stop accepting, let running turns finish until the grace deadline, close 1001."""
+        if self._server is None:
+            return
+        self._shutting_down = True
+        self._server.close(close_connections=False)
+        running = [session.wait_idle() for session in self._sessions.values() if session.busy]
+        if running:
+            logger.info(
+                "shutdown: waiting up to %.0f s for %d turns",
+                self.settings.shutdown_grace_s,
+                len(running),
+            )
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(
+                    asyncio.gather(*running, return_exceptions=True),
+                    self.settings.shutdown_grace_s,
+                )
+        closing = [
+            connection.close(CloseCode.GOING_AWAY, "server shutting down")
+            for connection in list(self._sessions)
+        ]
+        await asyncio.gather(*closing, return_exceptions=True)
+        await self._server.wait_closed()
+        self._server = None
+
+    # HTTP (protocol.md §8)
+    def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
+        path = request.path.split("?", 1)[0]
+        route = self._routes.get(path)
+        if route is not None:
+            return route()
+        if path != WEBSOCKET_PATH:
+            return _json_response(HTTPStatus.NOT_FOUND, {"error": "not_found", "path": path})
+        if self._shutting_down:
+            return _json_response(HTTPStatus.SERVICE_UNAVAILABLE, {"error": "shutting_down"})
+        if len(self._sessions) >= self.settings.max_connections:
+            return _json_response(HTTPStatus.SERVICE_UNAVAILABLE, {"error": "too_many_connections"})
+        return None
+
+    def _health(self) -> Response:
+        statuses = self.status.all()
+        healthy = all(status.status == "online" for status in statuses)
+        return _json_response(
+            HTTPStatus.OK,
+            {
+                "status": "ok" if healthy else "degraded",
+                "version": __version__,
+                "protocol_version": p.PROTOCOL_VERSION,
+                "uptime_s": round(time.monotonic() - self._started_at, 3),
+                "connections": len(self._sessions),
+            },
+        )
+
+    def _mesh_status(self) -> Response:
+        model = self.status.get(self.settings.default_model_id)
+        return _json_response(
+            HTTPStatus.OK,
+            {
+                "model_id": model.model_id,
+                "active_nodes": model.active_nodes,
+                "active_sessions": self.active_sessions,
+                "price_per_token_far": far_text(self.settings.price_per_token_far),
+                "status": model.status,
+                "num_blocks": model.num_blocks,
+                "missing_blocks": list(model.missing_blocks),
+            },
+        )
+
+    def _models(self) -> Response:
+        return _json_response(
+            HTTPStatus.OK,
+            {
+                "models": [
+                    {
+                        "model_id": model.model_id,
+                        "active_nodes": model.active_nodes,
+                        "price_per_token_far": far_text(self.settings.price_per_token_far),
+                        "status": model.status,
+                        "num_blocks": model.num_blocks,
+                        "max_length": self.settings.max_length_limit,
+                    }
+                    for model in self.status.all()
+                ]
+            },
+        )
+
+    def _metrics(self) -> Response:
+        self.metrics.sessions_active.set(self.active_sessions)
+        return Response(
+            HTTPStatus.OK.value,
+            HTTPStatus.OK.phrase,
+            Headers([("Content-Type", "text/plain; version=0.0.4; charset=utf-8")]),
+            self.metrics.render(),
+        )
+
+    # WebSocket (protocol.md §2–§7)
+    async def _handle(self, connection: ServerConnection) -> None:
+        log = _ConnectionLog(logger, {"conn": uuid.uuid4().hex[:8]})
+        send = _sender(connection)
+        session = ChatSession(
+            backend=self.backend,
+            settings=self.settings,
+            send=send,
+            observer=MetricsObserver(self.metrics),
+        )
+        self._sessions[connection] = session
+        self.metrics.connections_total.inc()
+        self.metrics.connections_active.inc()
+        log.debug("connected from %s", connection.remote_address)
+        try:
+            await self._read_loop(connection, session, send, log)
+        except ConnectionClosed:
+            pass
+        except Exception:
+            log.exception("connection handler failed")
+            with contextlib.suppress(ConnectionClosed):
+                await send(p.Error(code="internal_error", message="internal error"))
+                await connection.close(CloseCode.INTERNAL_ERROR, "internal error")
+        finally:
+            await session.aclose()
+            del self._sessions[connection]
+            self.metrics.connections_active.dec()
+            log.debug("closed (%s)", connection.close_code)
+
+    async def _read_loop(
+        self,
+        connection: ServerConnection,
+        session: ChatSession,
+        send: Callable[[p.ServerMessage], Awaitable[None]],
+        log: _ConnectionLog,
+    ) -> None:
+        while True:
+            try:
+                frame = await asyncio.wait_for(connection.recv(), self.settings.idle_timeout_s)
+            except TimeoutError:
+                if session.busy:
+                    continue
+                log.info("idle for %.0f s; closing", self.settings.idle_timeout_s)
+                await connection.close(CloseCode.NORMAL_CLOSURE, "idle timeout")
+                return
+            if isinstance(frame, bytes):
+                await self._reject(
+                    send, "invalid_message", "binary frames are not supported; send JSON text"
+                )
+                continue
+            try:
+                message = p.decode_client_message(frame)
+            except msgspec.ValidationError as exc:
+                await self._reject(send, "invalid_message", str(exc))
+                continue
+            except msgspec.DecodeError:
+                await self._reject(send, "invalid_json", "the frame is not valid JSON")
+                continue
+            try:
+                await session.handle(message)
+            except FarmeshError as exc:
+                self.metrics.errors_total.labels(code=exc.code).inc()
+                await send(
+                    p.Error(
+                        code=exc.code,
+                        message=exc.message,
+                        retryable=exc.retryable,
+                        request_id=getattr(exc, "request_id", None) or _request_id(message),
+                    )
+                )
+            if isinstance(message, p.Close):
+                await connection.close(CloseCode.NORMAL_CLOSURE, "closed by client")
+                return
+
+    async def _reject(
+        self, send: Callable[[p.ServerMessage], Awaitable[None]], code: str, message: str
+    ) -> None:
+        self.metrics.errors_total.labels(code=code).inc()
+        await send(p.Error(code=code, message=message))
+
+
+def _request_id(message: p.ClientMessage) -> str | None:
+    request_id = getattr(message, "request_id", None)
+    return request_id if isinstance(request_id, str) else None
+
+
+def _sender(connection: ServerConnection) -> Callable[[p.ServerMessage], Awaitable[None]]:
+    """Frames to a closed connection are dropped: the reader task sees the close and
+    tears the session down (cancelling its turn), so the turn need not care."""
+
+    async def send(message: p.ServerMessage) -> None:
+        with contextlib.suppress(ConnectionClosed):
+            await connection.send(p.encode_server_message(message))
+
+    return send
+
+
+def _json_response(status: HTTPStatus, body: dict[str, Any]) -> Response:
+    return Response(
+        status.value,
+        status.phrase,
+        Headers([("Content-Type", "application/json"), ("Cache-Control", "no-store")]),
+        json.dumps(body).encode(),
+    )
