@@ -17,8 +17,8 @@ and measures, side by side:
    each). (a) reuse: one session, each turn sends only its new messages, the servers' attention
    caches hold the history; (b) replay baseline: turn k runs in a fresh session that is sent the
    whole conversation so far (the replies of (a) as assistant messages). TTFT (turn call to
-   first token event) and turn time are client wall times. Session reuse should keep TTFT flat
-   while the replay baseline grows with the history.
+   first token event; turn 1 includes opening the remote session in both) and turn time are
+   client wall times. Reuse should keep TTFT flat while the replay baseline grows.
 4. Peak memory, sampled every 0.5 s by a background thread: this process (RSS; ``ru_maxrss``),
    its helper children (the client's hivemind DHT process and p2pd, and the swarm's coverage
    DHT), and every swarm node's process tree (RSS sum, and PSS sum since forks share pages).
@@ -302,10 +302,8 @@ def run_local(
 
 
 def leading_matches(left: list[int], right: list[int]) -> int:
-    return next(
-        (i for i, (a, b) in enumerate(zip(left, right, strict=False)) if a != b),
-        min(len(left), len(right)),
-    )
+    pairs = zip(left, right, strict=False)
+    return next((i for i, (a, b) in enumerate(pairs) if a != b), min(len(left), len(right)))
 
 
 def ratio(numerator: float, denominator: float) -> float:
@@ -314,39 +312,32 @@ def ratio(numerator: float, denominator: float) -> float:
 
 def print_report(report: dict[str, Any]) -> None:
     tp, mt, mem = report["throughput"], report["multi_turn"], report["memory"]
-    print(f"\nFar Mesh benchmark: {report['model']}, {report['swarm']}")
-    print(f"NOTE: {report['note']}")
+    print(f"\nFar Mesh benchmark: {report['model']}, {report['swarm']}\nNOTE: {report['note']}")
+    print(f"Decode throughput measures: {tp['measured']}\n")
+    sent = f"{mt['reuse_prompt_tokens']} / {mt['replay_prompt_tokens']}"
     rows: list[tuple[str, Any]] = [
         (
-            "prepare bundled model (s)",
-            f"{report['prepare_s']:.2f} (was cached: {report['prepare_cached']})",
+            "prepare bundled model s (was cached)",
+            f"{report['prepare_s']} ({report['prepare_cached']})",
         ),
-        ("swarm start, until all blocks served (s)", f"{report['swarm_start_s']:.2f}"),
-        ("mesh client start, PetalsBackend.start (s)", f"{report['backend_start_s']:.2f}"),
-        ("local model load, transformers (s)", f"{report['local_load_s']:.2f}"),
-        ("mesh decode tokens/s (median)", f"{tp['mesh_tokens_per_s']:.2f}  runs {tp['mesh_runs']}"),
-        (
-            "local decode tokens/s (median)",
-            f"{tp['local_tokens_per_s']:.2f}  runs {tp['local_runs']}",
-        ),
+        ("swarm start s, until all blocks served", report["swarm_start_s"]),
+        ("mesh client start s (PetalsBackend.start)", report["backend_start_s"]),
+        ("local model load s (transformers)", report["local_load_s"]),
+        ("mesh decode tokens/s, median of runs", f"{tp['mesh_tokens_per_s']} {tp['mesh_runs']}"),
+        ("local decode tokens/s, median of runs", f"{tp['local_tokens_per_s']} {tp['local_runs']}"),
         ("ratio mesh / local (target >= 0.5)", tp["ratio_mesh_over_local"]),
         ("greedy tokens identical, mesh vs local", tp["greedy_match"]),
-        ("TTFT last / first turn, reuse (target <= 1.2)", mt["reuse_ttft_ratio"]),
-        ("TTFT last / first turn, replay baseline", mt["replay_ttft_ratio"]),
-        (
-            "prompt tokens sent, reuse / replay",
-            f"{mt['reuse_prompt_tokens']} / {mt['replay_prompt_tokens']}",
-        ),
+        ("TTFT turn N / turn 1, reuse (target <= 1.2)", mt["reuse_ttft_ratio"]),
+        ("TTFT turn N / turn 1, replay baseline", mt["replay_ttft_ratio"]),
+        ("prompt tokens sent, reuse / replay", sent),
         ("replay replies identical to reuse replies", mt["replies_identical"]),
+        ("client ru_maxrss MiB, mesh phases (<= 1536)", mem["client_maxrss_mesh_mib"]),
+        ("client ru_maxrss MiB, incl. local baseline", mem["client_maxrss_total_mib"]),
     ]
     for name, peak in mem["groups"].items():
-        rss_pss = f"{peak['rss_mib']:.0f} / {peak['pss_mib']:.0f}  ({peak['procs']:.0f} procs)"
-        rows.append((f"peak RSS / PSS MiB, {name}", rss_pss))
-    rows.append(("client ru_maxrss MiB, mesh phases (<= 1536)", mem["client_maxrss_mesh_mib"]))
-    rows.append(("client ru_maxrss MiB, incl. local baseline", mem["client_maxrss_total_mib"]))
-    print(f"Decode throughput measures: {tp['measured']}\n")
+        rows.append((f"peak RSS / PSS MiB, {name}", f"{peak['rss_mib']} / {peak['pss_mib']}"))
     for label, value in rows:
-        print(f"  {label:<47} {value}")
+        print(f"  {label:<45} {value}")
     print("\nMulti-turn (client wall times; prompt = new tokens sent, cached = held by the mesh)")
     line = "  {:>4} | {:>8} {:>7} {:>6} {:>6} | {:>8} {:>7} {:>6}"
     print(line.format("", "reuse:", "", "", "", "replay:", "", ""))
@@ -355,7 +346,7 @@ def print_report(report: dict[str, Any]) -> None:
         cells = [a["ttft_s"], a["turn_s"], a["prompt_tokens"], a["cached_tokens"]]
         cells += [b["ttft_s"], b["turn_s"], b["prompt_tokens"]]
         print(line.format(index, *(f"{c:.3f}" if isinstance(c, float) else c for c in cells)))
-    print(f"\nTargets met: {report['targets']}; total run {report['total_s']:.1f} s")
+    print(f"\nTargets met: {report['targets']}; total run {report['total_s']} s")
 
 
 def main() -> int:

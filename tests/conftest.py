@@ -49,6 +49,16 @@ def swarm(bundled_model_path: Path, tmp_path_factory: pytest.TempPathFactory) ->
 
 
 @pytest.fixture(scope="session")
+async def gateway(backend: Any) -> AsyncIterator[Any]:
+    """A gateway on port 0 over the shared backend, at price 0.0001 $FAR per token."""
+    from tests.helpers import start_gateway
+
+    server = await start_gateway(backend)
+    yield server
+    await server.shutdown()
+
+
+@pytest.fixture(scope="session")
 async def backend(swarm: Any, bundled_model_path: Path) -> AsyncIterator[Any]:
     from farmesh_ws.mesh.petals import ModelSpec, PetalsBackend, PetalsBackendConfig
     from farmesh_ws.models import BUNDLED_MODEL_ID

@@ -3,8 +3,6 @@
 import asyncio
 import json
 import urllib.request
-from collections.abc import AsyncIterator
-from dataclasses import replace
 from decimal import Decimal
 from typing import Any
 
@@ -12,70 +10,8 @@ import pytest
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
-from farmesh_ws.config import Settings
-from farmesh_ws.mesh.status import MeshStatusCache
-from farmesh_ws.metrics import Metrics
 from farmesh_ws.server import GatewayServer
-
-PRICE = Decimal("0.0001")
-
-
-async def start_gateway(backend: Any, **overrides: Any) -> GatewayServer:
-    settings = replace(Settings(port=0, price_per_token_far=PRICE), **overrides)
-    status = MeshStatusCache(backend.model_ids, backend.coverage, refresh_s=60)
-    await status.refresh()
-    server = GatewayServer(settings, backend, status, Metrics())
-    await server.start()
-    return server
-
-
-@pytest.fixture(scope="session")
-async def gateway(backend: Any) -> AsyncIterator[GatewayServer]:
-    server = await start_gateway(backend)
-    yield server
-    await server.shutdown()
-
-
-def ws_url(server: GatewayServer) -> str:
-    return f"ws://127.0.0.1:{server.port}/ws"
-
-
-async def send(ws: ClientConnection, message: dict[str, Any]) -> None:
-    await ws.send(json.dumps(message))
-
-
-async def receive(ws: ClientConnection) -> dict[str, Any]:
-    frame = await asyncio.wait_for(ws.recv(), 60)
-    assert isinstance(frame, str)
-    message: dict[str, Any] = json.loads(frame)
-    return message
-
-
-async def open_chat(ws: ClientConnection, **fields: Any) -> dict[str, Any]:
-    await send(ws, {"type": "open", **fields})
-    opened = await receive(ws)
-    assert opened["type"] == "opened", opened
-    return opened
-
-
-async def run_turn(
-    ws: ClientConnection, request_id: str, text: str, **fields: Any
-) -> tuple[list[dict[str, Any]], dict[str, Any], dict[str, Any]]:
-    """Send a turn; collect its token frames, its done frame and its contribution frame."""
-    await send(ws, {"type": "turn", "request_id": request_id, "text": text, **fields})
-    tokens: list[dict[str, Any]] = []
-    while True:
-        message = await receive(ws)
-        assert message.get("request_id") == request_id, message
-        if message["type"] == "token":
-            tokens.append(message)
-        elif message["type"] == "done":
-            done = message
-            contribution = await receive(ws)
-            assert contribution["type"] == "contribution", contribution
-            return tokens, done, contribution
-        else:
-            raise AssertionError(f"unexpected frame {message}")
+from tests.helpers import PRICE, open_chat, receive, run_turn, send, start_gateway, ws_url
 
 
 def http_get(server: GatewayServer, path: str) -> tuple[int, str, bytes]:

@@ -1,0 +1,67 @@
+"""Helpers shared by the gateway tests: start a gateway on port 0, talk to it as a client."""
+
+import asyncio
+import json
+from dataclasses import replace
+from decimal import Decimal
+from typing import Any
+
+from websockets.asyncio.client import ClientConnection
+
+from farmesh_ws.config import Settings
+from farmesh_ws.mesh.status import MeshStatusCache
+from farmesh_ws.metrics import Metrics
+from farmesh_ws.server import GatewayServer
+
+PRICE = Decimal("0.0001")
+
+
+async def start_gateway(backend: Any, **overrides: Any) -> GatewayServer:
+    settings = replace(Settings(port=0, price_per_token_far=PRICE), **overrides)
+    status = MeshStatusCache(backend.model_ids, backend.coverage, refresh_s=60)
+    await status.refresh()
+    server = GatewayServer(settings, backend, status, Metrics())
+    await server.start()
+    return server
+
+
+def ws_url(server: GatewayServer) -> str:
+    return f"ws://127.0.0.1:{server.port}/ws"
+
+
+async def send(ws: ClientConnection, message: dict[str, Any]) -> None:
+    await ws.send(json.dumps(message))
+
+
+async def receive(ws: ClientConnection) -> dict[str, Any]:
+    frame = await asyncio.wait_for(ws.recv(), 60)
+    assert isinstance(frame, str)
+    message: dict[str, Any] = json.loads(frame)
+    return message
+
+
+async def open_chat(ws: ClientConnection, **fields: Any) -> dict[str, Any]:
+    await send(ws, {"type": "open", **fields})
+    opened = await receive(ws)
+    assert opened["type"] == "opened", opened
+    return opened
+
+
+async def run_turn(
+    ws: ClientConnection, request_id: str, text: str, **fields: Any
+) -> tuple[list[dict[str, Any]], dict[str, Any], dict[str, Any]]:
+    """Send a turn; collect its token frames, its done frame and its contribution frame."""
+    await send(ws, {"type": "turn", "request_id": request_id, "text": text, **fields})
+    tokens: list[dict[str, Any]] = []
+    while True:
+        message = await receive(ws)
+        assert message.get("request_id") == request_id, message
+        if message["type"] == "token":
+            tokens.append(message)
+        elif message["type"] == "done":
+            done = message
+            contribution = await receive(ws)
+            assert contribution["type"] == "contribution", contribution
+            return tokens, done, contribution
+        else:
+            raise AssertionError(f"unexpected frame {message}")
