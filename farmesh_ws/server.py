@@ -226,7 +226,12 @@ class GatewayServer:
         send: Callable[[p.ServerMessage], Awaitable[None]],
         log: _ConnectionLog,
     ) -> None:
+        errors_in_a_row = 0
         while True:
+            if errors_in_a_row >= self.settings.max_consecutive_errors:
+                log.info("closing after %d invalid messages in a row", errors_in_a_row)
+                await connection.close(CloseCode.POLICY_VIOLATION, "too many invalid messages")
+                return
             try:
                 frame = await asyncio.wait_for(connection.recv(), self.settings.idle_timeout_s)
             except TimeoutError:
@@ -235,40 +240,43 @@ class GatewayServer:
                 log.info("idle for %.0f s; closing", self.settings.idle_timeout_s)
                 await connection.close(CloseCode.NORMAL_CLOSURE, "idle timeout")
                 return
-            if isinstance(frame, bytes):
-                await self._reject(
-                    send, "invalid_message", "binary frames are not supported; send JSON text"
-                )
-                continue
-            try:
-                message = p.decode_client_message(frame)
-            except msgspec.ValidationError as exc:
-                await self._reject(send, "invalid_message", str(exc))
-                continue
-            except msgspec.DecodeError:
-                await self._reject(send, "invalid_json", "the frame is not valid JSON")
-                continue
-            try:
-                await session.handle(message)
-            except FarmeshError as exc:
-                self.metrics.errors_total.labels(code=exc.code).inc()
-                await send(
-                    p.Error(
-                        code=exc.code,
-                        message=exc.message,
-                        retryable=exc.retryable,
-                        request_id=getattr(exc, "request_id", None) or _request_id(message),
-                    )
-                )
-            if isinstance(message, p.Close):
+            error = await self._dispatch(frame, session)
+            if error is None:
+                errors_in_a_row = 0
+            else:
+                errors_in_a_row += 1
+                self.metrics.errors_total.labels(code=error.code).inc()
+                await send(error)
+            if session.state == "closed":
                 await connection.close(CloseCode.NORMAL_CLOSURE, "closed by client")
                 return
 
-    async def _reject(
-        self, send: Callable[[p.ServerMessage], Awaitable[None]], code: str, message: str
-    ) -> None:
-        self.metrics.errors_total.labels(code=code).inc()
-        await send(p.Error(code=code, message=message))
+    async def _dispatch(self, frame: str | bytes, session: ChatSession) -> p.Error | None:
+        """Decode and handle one frame; return the error frame to send, if any."""
+        if isinstance(frame, bytes):
+            return p.Error(
+                code="invalid_message", message="binary frames are not supported; send JSON text"
+            )
+        try:
+            message = p.decode_client_message(frame)
+        except msgspec.ValidationError as exc:
+            return p.Error(code="invalid_message", message=str(exc))
+        except msgspec.DecodeError:
+            return p.Error(code="invalid_json", message="the frame is not valid JSON")
+        try:
+            await session.handle(message)
+        except FarmeshError as exc:
+            return p.Error(
+                code=exc.code,
+                message=exc.message,
+                retryable=exc.retryable,
+                request_id=getattr(exc, "request_id", None) or _request_id(message),
+            )
+        except TimeoutError:
+            return p.Error(
+                code="mesh_timeout", message="the mesh did not answer in time", retryable=True
+            )
+        return None
 
 
 def _request_id(message: p.ClientMessage) -> str | None:

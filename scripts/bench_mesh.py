@@ -337,7 +337,7 @@ def print_report(report: dict[str, Any]) -> None:
     for name, peak in mem["groups"].items():
         rows.append((f"peak RSS / PSS MiB, {name}", f"{peak['rss_mib']} / {peak['pss_mib']}"))
     for label, value in rows:
-        print(f"  {label:<45} {value}")
+        print(f"  {label:<47} {value}")
     print("\nMulti-turn (client wall times; prompt = new tokens sent, cached = held by the mesh)")
     line = "  {:>4} | {:>8} {:>7} {:>6} {:>6} | {:>8} {:>7} {:>6}"
     print(line.format("", "reuse:", "", "", "", "replay:", "", ""))

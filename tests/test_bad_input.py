@@ -49,7 +49,9 @@ CASES: list[tuple[str, list[dict[str, Any]], str | bytes, str]] = [
 
 @pytest.fixture(scope="module")
 async def strict_gateway(backend: Any) -> AsyncIterator[GatewayServer]:
-    server = await start_gateway(backend, max_text_chars=2000, max_frame_bytes=8192)
+    server = await start_gateway(
+        backend, max_text_chars=2000, max_frame_bytes=8192, max_consecutive_errors=30
+    )
     yield server
     await server.shutdown()
 
@@ -86,6 +88,22 @@ async def test_oversize_frame_closes_1009(strict_gateway: GatewayServer) -> None
             await receive(ws)
     assert closed.value.rcvd is not None
     assert closed.value.rcvd.code == 1009
+
+
+async def test_too_many_invalid_messages_in_a_row_close_1008(strict_gateway: GatewayServer) -> None:
+    async with connect(ws_url(strict_gateway)) as ws:
+        for _ in range(29):
+            await ws.send("{nope")
+            await _expect_error(ws, "invalid_json")
+        await send(ws, {"type": "ping"})
+        assert (await receive(ws))["type"] == "pong"
+        for _ in range(30):
+            await ws.send("{nope")
+            await _expect_error(ws, "invalid_json")
+        with pytest.raises(ConnectionClosed) as closed:
+            await receive(ws)
+    assert closed.value.rcvd is not None
+    assert closed.value.rcvd.code == 1008
 
 
 async def test_a_flood_of_bad_frames_does_not_disturb_another_session(
