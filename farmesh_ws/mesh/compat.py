@@ -10,6 +10,10 @@ The fixes, each with a test in ``tests/mesh/test_compat.py``:
 * ``loopback_p2p``: ``P2P.create`` defaults to UPnP/NAT-PMP port mapping and AutoNAT, which
   send packets to the LAN; a local swarm must stay on 127.0.0.1.
 * ``no_version_check``: every Petals server start asks PyPI for the latest release.
+* ``safe_close``: closing a server session blocks on hivemind's event-loop thread; when the
+  garbage collector finalises a session *on that thread* (a session left open by a failed
+  close sits in a reference cycle), the thread waits on itself and every later Petals call
+  hangs. Closing now never blocks on that thread and always marks the session closed.
 * ``failover``: three bugs that stop a session from surviving a dead server (Petals issue
   #587), see :mod:`farmesh_ws.mesh.failover_fixes`.
 """
@@ -46,6 +50,7 @@ def apply() -> None:
         restore_hivemind_names()
         force_loopback_p2p()
         disable_version_check()
+        make_session_close_safe()
         from farmesh_ws.mesh import failover_fixes
 
         failover_fixes.apply()
@@ -107,3 +112,28 @@ def disable_version_check() -> None:
 
 def _skip_version_check() -> None:
     """The gateway pins its Petals release; asking PyPI at every start only leaks traffic."""
+
+
+def make_session_close_safe() -> None:
+    """Wrap ``_ServerInferenceSession.close``: mark closed even if closing fails, and skip the
+    blocking close when called on hivemind's event-loop thread (garbage collection)."""
+    from hivemind.moe.client.remote_expert_worker import RemoteExpertWorker
+    from petals.client.inference_session import _ServerInferenceSession
+
+    original = _ServerInferenceSession.close
+    if getattr(original, "_farmesh_safe_close", False):
+        return
+
+    @functools.wraps(original)
+    def close(self: Any) -> None:
+        if self._outputs_stream is None:
+            return
+        try:
+            if threading.current_thread() is not RemoteExpertWorker._event_thread:
+                original(self)
+        finally:
+            self._outputs_stream = self._inputs_queue = None
+            self.closed = True
+
+    close._farmesh_safe_close = True  # type: ignore[attr-defined]
+    _ServerInferenceSession.close = close

@@ -7,9 +7,11 @@ import sys
 import threading
 import warnings
 from pathlib import Path
+from typing import Any
 from weakref import WeakMethod
 
 import psutil
+import pytest
 
 from farmesh_ws.mesh import compat
 
@@ -144,3 +146,44 @@ def test_failed_peer_leaves_routing_at_once() -> None:
     peers_per_block = [{span.peer_id for span in spans} for spans in info.spans_containing_block]
     assert peers_per_block == [{alive}] * 4
     assert [span.peer_id for span in info.spans_by_priority] == [alive]
+
+
+def _bare_server_session(**state: object) -> Any:
+    from petals.client.inference_session import _ServerInferenceSession
+
+    session = _ServerInferenceSession.__new__(_ServerInferenceSession)
+    session.stepped = False
+    session.closed = False
+    session._inputs_queue = object()
+    session._outputs_stream = object()
+    vars(session).update(state)
+    return session
+
+
+def test_a_failed_close_still_marks_the_session_closed() -> None:
+    compat.apply()
+
+    async def broken_pipe() -> None:
+        raise BrokenPipeError
+
+    session = _bare_server_session()
+    session._aclose_stream = broken_pipe
+    with pytest.raises(BrokenPipeError):
+        session.close()
+    assert session.closed
+    assert session._outputs_stream is None
+
+
+def test_close_on_the_event_loop_thread_does_not_deadlock() -> None:
+    """What the garbage collector does when it finalises a session on hivemind's thread."""
+    compat.apply()
+    from hivemind.moe.client.remote_expert_worker import RemoteExpertWorker
+
+    session = _bare_server_session()
+
+    async def close_on_loop_thread() -> bool:
+        session.close()
+        return bool(session.closed)
+
+    future = RemoteExpertWorker.run_coroutine(close_on_loop_thread(), return_future=True)
+    assert future.result(timeout=10) is True
