@@ -86,9 +86,26 @@ def parse_list(text: str) -> tuple[str, ...]:
     return tuple(item for item in (part.strip() for part in text.replace(",", " ").split()) if item)
 
 
+def _parse_int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"{text!r} is not an integer") from None
+
+
+def _parse_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"{text!r} is not a number") from None
+    if value != value or value in (float("inf"), float("-inf")):
+        raise ValueError(f"{text!r} is not a finite number")
+    return value
+
+
 _PARSERS: dict[Any, Callable[[str], Any]] = {
-    int: int,
-    float: float,
+    int: _parse_int,
+    float: _parse_float,
     str: str,
     Decimal: parse_decimal,
     tuple[str, ...]: parse_list,

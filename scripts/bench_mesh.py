@@ -26,17 +26,10 @@ and measures, side by side:
 A warm-up turn (4 tokens) runs before any timing on each side. The machine has 2 cores shared by
 the client, both servers and the local baseline, so absolute figures are noisy; the ratios are
 measured in the same run under the same conditions. The last stdout line is ``BENCH_JSON {...}``.
-
-Workaround: Petals 2.2.0.post1 can deadlock its client when the cyclic garbage collector runs on
-hivemind's RemoteExpertWorker loop thread and finalizes a server session whose close failed
-(``_ServerInferenceSession.__del__`` waits on that same loop). So automatic GC is disabled
-during the run and ``gc.collect()`` runs in the main thread between turns, outside the timed
-sections (``--no-gc-workaround`` to reproduce). A watchdog stops the swarm if the run hangs.
 """
 
 import argparse
 import asyncio
-import gc
 import json
 import os
 import resource
@@ -82,12 +75,6 @@ USER_MESSAGES = (
 def user_message(index: int) -> str:
     base, rounds = USER_MESSAGES[index % len(USER_MESSAGES)], index // len(USER_MESSAGES)
     return base if rounds == 0 else f"{base} (asked again, round {rounds + 1})"
-
-
-def settle() -> None:
-    """Collect cyclic garbage in this (main) thread when automatic GC is off (the workaround)."""
-    if not gc.isenabled():
-        gc.collect()
 
 
 @dataclass(slots=True)
@@ -229,7 +216,6 @@ async def fresh_turn(backend: Any, messages: list[ChatMessage], tokens: int) -> 
         return await collect(session, messages, SamplingParams(max_new_tokens=tokens))
     finally:
         await session.aclose()
-        settle()
 
 
 async def run_mesh(args: argparse.Namespace, swarm: LocalSwarm, model_path: Path) -> dict[str, Any]:
@@ -256,10 +242,8 @@ async def run_mesh(args: argparse.Namespace, swarm: LocalSwarm, model_path: Path
                     await collect(session, [user], SamplingParams(max_new_tokens=args.tokens))
                 )
                 history += [user, ChatMessage(role="assistant", content=reuse[-1].done.text)]
-                settle()
         finally:
             await session.aclose()
-            settle()
         replay = [
             await fresh_turn(backend, history[: 2 * index + 1], args.tokens)
             for index in range(args.turns)
@@ -355,7 +339,6 @@ def main() -> int:
     parser.add_argument("--tokens", type=int, default=32, help="max new tokens per turn/run")
     parser.add_argument("--repeats", type=int, default=3, help="throughput runs (median)")
     parser.add_argument("--timeout", type=float, default=900.0, help="watchdog seconds")
-    parser.add_argument("--no-gc-workaround", action="store_true", help="keep automatic GC on")
     parser.add_argument("--json-only", action="store_true", help="print only the JSON line")
     args = parser.parse_args()
     run_started = time.perf_counter()
@@ -377,15 +360,12 @@ def main() -> int:
     sampler = MemorySampler(swarm)
     watchdog = arm_watchdog(swarm, args.timeout)
     sampler.start()
-    if not args.no_gc_workaround:
-        gc.disable()
     finished = False
     try:
         started = time.perf_counter()
         swarm.start()
         swarm_start_s = time.perf_counter() - started
         mesh = asyncio.run(run_mesh(args, swarm, model_path))
-        settle()
         mesh_memory, client_maxrss_mesh = sampler.snapshot(), ru_maxrss_mib()
         prompt = [ChatMessage(role="user", content=THROUGHPUT_PROMPT)]
         local = run_local(model_path, prompt, len(mesh["runs"][0].token_ids), args.repeats)
@@ -394,7 +374,6 @@ def main() -> int:
         sampler.stop()
         swarm.stop()
         watchdog.cancel()
-        gc.enable()
         if finished:
             shutil.rmtree(log_dir, ignore_errors=True)
         else:
@@ -415,7 +394,7 @@ def main() -> int:
         "swarm": f"{len(config.server_spans())} servers, spans {config.server_spans()}",
         "note": f"noisy {os.cpu_count()}-core machine shared by client, servers and local "
         "baseline; ratios are from the same run; one 4-token warm-up turn on each side before "
-        f"timing; gc workaround {'off' if args.no_gc_workaround else 'on'}",
+        "timing",
         "prepare_s": round(prepare_s, 3),
         "prepare_cached": cached,
         "swarm_start_s": round(swarm_start_s, 3),
