@@ -1,0 +1,119 @@
+"""The commands as a user runs them: `farmesh-ws serve` and `farmesh-ws swarm` in their own
+processes, stopped by SIGTERM / Ctrl-C, leaving no process behind."""
+
+import json
+import os
+import queue
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+from websockets.sync.client import connect
+
+
+class Command:
+    """A farmesh-ws command in its own process; its stdout lines arrive through a thread."""
+
+    def __init__(self, args: list[str], tmp_path: Path, **env: str) -> None:
+        with (tmp_path / "stderr.log").open("w") as stderr:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "farmesh_ws", *args],
+                stdout=subprocess.PIPE,
+                stderr=stderr,
+                text=True,
+                env={**os.environ, **env},
+            )
+        self._lines: queue.Queue[str | None] = queue.Queue()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            self._lines.put(line)
+        self._lines.put(None)
+
+    def wait_for_line(self, pattern: str, timeout_s: float) -> str:
+        deadline = time.monotonic() + timeout_s
+        while (remaining := deadline - time.monotonic()) > 0:
+            try:
+                line = self._lines.get(timeout=remaining)
+            except queue.Empty:
+                break
+            if line is None:
+                break
+            if re.search(pattern, line):
+                return line
+        raise AssertionError(f"no line matching {pattern!r}; exit code {self.process.poll()}")
+
+
+def _descendants(process: subprocess.Popen[str]) -> list[psutil.Process]:
+    return psutil.Process(process.pid).children(recursive=True)
+
+
+def _stop_and_check_nothing_is_left(
+    process: subprocess.Popen[str], signum: signal.Signals, timeout_s: float = 60
+) -> None:
+    children = _descendants(process)
+    assert children, "the command started no child processes"
+    process.send_signal(signum)
+    assert process.wait(timeout=timeout_s) == 0
+    gone, alive = psutil.wait_procs(children, timeout=10)
+    assert [p.pid for p in alive] == []
+    assert len(gone) == len(children)
+
+
+@pytest.fixture
+def cleanup() -> Iterator[list[Command]]:
+    commands: list[Command] = []
+    yield commands
+    for command in commands:
+        process = command.process
+        if process.poll() is None:
+            for child in _descendants(process):
+                child.kill()
+            process.kill()
+            process.wait()
+        command._reader.join(timeout=10)
+        if process.stdout is not None:
+            process.stdout.close()
+
+
+def test_swarm_command_prints_peers_and_stops_cleanly_on_ctrl_c(
+    tmp_path: Path, bundled_model_path: Path, cleanup: list[Command]
+) -> None:
+    command = Command(["swarm", "--log-dir", str(tmp_path / "logs")], tmp_path)
+    cleanup.append(command)
+    command.wait_for_line(r"^swarm ready", 120)
+    peers = command.wait_for_line(r"^initial peers: ", 5)
+    assert re.match(r"^initial peers: /ip4/127\.0\.0\.1/tcp/\d+/p2p/\w+$", peers.strip())
+    logs = sorted(path.name for path in (tmp_path / "logs").iterdir())
+    assert logs == ["dht.log", "server0.log", "server1.log"]
+    _stop_and_check_nothing_is_left(command.process, signal.SIGINT)
+
+
+def test_serve_runs_the_embedded_default_and_stops_cleanly_on_sigterm(
+    tmp_path: Path, bundled_model_path: Path, cleanup: list[Command]
+) -> None:
+    command = Command(["serve", "--port", "0"], tmp_path, FARMESH_SHUTDOWN_GRACE_S="5")
+    cleanup.append(command)
+    ready = command.wait_for_line(r"^farmesh-ws ready: ws://127\.0\.0\.1:\d+/ws", 180)
+    url = ready.split()[2]
+    command.wait_for_line(r"wscat -c ws://", 5)
+    with connect(url) as ws:
+        ws.send(json.dumps({"type": "open"}))
+        assert json.loads(ws.recv(timeout=30))["type"] == "opened"
+        ws.send(json.dumps({"type": "turn", "request_id": "1", "text": "Hi!", "max_new_tokens": 4}))
+        kinds = []
+        while not kinds or kinds[-1] != "contribution":
+            kinds.append(json.loads(ws.recv(timeout=60))["type"])
+    assert kinds[0] == "token"
+    assert "done" in kinds
+    _stop_and_check_nothing_is_left(command.process, signal.SIGTERM)
