@@ -38,6 +38,7 @@ class Settings:
     port: int = 8100
     default_model_id: str = BUNDLED_MODEL_ID
     price_per_token_far: Decimal = Decimal("0.0001")
+    price_per_prompt_token_far: Decimal = Decimal(0)
     dht_bootstrap: tuple[str, ...] = ()
     database_url: str = field(default="", repr=False)
     redis_url: str = field(default="", repr=False)
@@ -139,6 +140,10 @@ def _validated(settings: Settings) -> Settings:
     checks: list[tuple[bool, str]] = [
         (0 <= settings.port <= 65535, "port must be 0..65535"),
         (settings.price_per_token_far >= 0, "price_per_token_far must not be negative"),
+        (
+            settings.price_per_prompt_token_far >= 0,
+            "price_per_prompt_token_far must not be negative",
+        ),
         (settings.log_level.upper() in LOG_LEVELS, f"log_level must be one of {LOG_LEVELS}"),
         (settings.local_servers >= 1, "local_servers must be at least 1"),
         (settings.max_connections >= 1, "max_connections must be at least 1"),

@@ -99,6 +99,7 @@ class Opened(_ServerMessage, tag="opened", frozen=True):
     model: str
     max_length: int
     price_per_token_far: str
+    price_per_prompt_token_far: str
     protocol_version: int = PROTOCOL_VERSION
 
 

@@ -165,6 +165,7 @@ class ChatSession:
                 model=model_id,
                 max_length=max_length,
                 price_per_token_far=far_text(self._settings.price_per_token_far),
+                price_per_prompt_token_far=far_text(self._settings.price_per_prompt_token_far),
             )
         )
 
@@ -333,7 +334,6 @@ class ChatSession:
         messages: list[ChatMessage],
         sampling: SamplingParams,
     ) -> None:
-        price = self._settings.price_per_token_far
         turn = mesh.run_turn(messages, sampling)
         if self._running is not None:
             self._running.turn = turn
@@ -343,7 +343,7 @@ class ChatSession:
                 now = time.perf_counter()
                 self._observer.token(None if last_token_at is None else now - last_token_at)
                 last_token_at = now
-                cost = turn_cost(price, event.prompt_tokens + event.tokens_generated)
+                cost = self._cost(event.prompt_tokens, event.tokens_generated)
                 await self._send(
                     p.Token(
                         request_id=request_id,
@@ -355,9 +355,19 @@ class ChatSession:
             else:
                 await self._finish(request_id, kind, event)
 
+    def _cost(self, prompt_tokens: int, completion_tokens: int) -> Decimal:
+        """protocol.md §7: nothing is billed for a request that generated nothing."""
+        if completion_tokens == 0:
+            return Decimal(0)
+        return turn_cost(
+            self._settings.price_per_token_far,
+            completion_tokens,
+            price_per_prompt_token=self._settings.price_per_prompt_token_far,
+            prompt_tokens=prompt_tokens,
+        )
+
     async def _finish(self, request_id: str, kind: str, done: TurnDone) -> None:
-        billed = done.prompt_tokens + done.completion_tokens if done.completion_tokens else 0
-        cost = turn_cost(self._settings.price_per_token_far, billed)
+        cost = self._cost(done.prompt_tokens, done.completion_tokens)
         self._observer.turn_finished(done, cost)
         if done.error is not None:
             await self._send_error(done.error, request_id)

@@ -14,10 +14,14 @@ from farmesh_ws.metrics import Metrics
 from farmesh_ws.server import GatewayServer
 
 PRICE = Decimal("0.0001")
+PROMPT_PRICE = Decimal("0.00002")
 
 
 async def start_gateway(backend: Any, **overrides: Any) -> GatewayServer:
-    settings = replace(Settings(port=0, price_per_token_far=PRICE), **overrides)
+    settings = replace(
+        Settings(port=0, price_per_token_far=PRICE, price_per_prompt_token_far=PROMPT_PRICE),
+        **overrides,
+    )
     status = MeshStatusCache(backend.model_ids, backend.coverage, refresh_s=60)
     await status.refresh()
     server = GatewayServer(settings, backend, status, Metrics())

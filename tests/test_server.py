@@ -11,7 +11,16 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
 from farmesh_ws.server import GatewayServer
-from tests.helpers import PRICE, open_chat, receive, run_turn, send, start_gateway, ws_url
+from tests.helpers import (
+    PRICE,
+    PROMPT_PRICE,
+    open_chat,
+    receive,
+    run_turn,
+    send,
+    start_gateway,
+    ws_url,
+)
 
 
 def http_get(server: GatewayServer, path: str) -> tuple[int, str, bytes]:
@@ -26,6 +35,7 @@ async def test_two_turn_chat_reuses_the_session(
     async with connect(ws_url(gateway)) as ws:
         opened = await open_chat(ws, max_length=512, user_wallet="wallet-1")
         assert opened["price_per_token_far"] == "0.0001"
+        assert opened["price_per_prompt_token_far"] == "0.00002"
         assert opened["max_length"] == 512
 
         tokens1, done1, contribution1 = await run_turn(
@@ -52,7 +62,7 @@ async def test_two_turn_chat_reuses_the_session(
         (tokens2, done2, contribution2),
     ):
         usage = done["usage"]
-        expected = PRICE * (usage["prompt_tokens"] + usage["completion_tokens"])
+        expected = PRICE * usage["completion_tokens"] + PROMPT_PRICE * usage["prompt_tokens"]
         assert Decimal(usage["cost_far"]) == expected
         assert Decimal(tokens[-1]["cost_far"]) == expected
         assert Decimal(contribution["cost_far"]) == expected

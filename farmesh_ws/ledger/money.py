@@ -1,6 +1,7 @@
 """$FAR amounts are ``Decimal`` end to end and strings on the wire, never floats.
 
-A turn's cost is its billed tokens times the price, rounded to :data:`FAR_QUANTUM`. Node
+A turn's cost is its generated tokens times the token price, plus (optionally, default 0) its
+new prompt tokens times the prompt price, rounded to :data:`FAR_QUANTUM`. Node
 shares are proportional to work, rounded down to the quantum, and the leftover quanta go one
 each to the largest remainders (ties: the earlier node), so shares sum to the cost exactly.
 """
@@ -24,10 +25,17 @@ def far_text(amount: Decimal) -> str:
     return text or "0"
 
 
-def turn_cost(price_per_token: Decimal, billed_tokens: int) -> Decimal:
-    if billed_tokens < 0:
-        raise ValueError("billed_tokens must not be negative")
-    return far(price_per_token * billed_tokens)
+def turn_cost(
+    price_per_token: Decimal,
+    completion_tokens: int,
+    *,
+    price_per_prompt_token: Decimal = Decimal(0),
+    prompt_tokens: int = 0,
+) -> Decimal:
+    """Generated tokens at the token price, plus new prompt tokens at the prompt price."""
+    if completion_tokens < 0 or prompt_tokens < 0:
+        raise ValueError("token counts must not be negative")
+    return far(price_per_token * completion_tokens + price_per_prompt_token * prompt_tokens)
 
 
 def split_by_work(total: Decimal, works: Sequence[int]) -> list[Decimal]:
