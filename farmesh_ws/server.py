@@ -16,6 +16,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from http import HTTPStatus
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -126,6 +127,8 @@ class GatewayServer:
         route = self._routes.get(path)
         if route is not None:
             return route()
+        if path == "/" or path.startswith("/static/"):
+            return _static_file("index.html" if path == "/" else path.removeprefix("/static/"))
         if path != WEBSOCKET_PATH:
             return _json_response(HTTPStatus.NOT_FOUND, {"error": "not_found", "path": path})
         if self._shutting_down:
@@ -293,6 +296,30 @@ def _sender(connection: ServerConnection) -> Callable[[p.ServerMessage], Awaitab
             await connection.send(p.encode_server_message(message))
 
     return send
+
+
+_STATIC_DIR = Path(__file__).parent / "static"
+_STATIC_TYPES = {
+    ".html": "text/html; charset=utf-8",
+    ".js": "text/javascript; charset=utf-8",
+    ".css": "text/css; charset=utf-8",
+    ".svg": "image/svg+xml",
+    ".png": "image/png",
+}
+
+
+def _static_file(name: str) -> Response:
+    """A file of the browser page; only plain names directly in static/ are served."""
+    path = _STATIC_DIR / name
+    content_type = _STATIC_TYPES.get(path.suffix)
+    if "/" in name or name.startswith(".") or content_type is None or not path.is_file():
+        return _json_response(HTTPStatus.NOT_FOUND, {"error": "not_found", "path": f"/{name}"})
+    return Response(
+        HTTPStatus.OK.value,
+        HTTPStatus.OK.phrase,
+        Headers([("Content-Type", content_type), ("Cache-Control", "no-cache")]),
+        path.read_bytes(),
+    )
 
 
 def _json_response(status: HTTPStatus, body: dict[str, Any]) -> Response:
