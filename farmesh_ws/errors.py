@@ -9,7 +9,8 @@
     │   ├── ContextOverflow           code="context_overflow": the session's max_length is reached
     │   ├── ModelNotFound             code="model_not_found": the mesh does not serve that model
     │   └── SessionClosed             code="session_closed": the mesh session was closed
-    └── InvalidRequest                code="invalid_request": arguments out of range
+    ├── InvalidRequest                code="invalid_request": arguments out of range
+    └── BudgetExceeded                code="budget_exceeded": max_cost_far reached
 
 Messages are written for the client: they never contain a traceback or an internal detail.
 """
@@ -70,3 +71,9 @@ class InvalidRequest(FarmeshError):
     """An argument is outside its documented range."""
 
     code = "invalid_request"
+
+
+class BudgetExceeded(FarmeshError):
+    """A request or session reached its ``max_cost_far``."""
+
+    code = "budget_exceeded"

@@ -11,9 +11,14 @@ import logging
 import signal
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from farmesh_ws.config import Settings
 from farmesh_ws.home import farmesh_home
+from farmesh_ws.ledger.checkpoints import TurnCheckpoints
+from farmesh_ws.ledger.observer import LedgerObserver, recover_interrupted_turns
+from farmesh_ws.ledger.store import Ledger, database_url, redacted
+from farmesh_ws.ledger.writer import LedgerWriter
 from farmesh_ws.mesh.petals import ModelSpec, PetalsBackend, PetalsBackendConfig
 from farmesh_ws.mesh.status import MeshStatusCache, ModelStatus
 from farmesh_ws.metrics import Metrics
@@ -30,6 +35,7 @@ class Gateway:
     backend: PetalsBackend
     status: MeshStatusCache
     swarm: LocalSwarm | None
+    ledger: LedgerWriter
 
 
 @contextlib.asynccontextmanager
@@ -69,6 +75,8 @@ async def running_gateway(settings: Settings, *, progress: bool = True) -> Async
             )
         )
         stack.push_async_callback(backend.aclose)
+        ledger_observer, writer = await _start_ledger(settings, home)
+        stack.push_async_callback(writer.aclose)
         metrics = Metrics()
         status = MeshStatusCache(
             backend.model_ids, backend.coverage, refresh_s=settings.mesh_status_refresh_s
@@ -77,10 +85,31 @@ async def running_gateway(settings: Settings, *, progress: bool = True) -> Async
         await status.refresh()
         status.start()
         stack.push_async_callback(status.aclose)
-        server = GatewayServer(settings, backend, status, metrics)
+        server = GatewayServer(
+            settings,
+            backend,
+            status,
+            metrics,
+            observers=[ledger_observer],
+            health_checks={"ledger": lambda: "database unreachable" if writer.degraded else None},
+        )
         await server.start()
         stack.push_async_callback(server.shutdown)
-        yield Gateway(server, backend, status, swarm)
+        yield Gateway(server, backend, status, swarm, writer)
+
+
+async def _start_ledger(settings: Settings, home: Path) -> tuple[LedgerObserver, LedgerWriter]:
+    """Connect the ledger (or start spooling if its database is down), then close the turns
+    a crashed predecessor left open."""
+    url = database_url(settings.database_url, home)
+    writer = LedgerWriter(Ledger(url), home / "ledger-spool")
+    await writer.start()
+    logger.info(
+        "ledger: %s%s", redacted(url), " (unreachable; spooling)" if writer.degraded else ""
+    )
+    checkpoints = TurnCheckpoints(home / "ledger-checkpoints")
+    await recover_interrupted_turns(checkpoints, writer)
+    return LedgerObserver(writer, checkpoints), writer
 
 
 def _update_mesh_gauges(metrics: Metrics) -> Callable[[ModelStatus], None]:

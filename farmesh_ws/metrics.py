@@ -9,6 +9,7 @@ from decimal import Decimal
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from farmesh_ws.mesh.base import TurnDone
+from farmesh_ws.observers import TurnContext
 
 _LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
@@ -75,24 +76,38 @@ class Metrics:
 
 
 class MetricsObserver:
-    """Feeds turn events of one connection into :class:`Metrics`."""
+    """Feeds turn events into :class:`Metrics` (a :class:`~farmesh_ws.observers.TurnObserver`)."""
 
-    def __init__(self, metrics: Metrics, kind_of_turn: str = "turn") -> None:
+    def __init__(self, metrics: Metrics) -> None:
         self._metrics = metrics
-        self._kind = kind_of_turn
 
-    def turn_started(self, kind: str) -> None:
-        self._kind = kind
-        self._metrics.turns_started_total.labels(kind=kind).inc()
+    def turn_started(self, context: TurnContext) -> None:
+        self._metrics.turns_started_total.labels(kind=context.kind).inc()
 
-    def token(self, inter_token_s: float | None) -> None:
+    def token(
+        self,
+        context: TurnContext,
+        *,
+        delivered: int,
+        prompt_tokens: int,
+        cost: Decimal,
+        inter_token_s: float | None,
+    ) -> None:
         if inter_token_s is not None:
             self._metrics.inter_token_seconds.observe(inter_token_s)
 
-    def turn_finished(self, done: TurnDone, cost: Decimal) -> None:
+    def turn_finished(
+        self,
+        context: TurnContext,
+        done: TurnDone,
+        *,
+        finish_reason: str,
+        completion_tokens: int,
+        cost: Decimal,
+    ) -> None:
         m = self._metrics
-        m.turns_total.labels(kind=self._kind, finish_reason=done.finish_reason).inc()
-        m.completion_tokens_total.inc(done.completion_tokens)
+        m.turns_total.labels(kind=context.kind, finish_reason=finish_reason).inc()
+        m.completion_tokens_total.inc(completion_tokens)
         m.prompt_tokens_total.inc(done.prompt_tokens)
         m.cached_tokens_total.inc(done.cached_tokens)
         if done.time_to_first_token_s is not None:

@@ -21,6 +21,7 @@ TopK = Annotated[int, Meta(ge=0, le=1000)]
 RepetitionPenalty = Annotated[float, Meta(ge=1.0, le=2.0)]
 Seed = Annotated[int, Meta(ge=0, le=2**63 - 1)]
 PositiveTokens = Annotated[int, Meta(ge=1)]
+FarAmount = Annotated[str, Meta(pattern=r"^[0-9]{1,12}(\.[0-9]{1,8})?$")]
 StopSequence = Annotated[str, Meta(min_length=1, max_length=64)]
 StopList = Annotated[list[StopSequence], Meta(max_length=8)]
 
@@ -49,6 +50,7 @@ class Open(_ClientMessage, tag="open", frozen=True):
     user_wallet: Wallet | None = None
     system_prompt: str | None = None
     sampling: Sampling | None = None
+    max_cost_far: FarAmount | None = None
 
 
 class Turn(_ClientMessage, tag="turn", frozen=True):
@@ -61,6 +63,7 @@ class Turn(_ClientMessage, tag="turn", frozen=True):
     seed: Seed | None = None
     max_new_tokens: PositiveTokens | None = None
     stop: StopList | None = None
+    max_cost_far: FarAmount | None = None
 
 
 class Generate(_ClientMessage, tag="generate", frozen=True):
@@ -71,6 +74,7 @@ class Generate(_ClientMessage, tag="generate", frozen=True):
     top_p: TopP | None = None
     user_wallet: Wallet | None = None
     model_id: ModelName | None = None
+    max_cost_far: FarAmount | None = None
 
 
 class Cancel(_ClientMessage, tag="cancel", frozen=True):
@@ -119,7 +123,7 @@ class Usage(msgspec.Struct, frozen=True, kw_only=True):
 
 class Done(_ServerMessage, tag="done", frozen=True):
     request_id: str
-    finish_reason: Literal["stop", "length", "cancelled", "error"]
+    finish_reason: Literal["stop", "length", "cancelled", "error", "budget"]
     usage: Usage
     position: int
     max_length: int

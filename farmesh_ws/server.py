@@ -14,7 +14,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from http import HTTPStatus
 from pathlib import Path
 from typing import Any
@@ -33,11 +33,14 @@ from farmesh_ws.errors import FarmeshError
 from farmesh_ws.ledger.money import far_text
 from farmesh_ws.mesh.status import MeshStatusCache
 from farmesh_ws.metrics import Metrics, MetricsObserver
+from farmesh_ws.observers import FanOut, TurnObserver
 from farmesh_ws.session import Backend, ChatSession
 
 logger = logging.getLogger(__name__)
 
 WEBSOCKET_PATH = "/ws"
+HealthCheck = Callable[[], str | None]
+"""Returns None when the component is fine, else a short reason (shown in /health)."""
 
 
 class _ConnectionLog(logging.LoggerAdapter[logging.Logger]):
@@ -54,11 +57,16 @@ class GatewayServer:
         backend: Backend,
         status: MeshStatusCache,
         metrics: Metrics,
+        *,
+        observers: Sequence[TurnObserver] = (),
+        health_checks: Mapping[str, HealthCheck] | None = None,
     ) -> None:
         self.settings = settings
         self.backend = backend
         self.status = status
         self.metrics = metrics
+        self.observer = FanOut([MetricsObserver(metrics), *observers])
+        self.health_checks = dict(health_checks or {})
         self._server: Server | None = None
         self._sessions: dict[ServerConnection, ChatSession] = {}
         self._started_at = time.monotonic()
@@ -138,12 +146,18 @@ class GatewayServer:
         return None
 
     def _health(self) -> Response:
-        statuses = self.status.all()
-        healthy = all(status.status == "online" for status in statuses)
+        mesh_online = all(status.status == "online" for status in self.status.all())
+        components = {"mesh": None if mesh_online else "not every block is served"}
+        components.update({name: check() for name, check in self.health_checks.items()})
+        healthy = all(problem is None for problem in components.values())
         return _json_response(
             HTTPStatus.OK,
             {
                 "status": "ok" if healthy else "degraded",
+                "components": {
+                    name: "ok" if problem is None else f"degraded: {problem}"
+                    for name, problem in components.items()
+                },
                 "version": __version__,
                 "protocol_version": p.PROTOCOL_VERSION,
                 "uptime_s": round(time.monotonic() - self._started_at, 3),
@@ -201,7 +215,7 @@ class GatewayServer:
             backend=self.backend,
             settings=self.settings,
             send=send,
-            observer=MetricsObserver(self.metrics),
+            observer=self.observer,
         )
         self._sessions[connection] = session
         self.metrics.connections_total.inc()

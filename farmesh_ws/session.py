@@ -18,7 +18,13 @@ from typing import Literal, Protocol, TypeVar
 
 from farmesh_ws import protocol as p
 from farmesh_ws.config import Settings
-from farmesh_ws.errors import FarmeshError, InvalidRequest, MeshTimeout, ModelNotFound
+from farmesh_ws.errors import (
+    BudgetExceeded,
+    FarmeshError,
+    InvalidRequest,
+    MeshTimeout,
+    ModelNotFound,
+)
 from farmesh_ws.ledger.money import far_text, split_by_work, turn_cost
 from farmesh_ws.mesh.base import (
     ChatMessage,
@@ -28,6 +34,7 @@ from farmesh_ws.mesh.base import (
     TokenEvent,
     TurnDone,
 )
+from farmesh_ws.observers import TurnContext, TurnObserver
 
 logger = logging.getLogger(__name__)
 
@@ -54,23 +61,13 @@ class Backend(Protocol):
     async def open_session(self, model_id: str, *, max_length: int) -> MeshSession: ...
 
 
-class TurnObserver(Protocol):
-    """Receives turn events for metrics and the ledger (no-op by default)."""
-
-    def turn_started(self, kind: str) -> None: ...
-
-    def token(self, inter_token_s: float | None) -> None: ...
-
-    def turn_finished(self, done: TurnDone, cost: Decimal) -> None: ...
-
-    def error(self, code: str) -> None: ...
-
-
 @dataclass(slots=True)
 class _Running:
     request_id: str
     task: asyncio.Task[None]
     turn: MeshTurn | None = None
+    delivered: int = 0
+    over_budget: bool = False
 
 
 class ChatSession:
@@ -92,6 +89,8 @@ class ChatSession:
         self._turns_started = 0
         self._seen_request_ids: set[str] = set()
         self._running: _Running | None = None
+        self._session_budget: Decimal | None = None
+        self.spent = Decimal(0)
 
     @property
     def busy(self) -> bool:
@@ -154,6 +153,7 @@ class ChatSession:
             self._settings.open_timeout_s,
         )
         self._mesh = mesh
+        self._session_budget = Decimal(message.max_cost_far) if message.max_cost_far else None
         self.state = "idle"
         self.session_id = uuid.uuid4().hex
         self.user_wallet = message.user_wallet
@@ -184,7 +184,16 @@ class ChatSession:
             messages.insert(0, ChatMessage(role="system", content=self._system_prompt))
         sampling = self._sampling(message, self._defaults)
         self._turns_started += 1
-        self._launch(message.request_id, "turn", self._mesh, messages, sampling, close_after=False)
+        budget = self._budget_for(message.max_cost_far, message.request_id)
+        self._launch(
+            message.request_id,
+            "turn",
+            self._mesh,
+            messages,
+            sampling,
+            close_after=False,
+            budget=budget,
+        )
 
     # protocol.md §3.3
     def _start_generate(self, message: p.Generate) -> None:
@@ -202,7 +211,16 @@ class ChatSession:
         messages = [ChatMessage(role="user", content=message.prompt)]
         if message.user_wallet and self.user_wallet is None:
             self.user_wallet = message.user_wallet
-        self._launch(message.request_id, "generate", model_id, messages, sampling, close_after=True)
+        budget = self._budget_for(message.max_cost_far, message.request_id)
+        self._launch(
+            message.request_id,
+            "generate",
+            model_id,
+            messages,
+            sampling,
+            close_after=True,
+            budget=budget,
+        )
 
     def _cancel(self, request_id: str) -> None:
         running = self._running
@@ -278,11 +296,20 @@ class ChatSession:
         sampling: SamplingParams,
         *,
         close_after: bool,
+        budget: Decimal | None,
     ) -> None:
         self._seen_request_ids.add(request_id)
-        self._observer.turn_started(kind)
+        context = TurnContext(
+            session_id=self.session_id if kind == "turn" and self.session_id else uuid.uuid4().hex,
+            request_id=request_id,
+            kind=kind,
+            wallet=self.user_wallet,
+            model_id=target.model_id if not isinstance(target, str) else target,
+            started_at=time.time(),
+        )
+        self._observer.turn_started(context)
         task = asyncio.create_task(
-            self._run(request_id, kind, target, messages, sampling, close_after),
+            self._run(context, target, messages, sampling, close_after, budget),
             name=f"farmesh-{kind}-{request_id}",
         )
         self._running = _Running(request_id, task)
@@ -291,14 +318,15 @@ class ChatSession:
 
     async def _run(
         self,
-        request_id: str,
-        kind: str,
+        context: TurnContext,
         target: MeshSession | str,
         messages: list[ChatMessage],
         sampling: SamplingParams,
         close_after: bool,
+        budget: Decimal | None,
     ) -> None:
         mesh: MeshSession | None = None
+        request_id = context.request_id
         try:
             if isinstance(target, str):
                 mesh = await asyncio.wait_for(
@@ -309,7 +337,7 @@ class ChatSession:
                 )
             else:
                 mesh = target
-            await self._stream(request_id, kind, mesh, messages, sampling)
+            await self._stream(context, mesh, messages, sampling, budget)
         except TimeoutError:
             await self._send_error(
                 MeshTimeout("the mesh did not open a session in time"), request_id
@@ -328,32 +356,47 @@ class ChatSession:
 
     async def _stream(
         self,
-        request_id: str,
-        kind: str,
+        context: TurnContext,
         mesh: MeshSession,
         messages: list[ChatMessage],
         sampling: SamplingParams,
+        budget: Decimal | None,
     ) -> None:
+        running = self._running
+        assert running is not None  # set by _launch before this task runs
         turn = mesh.run_turn(messages, sampling)
-        if self._running is not None:
-            self._running.turn = turn
+        running.turn = turn
         last_token_at: float | None = None
         async for event in turn:
-            if isinstance(event, TokenEvent):
-                now = time.perf_counter()
-                self._observer.token(None if last_token_at is None else now - last_token_at)
-                last_token_at = now
-                cost = self._cost(event.prompt_tokens, event.tokens_generated)
-                await self._send(
-                    p.Token(
-                        request_id=request_id,
-                        token=event.text,
-                        tokens_generated=event.tokens_generated,
-                        cost_far=far_text(cost),
-                    )
+            if not isinstance(event, TokenEvent):
+                await self._finish(context, event, running)
+                continue
+            if running.over_budget:
+                continue
+            cost = self._cost(event.prompt_tokens, event.tokens_generated)
+            if budget is not None and cost > budget:
+                # protocol.md §3.7: the token that would cross the limit is not sent or billed.
+                running.over_budget = True
+                turn.cancel()
+                continue
+            now = time.perf_counter()
+            running.delivered = event.tokens_generated
+            await self._send(
+                p.Token(
+                    request_id=context.request_id,
+                    token=event.text,
+                    tokens_generated=event.tokens_generated,
+                    cost_far=far_text(cost),
                 )
-            else:
-                await self._finish(request_id, kind, event)
+            )
+            self._observer.token(
+                context,
+                delivered=event.tokens_generated,
+                prompt_tokens=event.prompt_tokens,
+                cost=cost,
+                inter_token_s=None if last_token_at is None else now - last_token_at,
+            )
+            last_token_at = now
 
     def _cost(self, prompt_tokens: int, completion_tokens: int) -> Decimal:
         """protocol.md §7: nothing is billed for a request that generated nothing."""
@@ -366,17 +409,45 @@ class ChatSession:
             prompt_tokens=prompt_tokens,
         )
 
-    async def _finish(self, request_id: str, kind: str, done: TurnDone) -> None:
-        cost = self._cost(done.prompt_tokens, done.completion_tokens)
-        self._observer.turn_finished(done, cost)
-        if done.error is not None:
-            await self._send_error(done.error, request_id)
+    def _budget_for(self, turn_limit: str | None, request_id: str) -> Decimal | None:
+        """The tighter of the request's ``max_cost_far`` and what is left of the session's;
+        a request with nothing left to spend is refused before it starts."""
+        limits = [Decimal(turn_limit)] if turn_limit is not None else []
+        if self._session_budget is not None:
+            limits.append(self._session_budget - self.spent)
+        if not limits:
+            return None
+        budget = min(limits)
+        if budget <= 0:
+            error = BudgetExceeded("the session's max_cost_far budget is spent")
+            raise SessionError(error.code, error.message, request_id=request_id)
+        return budget
+
+    async def _finish(self, context: TurnContext, done: TurnDone, running: _Running) -> None:
+        finish_reason: str = done.finish_reason
+        completion_tokens = done.completion_tokens
+        error = done.error
+        if running.over_budget:
+            finish_reason, completion_tokens = "budget", running.delivered
+            error = BudgetExceeded("the request reached its max_cost_far budget")
+        cost = self._cost(done.prompt_tokens, completion_tokens)
+        self.spent += cost
+        self._observer.turn_finished(
+            context,
+            done,
+            finish_reason=finish_reason,
+            completion_tokens=completion_tokens,
+            cost=cost,
+        )
+        request_id = context.request_id
+        if error is not None:
+            await self._send_error(error, request_id)
         done_frame = p.Done(
             request_id=request_id,
-            finish_reason=done.finish_reason,
+            finish_reason=finish_reason,  # type: ignore[arg-type]
             usage=p.Usage(
                 prompt_tokens=done.prompt_tokens,
-                completion_tokens=done.completion_tokens,
+                completion_tokens=completion_tokens,
                 cached_tokens=done.cached_tokens,
                 cost_far=far_text(cost),
             ),
@@ -388,10 +459,10 @@ class ChatSession:
                 if done.time_to_first_token_s is None
                 else round(done.time_to_first_token_s * 1000, 3)
             ),
-            error=done.error.code if done.error is not None else None,
+            error=error.code if error is not None else None,
         )
         contribution = self._contribution_frame(request_id, done, cost)
-        if kind == "generate":
+        if context.kind == "generate":
             await self._send(contribution)
             await self._send(done_frame)
         else:

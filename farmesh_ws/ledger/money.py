@@ -1,5 +1,9 @@
 """$FAR amounts are ``Decimal`` end to end and strings on the wire, never floats.
 
+The ledger stores amounts as integer counts of 10⁻⁸ $FAR (``to_e8``/``from_e8``): SQLite has no
+exact decimal type (its NUMERIC turns "0.0049" into a binary float), while integers are exact and
+sum exactly in every SQL engine.
+
 A turn's cost is its generated tokens times the token price, plus (optionally, default 0) its
 new prompt tokens times the prompt price, rounded to :data:`FAR_QUANTUM`. Node
 shares are proportional to work, rounded down to the quantum, and the leftover quanta go one
@@ -56,3 +60,12 @@ def split_by_work(total: Decimal, works: Sequence[int]) -> list[Decimal]:
     for index in by_remainder[:leftover]:
         floors[index] += 1
     return [far(Decimal(count) * FAR_QUANTUM) for count in floors]
+
+
+def to_e8(amount: Decimal) -> int:
+    """An amount as an exact integer count of 10⁻⁸ $FAR (how the ledger stores money)."""
+    return int(far(amount) / FAR_QUANTUM)
+
+
+def from_e8(count: int) -> Decimal:
+    return far(Decimal(count) * FAR_QUANTUM)

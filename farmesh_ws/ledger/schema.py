@@ -1,0 +1,109 @@
+"""The ledger schema and its versioned migrations (SQLite and PostgreSQL alike).
+
+Money columns are ``*_far_e8`` BIGINTs: exact integer counts of 10⁻⁸ $FAR (see money.py).
+Times are Unix seconds. The views are the contract with the Payment Tracker (README, "Ledger").
+A migration runs in one transaction and records its version, so a restarted or second process
+applies nothing twice.
+"""
+
+from typing import Any
+
+MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
+    (
+        1,
+        (
+            """CREATE TABLE IF NOT EXISTS inference_sessions (
+                session_id TEXT PRIMARY KEY,
+                kind TEXT NOT NULL,
+                wallet TEXT,
+                model_id TEXT NOT NULL,
+                started_at DOUBLE PRECISION NOT NULL,
+                ended_at DOUBLE PRECISION,
+                turns INTEGER NOT NULL DEFAULT 0,
+                prompt_tokens BIGINT NOT NULL DEFAULT 0,
+                completion_tokens BIGINT NOT NULL DEFAULT 0,
+                cached_tokens BIGINT NOT NULL DEFAULT 0,
+                cost_far_e8 BIGINT NOT NULL DEFAULT 0
+            )""",
+            """CREATE TABLE IF NOT EXISTS turns (
+                session_id TEXT NOT NULL REFERENCES inference_sessions (session_id),
+                request_id TEXT NOT NULL,
+                kind TEXT NOT NULL,
+                wallet TEXT,
+                model_id TEXT NOT NULL,
+                started_at DOUBLE PRECISION NOT NULL,
+                ended_at DOUBLE PRECISION NOT NULL,
+                prompt_tokens BIGINT NOT NULL,
+                completion_tokens BIGINT NOT NULL,
+                cached_tokens BIGINT NOT NULL,
+                finish_reason TEXT NOT NULL,
+                cost_far_e8 BIGINT NOT NULL CHECK (cost_far_e8 >= 0),
+                ttft_ms DOUBLE PRECISION,
+                duration_ms DOUBLE PRECISION,
+                PRIMARY KEY (session_id, request_id)
+            )""",
+            """CREATE TABLE IF NOT EXISTS node_contributions (
+                session_id TEXT NOT NULL,
+                request_id TEXT NOT NULL,
+                peer_id TEXT NOT NULL,
+                public_name TEXT,
+                start_block INTEGER NOT NULL,
+                end_block INTEGER NOT NULL,
+                tokens BIGINT NOT NULL,
+                replayed_tokens BIGINT NOT NULL,
+                work BIGINT NOT NULL,
+                share_far_e8 BIGINT NOT NULL CHECK (share_far_e8 >= 0),
+                PRIMARY KEY (session_id, request_id, peer_id, start_block, end_block),
+                FOREIGN KEY (session_id, request_id) REFERENCES turns (session_id, request_id)
+            )""",
+            "CREATE INDEX IF NOT EXISTS turns_wallet ON turns (wallet)",
+            "CREATE INDEX IF NOT EXISTS node_contributions_peer ON node_contributions (peer_id)",
+            """CREATE VIEW node_earnings AS
+                SELECT peer_id,
+                       MAX(public_name) AS public_name,
+                       COUNT(*) AS spans,
+                       SUM(tokens) AS tokens,
+                       SUM(replayed_tokens) AS replayed_tokens,
+                       SUM(work) AS work,
+                       SUM(share_far_e8) AS earned_far_e8
+                FROM node_contributions
+                GROUP BY peer_id""",
+            """CREATE VIEW wallet_spend AS
+                SELECT COALESCE(wallet, '') AS wallet,
+                       COUNT(DISTINCT session_id) AS sessions,
+                       COUNT(*) AS turns,
+                       SUM(prompt_tokens) AS prompt_tokens,
+                       SUM(completion_tokens) AS completion_tokens,
+                       SUM(cost_far_e8) AS spent_far_e8
+                FROM turns
+                GROUP BY COALESCE(wallet, '')""",
+        ),
+    ),
+)
+
+_CREATE_VERSIONS = """CREATE TABLE IF NOT EXISTS schema_migrations (
+    version INTEGER PRIMARY KEY,
+    applied_at DOUBLE PRECISION NOT NULL
+)"""
+
+
+async def migrate(database: Any, now: float) -> list[int]:
+    """Apply every migration not applied yet; return the versions applied now."""
+    await database.execute(_CREATE_VERSIONS)
+    applied = []
+    for version, statements in MIGRATIONS:
+        async with database.transaction():
+            done = await database.fetch_val(
+                "SELECT COUNT(*) FROM schema_migrations WHERE version = :version",
+                {"version": version},
+            )
+            if done:
+                continue
+            for statement in statements:
+                await database.execute(statement)
+            await database.execute(
+                "INSERT INTO schema_migrations (version, applied_at) VALUES (:version, :now)",
+                {"version": version, "now": now},
+            )
+            applied.append(version)
+    return applied
