@@ -27,6 +27,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    logging.getLogger("databases").setLevel(logging.WARNING)
     if not hasattr(args, "handler"):
         parser.print_help(sys.stderr)
         return 2
@@ -79,6 +80,16 @@ def _build_parser() -> argparse.ArgumentParser:
         "--local-servers", type=int, default=None, help="servers of the embedded swarm"
     )
     serve.set_defaults(handler=_serve)
+
+    ledger = commands.add_parser("ledger", help="query the usage and payment ledger")
+    ledger.add_argument(
+        "report",
+        choices=["nodes", "wallets", "sessions"],
+        help="earnings per node, spend per wallet, or recent sessions",
+    )
+    ledger.add_argument("--json", action="store_true", help="one JSON object per line")
+    ledger.add_argument("--limit", type=int, default=20, help="sessions to show")
+    ledger.set_defaults(handler=_ledger)
     return parser
 
 
@@ -114,6 +125,35 @@ def _serve(args: argparse.Namespace) -> int:
         sys.stdout.flush()
 
     asyncio.run(serve_until_stopped(settings, on_ready))
+    return 0
+
+
+def _ledger(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from farmesh_ws.config import ConfigError, load_settings
+    from farmesh_ws.ledger.report import print_report
+    from farmesh_ws.ledger.store import LedgerUnavailable
+
+    try:
+        settings = load_settings()
+    except ConfigError as exc:
+        sys.stderr.write(f"farmesh-ws: configuration error: {exc}\n")
+        return 2
+    try:
+        asyncio.run(
+            print_report(
+                settings.database_url,
+                farmesh_home(),
+                args.report,
+                as_json=args.json,
+                limit=args.limit,
+                out=sys.stdout,
+            )
+        )
+    except LedgerUnavailable as exc:
+        sys.stderr.write(f"farmesh-ws: {exc}\n")
+        return 1
     return 0
 
 

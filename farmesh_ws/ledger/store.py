@@ -6,6 +6,7 @@ checkpoint never bills twice. Database errors surface as :class:`LedgerUnavailab
 writer can spool and retry.
 """
 
+import asyncio
 import logging
 import time
 from dataclasses import asdict, dataclass
@@ -20,6 +21,7 @@ from farmesh_ws.ledger.records import TurnRecord
 from farmesh_ws.ledger.schema import migrate
 
 logger = logging.getLogger(__name__)
+_CLOSE_TIMEOUT_S = 2.0
 
 
 class LedgerUnavailable(RuntimeError):
@@ -106,7 +108,22 @@ class Ledger:
             ) from exc
 
     async def aclose(self) -> None:
-        await self._database.disconnect()
+        """Disconnect; if the server is gone, drop the connections instead of waiting.
+
+        A transaction that failed on a dead server keeps its pooled connection checked out,
+        and asyncpg's ``Pool.close()`` would wait for it forever, so after a short wait the
+        pool is terminated. The next ``connect`` starts from a fresh ``Database``.
+        """
+        database, self._database = self._database, Database(self.url)
+        if not database.is_connected:
+            return
+        try:
+            await asyncio.wait_for(asyncio.shield(database.disconnect()), _CLOSE_TIMEOUT_S)
+        except Exception:
+            pool = getattr(getattr(database, "_backend", None), "_pool", None)
+            if pool is not None:
+                pool.terminate()
+            logger.debug("ledger connections terminated", exc_info=True)
 
     async def record_turn(self, record: TurnRecord) -> bool:
         """Store one turn, its contributions and the session totals in one transaction.
