@@ -327,6 +327,8 @@ class ChatSession:
     ) -> None:
         mesh: MeshSession | None = None
         request_id = context.request_id
+        running = self._running
+        assert running is not None  # set by _launch before this task first runs
         try:
             if isinstance(target, str):
                 mesh = await asyncio.wait_for(
@@ -337,19 +339,28 @@ class ChatSession:
                 )
             else:
                 mesh = target
-            await self._stream(context, mesh, messages, sampling, budget)
+            await self._stream(context, mesh, messages, sampling, budget, running)
         except TimeoutError:
+            self._release(running)
             await self._send_error(
                 MeshTimeout("the mesh did not open a session in time"), request_id
             )
         except FarmeshError as exc:
+            self._release(running)
             await self._send_error(exc, request_id)
         except Exception:
             logger.exception("request %s failed", request_id)
+            self._release(running)
             await self._send_error(FarmeshError("internal error"), request_id)
         finally:
+            self._release(running)
             if close_after and mesh is not None:
                 await mesh.aclose()
+
+    def _release(self, running: _Running) -> None:
+        """The request is over for the client: the next one may start (even while this
+        task still tidies up), so it must not meet a stale ``busy``."""
+        if self._running is running:
             self._running = None
             if self.state == "generating":
                 self.state = "idle"
@@ -361,9 +372,8 @@ class ChatSession:
         messages: list[ChatMessage],
         sampling: SamplingParams,
         budget: Decimal | None,
+        running: _Running,
     ) -> None:
-        running = self._running
-        assert running is not None  # set by _launch before this task runs
         turn = mesh.run_turn(messages, sampling)
         running.turn = turn
         last_token_at: float | None = None
@@ -432,6 +442,7 @@ class ChatSession:
             error = BudgetExceeded("the request reached its max_cost_far budget")
         cost = self._cost(done.prompt_tokens, completion_tokens)
         self.spent += cost
+        self._release(running)
         self._observer.turn_finished(
             context,
             done,

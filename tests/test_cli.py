@@ -29,6 +29,7 @@ class Command:
                 stderr=stderr,
                 text=True,
                 env={**os.environ, **env},
+                start_new_session=True,
             )
         self._lines: queue.Queue[str | None] = queue.Queue()
         self._reader = threading.Thread(target=self._read, daemon=True)

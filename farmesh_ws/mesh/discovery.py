@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 MODELS_KEY = "_petals.models"
+DHT_QUERY_TIMEOUT_S = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,12 +49,17 @@ def block_uids(dht_prefix: str, num_blocks: int) -> list[str]:
     return [f"{dht_prefix}.{index}" for index in range(num_blocks)]
 
 
-def model_coverage(dht: Any, dht_prefix: str, num_blocks: int) -> ModelCoverage:
-    """Query the DHT for every block of a model (blocking)."""
+def model_coverage(
+    dht: Any, dht_prefix: str, num_blocks: int, *, timeout_s: float = DHT_QUERY_TIMEOUT_S
+) -> ModelCoverage:
+    """Query the DHT for every block of a model (blocking, at most ``timeout_s``; a DHT that
+    is shut down meanwhile would otherwise leave the caller waiting forever)."""
     from petals.data_structures import ServerState
     from petals.utils.dht import compute_spans, get_remote_module_infos
 
-    infos = get_remote_module_infos(dht, block_uids(dht_prefix, num_blocks), latest=True)
+    infos = get_remote_module_infos(
+        dht, block_uids(dht_prefix, num_blocks), latest=True, return_future=True
+    ).result(timeout=timeout_s)
     missing = tuple(
         index
         for index, info in enumerate(infos)
@@ -75,9 +81,9 @@ def model_coverage(dht: Any, dht_prefix: str, num_blocks: int) -> ModelCoverage:
     return ModelCoverage(dht_prefix, num_blocks, servers, missing)
 
 
-def announced_models(dht: Any) -> dict[str, int]:
-    """Map each announced dht_prefix to its number of blocks (blocking)."""
-    entry = dht.get(MODELS_KEY, latest=True)
+def announced_models(dht: Any, *, timeout_s: float = DHT_QUERY_TIMEOUT_S) -> dict[str, int]:
+    """Map each announced dht_prefix to its number of blocks (blocking, at most ``timeout_s``)."""
+    entry = dht.get(MODELS_KEY, latest=True, return_future=True).result(timeout=timeout_s)
     if entry is None or not isinstance(entry.value, dict):
         return {}
     models = {}
