@@ -14,7 +14,7 @@ import concurrent.futures
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -278,11 +278,38 @@ class PetalsChatSession:
         return len(self._held_ids)
 
     def run_turn(self, messages: Sequence[ChatMessage], sampling: SamplingParams) -> PetalsTurn:
+        """A chat turn: the chat template is applied to ``messages`` only."""
+        chat = list(messages)
+        return self._start(lambda: self._new_turn_ids(chat), sampling, None)
+
+    def run_tokens(
+        self,
+        token_ids: Sequence[int],
+        sampling: SamplingParams,
+        *,
+        replace_last_token: int | None = None,
+    ) -> PetalsTurn:
+        """Continue the transcript with raw ``token_ids`` (no template), for clients that
+        format prompts themselves. ``replace_last_token`` swaps the last generated token,
+        not yet sent to the mesh, for another (e.g. a stop sequence's token)."""
+        ids = list(token_ids)
+        return self._start(lambda: ids, sampling, replace_last_token)
+
+    def encode(self, text: str) -> list[int]:
+        """Tokenise raw text the way the model's tokenizer does by default."""
+        return list(self._model.tokenizer(text)["input_ids"])
+
+    def _start(
+        self,
+        new_ids: Callable[[], list[int]],
+        sampling: SamplingParams,
+        replace_last_token: int | None,
+    ) -> PetalsTurn:
         if self._closed:
             raise SessionClosed("the session is closed")
         turn = PetalsTurn(self)
         turn.future = self._backend._submit(
-            self._run_turn_in_thread, turn, list(messages), sampling
+            self._run_turn_in_thread, turn, new_ids, sampling, replace_last_token
         )
         return turn
 
@@ -305,12 +332,18 @@ class PetalsChatSession:
                 logger.debug("closing a broken remote session failed", exc_info=True)
 
     def _run_turn_in_thread(
-        self, turn: PetalsTurn, messages: list[ChatMessage], sampling: SamplingParams
+        self,
+        turn: PetalsTurn,
+        new_ids: Callable[[], list[int]],
+        sampling: SamplingParams,
+        replace_last_token: int | None,
     ) -> None:
         started = time.perf_counter()
         with self._lock:
             try:
-                self._run_turn_locked(turn, messages, sampling, started)
+                if replace_last_token is not None and self._pending_id is not None:
+                    self._pending_id = replace_last_token
+                self._run_turn_locked(turn, new_ids(), sampling, started)
             except Exception as exc:  # one boundary: everything becomes a typed error event
                 error = translate_error(exc)
                 if not isinstance(exc, FarmeshError):
@@ -322,14 +355,13 @@ class PetalsChatSession:
     def _run_turn_locked(
         self,
         turn: PetalsTurn,
-        messages: list[ChatMessage],
+        new_ids: list[int],
         sampling: SamplingParams,
         started: float,
     ) -> None:
         if self._closed:
             raise SessionClosed("the session is closed")
         model = self._model
-        new_ids = self._new_turn_ids(messages)
         inputs = ([self._pending_id] if self._pending_id is not None else []) + new_ids
         if self.position + len(inputs) > self._max_length:
             raise ContextOverflow(

@@ -147,3 +147,29 @@ async def test_non_positive_max_length_is_refused(backend: Any, max_length: int)
 
     with pytest.raises(InvalidRequest):
         await backend.open_session(BUNDLED_MODEL_ID, max_length=max_length)
+
+
+async def test_raw_tokens_continue_the_transcript_without_a_template(
+    backend: Any, golden: dict[str, Any]
+) -> None:
+    turn1, turn2 = golden["conversations"][0][:2]
+    session = await backend.open_session(BUNDLED_MODEL_ID, max_length=512)
+    try:
+        ids1 = [
+            e.token_id
+            async for e in session.run_tokens(turn1["prompt_ids"], GREEDY_48)
+            if isinstance(e, TokenEvent)
+        ]
+        history = len(turn1["prompt_ids"]) + len(turn1["greedy_48_ids"])
+        # The pending EOS is fed first, then only the new part of turn 2's prompt.
+        new_part = turn2["prompt_ids"][history:]
+        ids2 = [
+            e.token_id
+            async for e in session.run_tokens(new_part, GREEDY_48)
+            if isinstance(e, TokenEvent)
+        ]
+    finally:
+        await session.aclose()
+    assert ids1 == turn1["greedy_48_ids"]
+    assert ids2 == turn2["greedy_48_ids"]
+    assert session.encode("Hello, world!") == golden["tokenize"][0]["ids"]
