@@ -103,9 +103,10 @@ the observer's ``turn_finished`` and to ``on_turn_done``.
 
 Backend
 -------
-The mesh session must implement :class:`RawTextSession` (raw-text tokenization and a turn fed
-with raw token ids); a session without it is refused with an ``unsupported`` error when the
-inference session is opened.
+The mesh session must implement :class:`RawTextSession`: ``encode`` and ``run_tokens`` (a turn
+fed with raw token ids, no chat template), which ``PetalsChatSession`` has, and ``decode`` (ids
+to text, special tokens kept), which it does not have yet. Until it does, opening an inference
+session is refused with an ``unsupported`` error.
 """
 
 import asyncio
@@ -166,18 +167,19 @@ OnTurnDone = Callable[[TurnDone, Decimal], None]
 class RawTextSession(Protocol):
     """A mesh session that also takes raw token ids, with no chat template.
 
-    ``encode_raw`` tokenizes text as-is: no template, no BOS/EOS added; special-token text in
-    it (``<|im_start|>``) becomes the special token. ``decode_raw`` decodes without skipping
-    special tokens and without clean-up of spaces; it may return U+FFFD for an incomplete
-    UTF-8 character at the end. ``run_raw`` runs a turn like ``run_turn``: the pending
-    (generated but not yet fed) token, if any, then ``input_ids`` go through the mesh (both
-    may be given; ``input_ids`` may be empty to continue generating), then it generates until
-    the end-of-sequence token (``finish_reason`` ``"stop"``), ``sampling.max_new_tokens`` or
-    a full session (``"length"``), yielding one :class:`TokenEvent` per generated token (only
-    ``token_id`` is used here) and a :class:`TurnDone` whose ``prompt_tokens`` is
-    ``len(input_ids)``. ``replace_pending``: a token id that replaces the pending token
-    before it is fed (ignored if there is none). An empty ``input_ids`` with no pending token
-    ends with an ``InvalidRequest`` error.
+    :class:`~farmesh_ws.mesh.petals.PetalsChatSession` provides ``encode`` and
+    ``run_tokens``; ``decode`` is the one method it still lacks.
+
+    - ``encode(text)``: the model tokenizer's ids for ``text`` as-is (no template); special-token
+      text in it (``<|im_start|>``) becomes the special token.
+    - ``decode(token_ids)``: their text with special tokens kept (``<|im_end|>``) and no clean-up
+      of spaces; an incomplete UTF-8 character at the end decodes to U+FFFD.
+    - ``run_tokens(token_ids, sampling, replace_last_token=...)``: a turn that feeds the pending
+      (generated, not yet fed) token, if any, then ``token_ids`` (possibly none), and generates
+      until the end-of-sequence token (``finish_reason`` ``"stop"``), ``max_new_tokens`` or a full
+      session (``"length"``); one :class:`TokenEvent` per generated token (only ``token_id`` is
+      used here), then a :class:`TurnDone` whose ``prompt_tokens`` is ``len(token_ids)``.
+      ``replace_last_token`` first replaces the pending token.
     """
 
     @property
@@ -189,16 +191,16 @@ class RawTextSession(Protocol):
     @property
     def position(self) -> int: ...
 
-    def encode_raw(self, text: str) -> list[int]: ...
+    def encode(self, text: str) -> list[int]: ...
 
-    def decode_raw(self, token_ids: Sequence[int]) -> str: ...
+    def decode(self, token_ids: Sequence[int]) -> str: ...
 
-    def run_raw(
+    def run_tokens(
         self,
-        input_ids: Sequence[int],
+        token_ids: Sequence[int],
         sampling: SamplingParams,
         *,
-        replace_pending: int | None = None,
+        replace_last_token: int | None = None,
     ) -> MeshTurn: ...
 
     async def aclose(self) -> None: ...
@@ -254,7 +256,7 @@ def decode_request(frame: str | bytes, expected_type: str) -> dict[str, Any]:
     """Parse one frame as a JSON object of ``expected_type``."""
     try:
         request = json.loads(frame)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, RecursionError):
         raise InvalidRequest("the frame is not valid JSON") from None
     if not isinstance(request, dict):
         raise InvalidRequest("a request must be a JSON object")
@@ -508,7 +510,9 @@ class _PetalsV2Connection:
     async def _send(self, payload: dict[str, Any]) -> None:
         await self._connection.send(json.dumps(payload))
 
-    async def _fail(self, error: FarmeshError, *, close_code: int = CloseCode.NORMAL_CLOSURE) -> None:
+    async def _fail(
+        self, error: FarmeshError, *, close_code: int = CloseCode.NORMAL_CLOSURE
+    ) -> None:
         """websocket_api.py L91-93: the error frame, then the handler ends (socket closed)."""
         self._observer.error(error.code)
         with contextlib.suppress(ConnectionClosed):
@@ -548,12 +552,12 @@ class _PetalsV2Connection:
 
     async def _generate(self, mesh: RawTextSession, request: dict[str, Any]) -> None:
         generate = parse_generate(request, self._settings)
-        input_ids = mesh.encode_raw(generate.inputs) if generate.inputs else []
+        input_ids = mesh.encode(generate.inputs) if generate.inputs else []
         if not input_ids and self._session_tokens == 0:
             raise InvalidRequest("the first generate request of a session needs inputs")
         stop_token: int | None = None
         if generate.extra_stop_sequences is not None:
-            stop_ids = mesh.encode_raw(generate.stop_sequence or "")
+            stop_ids = mesh.encode(generate.stop_sequence or "")
             if len(stop_ids) != 1:
                 raise InvalidRequest(_ONE_TOKEN_STOP_MESSAGE)
             stop_token = stop_ids[0]
@@ -571,11 +575,17 @@ class _PetalsV2Connection:
         tally = RequestTally(
             started=time.perf_counter(), max_length=mesh.max_length, position=mesh.position
         )
-        outcome: FinishReason = "cancelled"
+        outcome: FinishReason = "cancelled"  # unless it ends otherwise: the client left
         try:
             outcome = await self._stream(mesh, generate, input_ids, stop_token, context, tally)
         except FarmeshError as exc:
             tally.error = tally.error or exc
+            outcome = "error"
+            raise
+        except ConnectionClosed:
+            raise
+        except Exception:
+            tally.error = FarmeshError("internal error")
             outcome = "error"
             raise
         finally:
@@ -625,7 +635,7 @@ class _PetalsV2Connection:
                 return "cancelled"
             if not delta:
                 raise MeshError("the mesh generated no token")
-            outputs = mesh.decode_raw(held + delta)
+            outputs = mesh.decode(held + delta)
             combined = all_outputs + outputs
             stop = generate.stop_sequence is None or combined.endswith(generate.stop_sequence)
             for sequence in generate.extra_stop_sequences or ():
@@ -663,7 +673,7 @@ class _PetalsV2Connection:
         tally: RequestTally,
     ) -> tuple[list[int], TurnDone]:
         """One ``generate()`` call of the original: one turn of the mesh session."""
-        turn = mesh.run_raw(inputs, sampling, replace_pending=replace_pending)
+        turn = mesh.run_tokens(inputs, sampling, replace_last_token=replace_pending)
         self._turn = turn
         if self._closing:
             turn.cancel()

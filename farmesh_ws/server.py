@@ -34,6 +34,7 @@ from farmesh_ws.ledger.money import far_text
 from farmesh_ws.mesh.status import MeshStatusCache
 from farmesh_ws.metrics import Metrics, MetricsObserver
 from farmesh_ws.observers import FanOut, TurnObserver
+from farmesh_ws.petals_v2 import PETALS_V2_PATH, serve_petals_v2
 from farmesh_ws.session import Backend, ChatSession
 
 logger = logging.getLogger(__name__)
@@ -69,6 +70,7 @@ class GatewayServer:
         self.health_checks = dict(health_checks or {})
         self._server: Server | None = None
         self._sessions: dict[ServerConnection, ChatSession] = {}
+        self._petals_v2: set[ServerConnection] = set()
         self._started_at = time.monotonic()
         self._shutting_down = False
         self._routes: dict[str, Callable[[], Response]] = {
@@ -123,7 +125,7 @@ class GatewayServer:
                 )
         closing = [
             connection.close(CloseCode.GOING_AWAY, "server shutting down")
-            for connection in list(self._sessions)
+            for connection in [*self._sessions, *self._petals_v2]
         ]
         await asyncio.gather(*closing, return_exceptions=True)
         await self._server.wait_closed()
@@ -137,11 +139,11 @@ class GatewayServer:
             return route()
         if path == "/" or path.startswith("/static/"):
             return _static_file("index.html" if path == "/" else path.removeprefix("/static/"))
-        if path != WEBSOCKET_PATH:
+        if path not in (WEBSOCKET_PATH, PETALS_V2_PATH):
             return _json_response(HTTPStatus.NOT_FOUND, {"error": "not_found", "path": path})
         if self._shutting_down:
             return _json_response(HTTPStatus.SERVICE_UNAVAILABLE, {"error": "shutting_down"})
-        if len(self._sessions) >= self.settings.max_connections:
+        if len(self._sessions) + len(self._petals_v2) >= self.settings.max_connections:
             return _json_response(HTTPStatus.SERVICE_UNAVAILABLE, {"error": "too_many_connections"})
         return None
 
@@ -209,6 +211,9 @@ class GatewayServer:
 
     # WebSocket (protocol.md §2–§7)
     async def _handle(self, connection: ServerConnection) -> None:
+        if connection.request is not None and connection.request.path.startswith(PETALS_V2_PATH):
+            await self._handle_petals_v2(connection)
+            return
         log = _ConnectionLog(logger, {"conn": uuid.uuid4().hex[:8]})
         send = _sender(connection)
         session = ChatSession(
@@ -235,6 +240,19 @@ class GatewayServer:
             del self._sessions[connection]
             self.metrics.connections_active.dec()
             log.debug("closed (%s)", connection.close_code)
+
+    async def _handle_petals_v2(self, connection: ServerConnection) -> None:
+        """chat.petals.dev's API (petals_v2.py), with the same limits and accounting."""
+        self.metrics.connections_total.inc()
+        self.metrics.connections_active.inc()
+        self._petals_v2.add(connection)
+        try:
+            await serve_petals_v2(
+                connection, backend=self.backend, settings=self.settings, observer=self.observer
+            )
+        finally:
+            self._petals_v2.discard(connection)
+            self.metrics.connections_active.dec()
 
     async def _read_loop(
         self,

@@ -299,6 +299,14 @@ class PetalsChatSession:
         """Tokenise raw text the way the model's tokenizer does by default."""
         return list(self._model.tokenizer(text)["input_ids"])
 
+    def decode(self, token_ids: Sequence[int]) -> str:
+        """Raw ids to text with special tokens kept and no space clean-up; an incomplete
+        UTF-8 character at the end decodes to U+FFFD (callers buffer on that)."""
+        text = self._model.tokenizer.decode(
+            list(token_ids), skip_special_tokens=False, clean_up_tokenization_spaces=False
+        )
+        return str(text)
+
     def _start(
         self,
         new_ids: Callable[[], list[int]],
