@@ -80,3 +80,16 @@ def test_serve_with_a_bad_value_exits_2_with_one_line() -> None:
     assert result.stderr.strip().splitlines() == [
         "farmesh-ws: configuration error: FARMESH_PORT: 'not-a-port' is not an integer"
     ]
+
+
+def test_env_example_documents_every_setting() -> None:
+    from dataclasses import fields
+    from pathlib import Path
+
+    from farmesh_ws.config import env_names
+
+    example = (Path(__file__).resolve().parents[1] / ".env.example").read_text()
+    documented = {line.split("=", 1)[0] for line in example.splitlines() if "=" in line}
+    missing = [f.name for f in fields(Settings) if env_names(f.name)[0] not in documented]
+    assert missing == []
+    assert load_settings({}) == Settings()
