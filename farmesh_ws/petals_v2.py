@@ -99,14 +99,13 @@ tokens every token generated (also tokens still held for UTF-8 when an error end
 ``settings.price_per_prompt_token_far`` (zero if nothing was generated, as in protocol v1 §7),
 and its contributions are the steps' contributions merged per server and block span, split
 with :func:`~farmesh_ws.ledger.money.split_by_work`. The API has no frame for them: they go to
-the observer's ``turn_finished`` and to ``on_turn_done``.
+the observer's ``turn_finished`` (the gateway's observer feeds metrics and the ledger).
 
 Backend
 -------
-The mesh session must implement :class:`RawTextSession`: ``encode`` and ``run_tokens`` (a turn
-fed with raw token ids, no chat template), which ``PetalsChatSession`` has, and ``decode`` (ids
-to text, special tokens kept), which it does not have yet. Until it does, opening an inference
-session is refused with an ``unsupported`` error.
+The gateway's :class:`~farmesh_ws.session.Backend` types its sessions as chat sessions; this API
+also needs the raw-token surface described by :class:`RawTextSession` (``encode``, ``decode``,
+``run_tokens``), which :class:`~farmesh_ws.mesh.petals.PetalsChatSession` provides.
 """
 
 import asyncio
@@ -117,10 +116,10 @@ import math
 import re
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from decimal import Decimal
-from typing import Any, Final, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Final, Protocol, cast
 
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
@@ -141,6 +140,9 @@ from farmesh_ws.mesh.base import (
 from farmesh_ws.observers import TurnContext, TurnObserver
 from farmesh_ws.session import Backend
 
+if TYPE_CHECKING:
+    from farmesh_ws.mesh.petals import PetalsChatSession
+
 logger = logging.getLogger(__name__)
 
 PETALS_V2_PATH: Final = "/api/v2/generate"
@@ -160,15 +162,10 @@ _ONE_TOKEN_STOP_MESSAGE: Final = (
     "extra_stop_sequences require stop_sequence length to be exactly 1 token"
 )
 
-OnTurnDone = Callable[[TurnDone, Decimal], None]
 
-
-@runtime_checkable
 class RawTextSession(Protocol):
-    """A mesh session that also takes raw token ids, with no chat template.
-
-    :class:`~farmesh_ws.mesh.petals.PetalsChatSession` provides ``encode`` and
-    ``run_tokens``; ``decode`` is the one method it still lacks.
+    """A mesh session that also takes raw token ids, with no chat template: what this API
+    needs of the sessions the backend opens (:class:`~farmesh_ws.mesh.petals.PetalsChatSession`).
 
     - ``encode(text)``: the model tokenizer's ids for ``text`` as-is (no template); special-token
       text in it (``<|im_start|>``) becomes the special token.
@@ -206,16 +203,17 @@ class RawTextSession(Protocol):
     async def aclose(self) -> None: ...
 
 
+if TYPE_CHECKING:
+
+    def _petals_sessions_take_raw_text(session: PetalsChatSession) -> RawTextSession:
+        """mypy checks that the gateway's mesh sessions fit :class:`RawTextSession`."""
+        return session
+
+
 class IdleTimeout(FarmeshError):
     """No request arrived within ``idle_timeout_s``."""
 
     code = "idle_timeout"
-
-
-class RawTextUnsupported(FarmeshError):
-    """The backend's sessions cannot take raw text."""
-
-    code = "unsupported"
 
 
 async def serve_petals_v2(
@@ -224,16 +222,12 @@ async def serve_petals_v2(
     backend: Backend,
     settings: Settings,
     observer: TurnObserver,
-    on_turn_done: OnTurnDone | None = None,
 ) -> None:
-    """Serve one WebSocket connection on :data:`PETALS_V2_PATH` until it closes."""
-    handler = _PetalsV2Connection(
-        connection,
-        backend=backend,
-        settings=settings,
-        observer=observer,
-        on_turn_done=on_turn_done,
-    )
+    """Serve one WebSocket connection on :data:`PETALS_V2_PATH` until it closes.
+
+    ``backend`` must open sessions with the :class:`RawTextSession` methods.
+    """
+    handler = _PetalsV2Connection(connection, backend=backend, settings=settings, observer=observer)
     await handler.run()
 
 
@@ -456,13 +450,11 @@ class _PetalsV2Connection:
         backend: Backend,
         settings: Settings,
         observer: TurnObserver,
-        on_turn_done: OnTurnDone | None,
     ) -> None:
         self._connection = connection
         self._backend = backend
         self._settings = settings
         self._observer = observer
-        self._on_turn_done = on_turn_done
         self.session_id = uuid.uuid4().hex
         self._mesh: RawTextSession | None = None
         self._wallet: str | None = None
@@ -536,15 +528,13 @@ class _PetalsV2Connection:
         if wallet is not None and not _WALLET.match(wallet):
             raise InvalidRequest("user_wallet must be 1-128 characters of A-Z a-z 0-9 _ . : -")
         try:
-            mesh = await asyncio.wait_for(
+            opened = await asyncio.wait_for(
                 self._backend.open_session(model_id, max_length=max_length),
                 self._settings.open_timeout_s,
             )
         except TimeoutError:
             raise MeshTimeout("the mesh did not open a session in time") from None
-        if not isinstance(mesh, RawTextSession):
-            await mesh.aclose()
-            raise RawTextUnsupported("this gateway's mesh sessions cannot generate from raw text")
+        mesh = cast(RawTextSession, opened)
         self._mesh = mesh
         self._wallet = wallet
         await self._send({"ok": True})
@@ -727,8 +717,3 @@ class _PetalsV2Connection:
             completion_tokens=done.completion_tokens,
             cost=cost,
         )
-        if self._on_turn_done is not None:
-            try:
-                self._on_turn_done(done, cost)
-            except Exception:
-                logger.exception("[v2 %s] on_turn_done failed", self.session_id[:8])

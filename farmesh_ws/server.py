@@ -163,7 +163,7 @@ class GatewayServer:
                 "version": __version__,
                 "protocol_version": p.PROTOCOL_VERSION,
                 "uptime_s": round(time.monotonic() - self._started_at, 3),
-                "connections": len(self._sessions),
+                "connections": len(self._sessions) + len(self._petals_v2),
             },
         )
 
