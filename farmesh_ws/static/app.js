@@ -1,0 +1,265 @@
+// Browser chat page for the farmesh_ws WebSocket protocol v1 (protocol.md).
+// Server text is only ever inserted with textContent / text nodes; money stays a string.
+
+const $ = (id) => document.getElementById(id);
+const ui = {
+  status: $("conn-status"), model: $("session-model"), position: $("session-position"),
+  maxLength: $("session-max-length"), price: $("session-price"),
+  promptPrice: $("session-prompt-price"), error: $("error"), errorCode: $("error-code"),
+  errorMessage: $("error-message"), disconnect: $("disconnect"),
+  disconnectText: $("disconnect-text"), reconnect: $("reconnect"), log: $("log"),
+  form: $("composer"), input: $("input"), send: $("send"), stop: $("stop"),
+};
+
+const state = {
+  ws: null, open: false, model: null, running: null, seq: 0,
+  turns: new Map(), // request_id -> turn view
+  numBlocks: new Map(), // model_id -> num_blocks (from /models)
+};
+
+// Build an element; string children become text nodes (never parsed as HTML).
+function el(tag, attrs = {}, ...children) {
+  const node = document.createElement(tag);
+  for (const [key, value] of Object.entries(attrs)) {
+    if (value === null || value === undefined) continue;
+    if (key === "class") node.className = value;
+    else if (key === "style") {
+      for (const [prop, v] of Object.entries(value)) node.style.setProperty(prop, v);
+    }
+    else node.setAttribute(key, String(value));
+  }
+  for (const child of children) {
+    if (child !== null && child !== undefined) node.append(child);
+  }
+  return node;
+}
+
+function setStatus(kind, text) {
+  ui.status.dataset.state = kind;
+  ui.status.textContent = text;
+}
+
+function updateButtons() {
+  ui.send.disabled = !state.open || state.running !== null;
+  ui.stop.disabled = state.running === null || Boolean(state.turns.get(state.running)?.stopping);
+}
+
+function showError(code, message) {
+  ui.errorCode.textContent = code;
+  ui.errorMessage.textContent = message;
+  ui.error.hidden = false;
+}
+
+function scrollDown() {
+  ui.log.lastElementChild?.scrollIntoView({ block: "end" });
+}
+
+async function loadModels() {
+  try {
+    const reply = await fetch("/models", { cache: "no-store" });
+    const body = await reply.json();
+    for (const model of body.models ?? []) state.numBlocks.set(model.model_id, model.num_blocks);
+  } catch {
+    // The contribution view falls back to the highest end_block it sees.
+  }
+}
+
+function connect() {
+  const scheme = location.protocol === "https:" ? "wss:" : "ws:";
+  const ws = new WebSocket(`${scheme}//${location.host}/ws`);
+  state.ws = ws;
+  setStatus("connecting", "connecting…");
+  ws.addEventListener("open", () => ws.send(JSON.stringify({ type: "open" })));
+  ws.addEventListener("message", (event) => {
+    let message;
+    try {
+      message = JSON.parse(event.data);
+    } catch {
+      showError("invalid_frame", "the server sent a frame that is not JSON");
+      return;
+    }
+    handlers[message.type]?.(message); // unknown types are ignored (protocol.md §10)
+  });
+  ws.addEventListener("close", (event) => {
+    if (state.ws !== ws) return;
+    state.open = false;
+    const turn = state.turns.get(state.running);
+    if (turn) finishTurn(turn, "interrupted", "interrupted");
+    state.running = null;
+    const reason = event.reason ? `: ${event.reason}` : "";
+    ui.disconnectText.textContent = `Disconnected (code ${event.code}${reason}).`;
+    ui.disconnect.hidden = false;
+    ui.reconnect.disabled = false;
+    setStatus("closed", "disconnected");
+    updateButtons();
+  });
+}
+
+const handlers = {
+  opened(m) {
+    state.open = true;
+    state.model = m.model;
+    ui.model.textContent = m.model;
+    ui.maxLength.textContent = String(m.max_length);
+    ui.position.textContent = "0";
+    ui.price.textContent = m.price_per_token_far;
+    ui.promptPrice.textContent = m.price_per_prompt_token_far;
+    setStatus("open", "connected");
+    updateButtons();
+    ui.input.focus();
+  },
+  token(m) {
+    const turn = state.turns.get(m.request_id);
+    if (!turn) return;
+    const now = performance.now();
+    turn.firstAt ??= now;
+    turn.reply.append(m.token);
+    turn.tokens = m.tokens_generated;
+    const seconds = (now - turn.firstAt) / 1000;
+    const rate = seconds > 0 ? `${((m.tokens_generated - 1) / seconds).toFixed(1)} tok/s · ` : "";
+    turn.live.textContent = `${m.tokens_generated} tokens · ${rate}${m.cost_far} $FAR so far`;
+    scrollDown();
+  },
+  done(m) {
+    const turn = state.turns.get(m.request_id);
+    if (!turn) return;
+    ui.position.textContent = String(m.position);
+    const outcome = m.finish_reason === "stop" ? "done" : m.finish_reason;
+    finishTurn(turn, outcome, outcome);
+    showUsage(turn, m);
+  },
+  contribution(m) {
+    const turn = state.turns.get(m.request_id);
+    if (turn) showContribution(turn, m);
+    scrollDown();
+  },
+  error(m) {
+    const turn = state.turns.get(m.request_id);
+    // A late cancel of a request that already ended is harmless.
+    if (m.code === "unknown_request" && turn && turn.view.dataset.state !== "streaming") return;
+    showError(m.code, m.message);
+    // The server has released the request when it sends its error; a done may still follow.
+    if (turn && m.request_id === state.running) finishTurn(turn, "error", `error: ${m.code}`);
+  },
+};
+
+function finishTurn(turn, stateName, label) {
+  turn.view.dataset.state = stateName;
+  turn.badge.textContent = label;
+  turn.live.textContent = "";
+  if (state.running === turn.id) state.running = null;
+  updateButtons();
+}
+
+function startTurn(text) {
+  const id = `r${++state.seq}`;
+  const reply = el("p", { class: "text reply", "data-testid": "reply", "aria-live": "polite" });
+  const badge = el("span", { class: "badge", "data-testid": "turn-status" }, "streaming…");
+  const live = el("div", { class: "meta live", "data-testid": "live" });
+  const view = el("li", { class: "turn", "data-testid": "turn", "data-request-id": id,
+    "data-state": "streaming" },
+    el("div", { class: "msg user" }, el("span", { class: "who" }, "You"),
+      el("p", { class: "text", "data-testid": "prompt" }, text)),
+    el("div", { class: "msg assistant" },
+      el("div", { class: "who" }, "Assistant ", badge), reply, live));
+  const turn = { id, view, reply, badge, live, sentAt: performance.now(), firstAt: null };
+  state.turns.set(id, turn);
+  state.running = id;
+  ui.log.append(view);
+  scrollDown();
+  state.ws.send(JSON.stringify({ type: "turn", request_id: id, text }));
+  updateButtons();
+}
+
+function showUsage(turn, done) {
+  const u = done.usage;
+  const item = (label, value, testid) =>
+    el("span", { class: "stat" }, `${label} `, el("b", { "data-testid": testid }, value));
+  const ttft = done.time_to_first_token_ms ?? (turn.firstAt && turn.firstAt - turn.sentAt);
+  const seconds = done.duration_ms / 1000;
+  const speed = [];
+  if (u.completion_tokens > 0 && seconds > 0) {
+    speed.push(`${(u.completion_tokens / seconds).toFixed(1)} tok/s`);
+  }
+  if (ttft) speed.push(`first token ${Math.round(ttft)} ms`);
+  const pageTtft = turn.firstAt ? `${Math.round(turn.firstAt - turn.sentAt)} ms` : "—";
+  turn.usage = el("div", { class: "meta usage", "data-testid": "usage" },
+    item("prompt", String(u.prompt_tokens), "prompt-tokens"),
+    item("cached", String(u.cached_tokens), "cached-tokens"),
+    item("completion", String(u.completion_tokens), "completion-tokens"),
+    el("span", { class: "stat" }, "cost ", el("b", { "data-testid": "cost" }, u.cost_far), " $FAR"),
+    el("span", { class: "stat", "data-testid": "speed",
+      title: `first token as seen by this page: ${pageTtft}` }, speed.join(" · ") || "—"));
+  turn.view.querySelector(".assistant").append(turn.usage);
+}
+
+function showContribution(turn, report) {
+  const maxEnd = Math.max(1, ...report.nodes.map((n) => n.end_block));
+  const blocks = state.numBlocks.get(state.model) ?? maxEnd;
+  const pct = (block) => `${(100 * block) / blocks}%`;
+  const rows = report.nodes.map((node, index) => {
+    const label = node.name ?? "node";
+    const span = `${node.start_block}–${node.end_block}`;
+    return el("div", { class: "node", "data-testid": "node" },
+      el("div", { class: "node-label", title: node.peer_id }, label,
+        el("span", { class: "muted" }, ` …${node.peer_id.slice(-6)}`)),
+      el("div", { class: "track", role: "img", style: { "--blocks": String(blocks) },
+        "aria-label": `${label} computed blocks ${span} of ${blocks}` },
+        el("div", { class: `span c${index % 3}`, "data-testid": "node-bar", "data-start": node.start_block,
+          "data-end": node.end_block, style: { left: pct(node.start_block),
+            width: pct(node.end_block - node.start_block) } }, span)),
+      el("div", { class: "node-stats" }, `${node.tokens} tokens · `,
+        el("b", { "data-testid": "node-share" }, node.share_far), " $FAR"));
+  });
+  const scale = el("div", { class: "node scale", "aria-hidden": "true" }, el("div"),
+    el("div", { class: "ticks" }, el("span", {}, "block 0"), el("span", {}, String(blocks))),
+    el("div"));
+  turn.view.querySelector(".assistant").append(
+    el("section", { class: "contrib", "data-testid": "contribution", "aria-label": "Contribution" },
+      el("div", { class: "contrib-head" }, "Contribution · ",
+        el("b", {}, report.cost_far), " $FAR over ", String(report.nodes.length), " nodes"),
+      ...rows, scale));
+}
+
+ui.form.addEventListener("submit", (event) => {
+  event.preventDefault();
+  const text = ui.input.value.trim();
+  if (!text || !state.open || state.running !== null) return;
+  ui.input.value = "";
+  ui.error.hidden = true;
+  startTurn(text);
+});
+
+ui.input.addEventListener("keydown", (event) => {
+  if (event.key === "Enter" && !event.shiftKey && !event.isComposing) {
+    event.preventDefault();
+    ui.form.requestSubmit();
+  }
+});
+
+ui.stop.addEventListener("click", () => {
+  const turn = state.turns.get(state.running);
+  if (!turn || !state.open) return;
+  turn.stopping = true;
+  turn.badge.textContent = "stopping…";
+  state.ws.send(JSON.stringify({ type: "cancel", request_id: turn.id }));
+  updateButtons();
+});
+
+ui.reconnect.addEventListener("click", async () => {
+  ui.reconnect.disabled = true;
+  ui.disconnect.hidden = true;
+  ui.error.hidden = true;
+  if (ui.log.lastElementChild) {
+    ui.log.append(el("li", { class: "separator", "data-testid": "separator" }, "new session"));
+  }
+  await loadModels();
+  connect();
+});
+
+ui.error.querySelector("#error-dismiss").addEventListener("click", () => {
+  ui.error.hidden = true;
+});
+
+await loadModels();
+connect();
