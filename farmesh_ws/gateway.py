@@ -23,7 +23,10 @@ from farmesh_ws.mesh.petals import ModelSpec, PetalsBackend, PetalsBackendConfig
 from farmesh_ws.mesh.status import MeshStatusCache, ModelStatus
 from farmesh_ws.metrics import Metrics
 from farmesh_ws.models import BUNDLED_MODEL_ID, dht_prefix_for, prepare_bundled_model
+from farmesh_ws.registry import SessionRegistry
 from farmesh_ws.server import GatewayServer
+from farmesh_ws.state import open_state_store
+from farmesh_ws.state.wallet_observer import WalletUsageObserver
 from farmesh_ws.swarm import LocalSwarm, SwarmConfig, read_num_blocks
 
 logger = logging.getLogger(__name__)
@@ -85,12 +88,19 @@ async def running_gateway(settings: Settings, *, progress: bool = True) -> Async
         await status.refresh()
         status.start()
         stack.push_async_callback(status.aclose)
+        store = await open_state_store(settings.redis_url)
+        stack.push_async_callback(store.aclose)
+        if store.degraded:
+            logger.warning("state store unavailable (%s); serving degraded", store.degraded_reason)
+        wallets = WalletUsageObserver(store)
+        stack.push_async_callback(wallets.aclose)
         server = GatewayServer(
             settings,
             backend,
             status,
             metrics,
-            observers=[ledger_observer],
+            observers=[ledger_observer, wallets],
+            registry=SessionRegistry(store),
             health_checks={"ledger": lambda: "database unreachable" if writer.degraded else None},
         )
         await server.start()

@@ -35,7 +35,9 @@ from farmesh_ws.mesh.status import MeshStatusCache
 from farmesh_ws.metrics import Metrics, MetricsObserver
 from farmesh_ws.observers import FanOut, TurnObserver
 from farmesh_ws.petals_v2 import PETALS_V2_PATH, serve_petals_v2
+from farmesh_ws.registry import SessionRegistry
 from farmesh_ws.session import Backend, ChatSession
+from farmesh_ws.state import MemoryStateStore
 
 logger = logging.getLogger(__name__)
 
@@ -61,19 +63,22 @@ class GatewayServer:
         *,
         observers: Sequence[TurnObserver] = (),
         health_checks: Mapping[str, HealthCheck] | None = None,
+        registry: SessionRegistry | None = None,
     ) -> None:
         self.settings = settings
         self.backend = backend
         self.status = status
         self.metrics = metrics
         self.observer = FanOut([MetricsObserver(metrics), *observers])
-        self.health_checks = dict(health_checks or {})
+        self.registry = registry or SessionRegistry(MemoryStateStore())
+        self.health_checks: dict[str, HealthCheck] = {"state": self._state_problem}
+        self.health_checks.update(health_checks or {})
         self._server: Server | None = None
         self._sessions: dict[ServerConnection, ChatSession] = {}
         self._petals_v2: set[ServerConnection] = set()
         self._started_at = time.monotonic()
         self._shutting_down = False
-        self._routes: dict[str, Callable[[], Response]] = {
+        self._routes: dict[str, Callable[[], Awaitable[Response]]] = {
             "/health": self._health,
             "/mesh/status": self._mesh_status,
             "/models": self._models,
@@ -92,6 +97,7 @@ class GatewayServer:
         return sum(1 for session in self._sessions.values() if session.state != "open")
 
     async def start(self) -> None:
+        self.registry.start()
         origins: list[Any] | None = None
         if self.settings.allowed_origins:
             origins = [*self.settings.allowed_origins, None]
@@ -130,13 +136,16 @@ class GatewayServer:
         await asyncio.gather(*closing, return_exceptions=True)
         await self._server.wait_closed()
         self._server = None
+        await self.registry.aclose()
 
     # HTTP (protocol.md §8)
-    def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
+    async def _process_request(
+        self, connection: ServerConnection, request: Request
+    ) -> Response | None:
         path = request.path.split("?", 1)[0]
         route = self._routes.get(path)
         if route is not None:
-            return route()
+            return await route()
         if path == "/" or path.startswith("/static/"):
             return _static_file("index.html" if path == "/" else path.removeprefix("/static/"))
         if path not in (WEBSOCKET_PATH, PETALS_V2_PATH):
@@ -147,9 +156,14 @@ class GatewayServer:
             return _json_response(HTTPStatus.SERVICE_UNAVAILABLE, {"error": "too_many_connections"})
         return None
 
-    def _health(self) -> Response:
+    def _state_problem(self) -> str | None:
+        return self.registry.store.degraded_reason
+
+    async def _health(self) -> Response:
         mesh_online = all(status.status == "online" for status in self.status.all())
-        components = {"mesh": None if mesh_online else "not every block is served"}
+        components: dict[str, str | None] = {
+            "mesh": None if mesh_online else "not every block is served"
+        }
         components.update({name: check() for name, check in self.health_checks.items()})
         healthy = all(problem is None for problem in components.values())
         return _json_response(
@@ -167,14 +181,15 @@ class GatewayServer:
             },
         )
 
-    def _mesh_status(self) -> Response:
+    async def _mesh_status(self) -> Response:
         model = self.status.get(self.settings.default_model_id)
+        active_sessions = await self.registry.active_sessions()
         return _json_response(
             HTTPStatus.OK,
             {
                 "model_id": model.model_id,
                 "active_nodes": model.active_nodes,
-                "active_sessions": self.active_sessions,
+                "active_sessions": active_sessions,
                 "price_per_token_far": far_text(self.settings.price_per_token_far),
                 "status": model.status,
                 "num_blocks": model.num_blocks,
@@ -182,7 +197,7 @@ class GatewayServer:
             },
         )
 
-    def _models(self) -> Response:
+    async def _models(self) -> Response:
         return _json_response(
             HTTPStatus.OK,
             {
@@ -200,7 +215,7 @@ class GatewayServer:
             },
         )
 
-    def _metrics(self) -> Response:
+    async def _metrics(self) -> Response:
         self.metrics.sessions_active.set(self.active_sessions)
         return Response(
             HTTPStatus.OK.value,
@@ -237,6 +252,8 @@ class GatewayServer:
                 await connection.close(CloseCode.INTERNAL_ERROR, "internal error")
         finally:
             await session.aclose()
+            if session.session_id is not None:
+                await self.registry.unregister(session.session_id)
             del self._sessions[connection]
             self.metrics.connections_active.dec()
             log.debug("closed (%s)", connection.close_code)
@@ -275,7 +292,12 @@ class GatewayServer:
                 log.info("idle for %.0f s; closing", self.settings.idle_timeout_s)
                 await connection.close(CloseCode.NORMAL_CLOSURE, "idle timeout")
                 return
+            opened_before = session.session_id
             error = await self._dispatch(frame, session)
+            if session.session_id is not None and opened_before is None:
+                await self.registry.register(
+                    session.session_id, wallet=session.user_wallet, model_id=session.model_id
+                )
             if error is None:
                 errors_in_a_row = 0
             else:

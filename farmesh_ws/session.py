@@ -83,6 +83,7 @@ class ChatSession:
         self.state: State = "open"
         self.session_id: str | None = None
         self.user_wallet: str | None = None
+        self.model_id: str = settings.default_model_id
         self._mesh: MeshSession | None = None
         self._system_prompt: str | None = None
         self._defaults = p.Sampling()
@@ -157,6 +158,7 @@ class ChatSession:
         self.state = "idle"
         self.session_id = uuid.uuid4().hex
         self.user_wallet = message.user_wallet
+        self.model_id = model_id
         self._system_prompt = message.system_prompt
         self._defaults = message.sampling or p.Sampling()
         await self._send(
