@@ -126,8 +126,12 @@ async def test_without_redis_the_gateway_serves_and_says_it_is_degraded(backend:
             tokens, done, _ = await run_turn(ws, "d1", "Say hi.", max_new_tokens=3)
         assert tokens
         assert done["finish_reason"] in {"stop", "length"}
-        status = await asyncio.to_thread(_get_json, server, "/mesh/status")
-        assert status["active_sessions"] == 0
+
+        async def local_sessions() -> int:
+            status = await asyncio.to_thread(_get_json, server, "/mesh/status")
+            return int(status["active_sessions"])
+
+        await _eventually_equal(local_sessions, 0)
     finally:
         await server.shutdown()
         await store.aclose()
