@@ -2,6 +2,7 @@
 
 import asyncio
 import socket
+import subprocess
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,30 +67,37 @@ def free_port() -> int:
 
 
 class ThrowawayRedis:
-    """A redis-server of the test's own (password set, nothing persisted) to kill and restart."""
+    """A redis-server of the test's own (password set, nothing persisted) to kill and restart.
+
+    Plain ``subprocess``: once hivemind is imported (other tests), uvloop's event loop policy
+    is installed process-wide and cannot watch asyncio subprocesses.
+    """
 
     def __init__(self, directory: Path, password: str) -> None:
         self.port = free_port()
         self.password = password
         self.url = f"redis://:{password}@127.0.0.1:{self.port}/0"
         self._directory = directory
-        self._process: asyncio.subprocess.Process | None = None
+        self._process: subprocess.Popen[bytes] | None = None
 
     async def start(self) -> None:
-        self._process = await asyncio.create_subprocess_exec(
-            "redis-server",
-            *("--port", str(self.port), "--bind", "127.0.0.1", "--requirepass", self.password),
-            *("--save", "", "--appendonly", "no", "--daemonize", "no"),
-            *("--dir", str(self._directory)),
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.DEVNULL,
+        self._process = subprocess.Popen(  # noqa: ASYNC220 - see the class docstring
+            [
+                "redis-server",
+                *("--port", str(self.port), "--bind", "127.0.0.1"),
+                *("--requirepass", self.password),
+                *("--save", "", "--appendonly", "no", "--daemonize", "no"),
+                *("--dir", str(self._directory)),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         await eventually(self._answers)
 
     async def kill(self) -> None:
-        if self._process is not None and self._process.returncode is None:
+        if self._process is not None and self._process.poll() is None:
             self._process.kill()
-            await self._process.wait()
+            await asyncio.to_thread(self._process.wait)
 
     def client(self) -> Redis:
         return Redis(port=self.port, password=self.password, retry=Retry(NoBackoff(), 0))
