@@ -81,6 +81,12 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     serve.set_defaults(handler=_serve)
 
+    chat = commands.add_parser("chat", help="chat with a running gateway in the terminal")
+    chat.add_argument("--url", default="ws://127.0.0.1:8100/ws", help="the gateway's WebSocket URL")
+    chat.add_argument("--max-new-tokens", type=int, default=256, help="tokens per reply at most")
+    chat.add_argument("--system-prompt", default=None, help="system prompt of the session")
+    chat.set_defaults(handler=_chat)
+
     ledger = commands.add_parser("ledger", help="query the usage and payment ledger")
     ledger.add_argument(
         "report",
@@ -126,6 +132,12 @@ def _serve(args: argparse.Namespace) -> int:
 
     asyncio.run(serve_until_stopped(settings, on_ready))
     return 0
+
+
+def _chat(args: argparse.Namespace) -> int:
+    from farmesh_ws.chat_cli import run_chat
+
+    return run_chat(args.url, max_new_tokens=args.max_new_tokens, system_prompt=args.system_prompt)
 
 
 def _ledger(args: argparse.Namespace) -> int:
