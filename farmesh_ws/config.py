@@ -11,6 +11,7 @@ from dataclasses import dataclass, field, fields, replace
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
+from farmesh_ws.ledger.money import Prices
 from farmesh_ws.models import BUNDLED_MODEL_ID
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
@@ -66,6 +67,10 @@ class Settings:
     def embedded_mesh(self) -> bool:
         """True when no bootstrap is configured: start the local swarm."""
         return not self.dht_bootstrap
+
+    @property
+    def prices(self) -> Prices:
+        return Prices(self.price_per_token_far, self.price_per_prompt_token_far)
 
     def with_overrides(self, **overrides: Any) -> "Settings":
         """Apply CLI overrides (``None`` means "not given"), then validate."""

@@ -127,7 +127,7 @@ from websockets.frames import CloseCode
 
 from farmesh_ws.config import Settings
 from farmesh_ws.errors import FarmeshError, InvalidRequest, MeshError, MeshTimeout, ModelNotFound
-from farmesh_ws.ledger.money import far_text, split_by_work, turn_cost
+from farmesh_ws.ledger.money import far_text, split_by_work
 from farmesh_ws.mesh.base import (
     Contribution,
     FinishReason,
@@ -685,15 +685,7 @@ class _PetalsV2Connection:
         return delta, done
 
     def _cost(self, prompt_tokens: int, completion_tokens: int) -> Decimal:
-        """protocol.md §7: nothing is billed for a request that generated nothing."""
-        if completion_tokens == 0:
-            return Decimal(0)
-        return turn_cost(
-            self._settings.price_per_token_far,
-            completion_tokens,
-            price_per_prompt_token=self._settings.price_per_prompt_token_far,
-            prompt_tokens=prompt_tokens,
-        )
+        return self._settings.prices.cost(prompt_tokens, completion_tokens)
 
     def _record(self, context: TurnContext, tally: RequestTally, outcome: FinishReason) -> None:
         done = tally.result(outcome)

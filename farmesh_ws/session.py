@@ -25,7 +25,7 @@ from farmesh_ws.errors import (
     MeshTimeout,
     ModelNotFound,
 )
-from farmesh_ws.ledger.money import far_text, split_by_work, turn_cost
+from farmesh_ws.ledger.money import far_text, split_by_work
 from farmesh_ws.mesh.base import (
     ChatMessage,
     MeshSession,
@@ -411,15 +411,7 @@ class ChatSession:
             last_token_at = now
 
     def _cost(self, prompt_tokens: int, completion_tokens: int) -> Decimal:
-        """protocol.md §7: nothing is billed for a request that generated nothing."""
-        if completion_tokens == 0:
-            return Decimal(0)
-        return turn_cost(
-            self._settings.price_per_token_far,
-            completion_tokens,
-            price_per_prompt_token=self._settings.price_per_prompt_token_far,
-            prompt_tokens=prompt_tokens,
-        )
+        return self._settings.prices.cost(prompt_tokens, completion_tokens)
 
     def _budget_for(self, turn_limit: str | None, request_id: str) -> Decimal | None:
         """The tighter of the request's ``max_cost_far`` and what is left of the session's;

@@ -11,6 +11,7 @@ each to the largest remainders (ties: the earlier node), so shares sum to the co
 """
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from decimal import ROUND_DOWN, ROUND_HALF_EVEN, Decimal
 
 FAR_QUANTUM = Decimal("0.00000001")
@@ -40,6 +41,25 @@ def turn_cost(
     if completion_tokens < 0 or prompt_tokens < 0:
         raise ValueError("token counts must not be negative")
     return far(price_per_token * completion_tokens + price_per_prompt_token * prompt_tokens)
+
+
+@dataclass(frozen=True, slots=True)
+class Prices:
+    """What a request costs (protocol.md §7)."""
+
+    per_token: Decimal
+    per_prompt_token: Decimal = Decimal(0)
+
+    def cost(self, prompt_tokens: int, completion_tokens: int) -> Decimal:
+        """Nothing is billed for a request that generated nothing."""
+        if completion_tokens == 0:
+            return Decimal(0)
+        return turn_cost(
+            self.per_token,
+            completion_tokens,
+            price_per_prompt_token=self.per_prompt_token,
+            prompt_tokens=prompt_tokens,
+        )
 
 
 def split_by_work(total: Decimal, works: Sequence[int]) -> list[Decimal]:
