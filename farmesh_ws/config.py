@@ -50,6 +50,8 @@ class Settings:
     max_frame_bytes: int = 65536
     max_text_chars: int = 16000
     max_consecutive_errors: int = 50
+    requests_per_minute: float = 120.0
+    requests_burst: int = 20
     default_max_length: int = 2048
     max_length_limit: int = 2048
     default_max_new_tokens: int = 256
@@ -155,6 +157,8 @@ def _validated(settings: Settings) -> Settings:
         (settings.max_frame_bytes >= 1024, "max_frame_bytes must be at least 1024"),
         (settings.max_text_chars >= 1, "max_text_chars must be at least 1"),
         (settings.max_consecutive_errors >= 1, "max_consecutive_errors must be at least 1"),
+        (settings.requests_per_minute > 0, "requests_per_minute must be positive"),
+        (settings.requests_burst >= 1, "requests_burst must be at least 1"),
         (settings.max_length_limit >= 16, "max_length_limit must be at least 16"),
         (
             1 <= settings.default_max_length <= settings.max_length_limit,

@@ -279,6 +279,7 @@ class GatewayServer:
         log: _ConnectionLog,
     ) -> None:
         errors_in_a_row = 0
+        connection_key = f"connection:{self.registry.process_id}:{id(connection)}"
         while True:
             if errors_in_a_row >= self.settings.max_consecutive_errors:
                 log.info("closing after %d invalid messages in a row", errors_in_a_row)
@@ -293,7 +294,7 @@ class GatewayServer:
                 await connection.close(CloseCode.NORMAL_CLOSURE, "idle timeout")
                 return
             opened_before = session.session_id
-            error = await self._dispatch(frame, session)
+            error = await self._dispatch(frame, session, connection_key)
             if session.session_id is not None and opened_before is None:
                 await self.registry.register(
                     session.session_id, wallet=session.user_wallet, model_id=session.model_id
@@ -308,7 +309,28 @@ class GatewayServer:
                 await connection.close(CloseCode.NORMAL_CLOSURE, "closed by client")
                 return
 
-    async def _dispatch(self, frame: str | bytes, session: ChatSession) -> p.Error | None:
+    async def _rate_limit(
+        self, session: ChatSession, request_id: str, connection_key: str
+    ) -> p.Error | None:
+        """Requests per wallet (or per connection without one), shared across processes."""
+        key = f"wallet:{session.user_wallet}" if session.user_wallet else connection_key
+        decision = await self.registry.store.take_tokens(
+            f"requests:{key}",
+            rate_per_s=self.settings.requests_per_minute / 60,
+            burst=self.settings.requests_burst,
+        )
+        if decision.allowed:
+            return None
+        return p.Error(
+            code="rate_limited",
+            message=f"too many requests; retry in {decision.retry_after_s:.1f} s",
+            retryable=True,
+            request_id=request_id,
+        )
+
+    async def _dispatch(
+        self, frame: str | bytes, session: ChatSession, connection_key: str
+    ) -> p.Error | None:
         """Decode and handle one frame; return the error frame to send, if any."""
         if isinstance(frame, bytes):
             return p.Error(
@@ -320,6 +342,10 @@ class GatewayServer:
             return p.Error(code="invalid_message", message=str(exc))
         except msgspec.DecodeError:
             return p.Error(code="invalid_json", message="the frame is not valid JSON")
+        if isinstance(message, p.Turn | p.Generate):
+            refused = await self._rate_limit(session, message.request_id, connection_key)
+            if refused is not None:
+                return refused
         try:
             await session.handle(message)
         except FarmeshError as exc:

@@ -250,3 +250,18 @@ async def _collect_until_closed(
             frames.append(await receive(ws))
         except ConnectionClosed as closed:
             return closed
+
+
+async def test_requests_beyond_the_rate_limit_get_a_retryable_error(backend: Any) -> None:
+    server = await start_gateway(backend, requests_per_minute=1, requests_burst=2)
+    try:
+        async with connect(ws_url(server)) as ws:
+            codes = []
+            for index in range(3):
+                await send(ws, {"type": "turn", "request_id": f"q{index}", "text": "hi"})
+                codes.append(await receive(ws))
+        assert [c["code"] for c in codes] == ["no_session", "no_session", "rate_limited"]
+        assert codes[2]["retryable"] is True
+        assert codes[2]["request_id"] == "q2"
+    finally:
+        await server.shutdown()
