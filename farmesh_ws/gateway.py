@@ -7,6 +7,7 @@ that mesh and starts nothing. Shutdown runs in reverse order and always complete
 
 import asyncio
 import contextlib
+import gc
 import logging
 import signal
 from collections.abc import AsyncIterator, Callable
@@ -130,6 +131,19 @@ def _update_mesh_gauges(metrics: Metrics) -> Callable[[ModelStatus], None]:
     return update
 
 
+def tune_gc_for_serving() -> None:
+    """Keep the cyclic GC from stalling the event loop while thousands of sessions stream.
+
+    Measured with 1,000 streaming clients (scripts/bench_ws.py): full collections over the
+    long-lived objects of a started gateway paused the loop 30-50 ms and pushed p99 frame delay
+    to ~110 ms. Freezing what startup allocated and collecting the young generation less often
+    brings it down to a few tens of ms.
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 100)
+
+
 async def serve_until_stopped(
     settings: Settings, on_ready: Callable[[GatewayServer], None]
 ) -> None:
@@ -140,6 +154,7 @@ async def serve_until_stopped(
         loop.add_signal_handler(signum, stop.set)
     try:
         async with running_gateway(settings) as gateway:
+            tune_gc_for_serving()
             on_ready(gateway.server)
             await stop.wait()
             logger.info("stopping: no new connections; finishing running turns")
