@@ -131,6 +131,7 @@ from farmesh_ws.ledger.money import far_text, split_by_work
 from farmesh_ws.mesh.base import (
     Contribution,
     FinishReason,
+    MeshBackend,
     MeshTurn,
     RouteHop,
     SamplingParams,
@@ -138,7 +139,6 @@ from farmesh_ws.mesh.base import (
     TurnDone,
 )
 from farmesh_ws.observers import TurnContext, TurnObserver
-from farmesh_ws.session import Backend
 
 if TYPE_CHECKING:
     from farmesh_ws.mesh.petals import PetalsChatSession
@@ -219,7 +219,7 @@ class IdleTimeout(FarmeshError):
 async def serve_petals_v2(
     connection: ServerConnection,
     *,
-    backend: Backend,
+    backend: MeshBackend,
     settings: Settings,
     observer: TurnObserver,
 ) -> None:
@@ -447,7 +447,7 @@ class _PetalsV2Connection:
         self,
         connection: ServerConnection,
         *,
-        backend: Backend,
+        backend: MeshBackend,
         settings: Settings,
         observer: TurnObserver,
     ) -> None:

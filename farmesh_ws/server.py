@@ -31,12 +31,13 @@ from farmesh_ws import protocol as p
 from farmesh_ws.config import Settings
 from farmesh_ws.errors import FarmeshError
 from farmesh_ws.ledger.money import far_text
+from farmesh_ws.mesh.base import MeshBackend
 from farmesh_ws.mesh.status import MeshStatusCache
 from farmesh_ws.metrics import Metrics, MetricsObserver
 from farmesh_ws.observers import FanOut, TurnObserver
 from farmesh_ws.petals_v2 import PETALS_V2_PATH, serve_petals_v2
 from farmesh_ws.registry import SessionRegistry
-from farmesh_ws.session import Backend, ChatSession
+from farmesh_ws.session import ChatSession
 from farmesh_ws.state import MemoryStateStore
 
 logger = logging.getLogger(__name__)
@@ -57,7 +58,7 @@ class GatewayServer:
     def __init__(
         self,
         settings: Settings,
-        backend: Backend,
+        backend: MeshBackend,
         status: MeshStatusCache,
         metrics: Metrics,
         *,

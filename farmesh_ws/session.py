@@ -14,7 +14,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import Literal, Protocol, TypeVar
+from typing import Literal, TypeVar
 
 from farmesh_ws import protocol as p
 from farmesh_ws.config import Settings
@@ -28,6 +28,7 @@ from farmesh_ws.errors import (
 from farmesh_ws.ledger.money import far_text, split_by_work
 from farmesh_ws.mesh.base import (
     ChatMessage,
+    MeshBackend,
     MeshSession,
     MeshTurn,
     SamplingParams,
@@ -52,15 +53,6 @@ class SessionError(FarmeshError):
         self.request_id = request_id
 
 
-class Backend(Protocol):
-    """What the session needs from the mesh backend."""
-
-    @property
-    def model_ids(self) -> list[str]: ...
-
-    async def open_session(self, model_id: str, *, max_length: int) -> MeshSession: ...
-
-
 @dataclass(slots=True)
 class _Running:
     request_id: str
@@ -74,7 +66,7 @@ class ChatSession:
     """Handles one connection's decoded messages; see protocol.md for every rule."""
 
     def __init__(
-        self, *, backend: Backend, settings: Settings, send: Send, observer: TurnObserver
+        self, *, backend: MeshBackend, settings: Settings, send: Send, observer: TurnObserver
     ) -> None:
         self._backend = backend
         self._settings = settings

@@ -190,10 +190,6 @@ class LocalSwarm:
         logger.info("killed %s (%s)", name, node.peer_id)
         return node
 
-    def stop_server(self, name: str) -> None:
-        """Stop one server gracefully (it withdraws its announcement)."""
-        self._stop_node(self._server(name))
-
     def wait_until_served(
         self, *, required_peers: Sequence[str] = (), timeout_s: float | None = None
     ) -> None:
@@ -249,11 +245,6 @@ class LocalSwarm:
             self._stop_node(node)
         if self.dht_node is not None:
             self._stop_node(self.dht_node)
-
-    def process_group_ids(self) -> list[int]:
-        """Every process group this swarm has started (one per node)."""
-        nodes = [*self.servers, *([self.dht_node] if self.dht_node else [])]
-        return [node.process.pid for node in nodes]
 
     def _server(self, name: str) -> SwarmNode:
         for node in self.servers:

@@ -48,10 +48,6 @@ class LedgerWriter:
         """True while the database is unreachable (records are being spooled)."""
         return not self._connected
 
-    @property
-    def queued(self) -> int:
-        return self._queue.qsize()
-
     async def start(self) -> None:
         await self._try_connect()
         self._task = asyncio.create_task(self._run(), name="farmesh-ledger-writer")

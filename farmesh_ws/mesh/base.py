@@ -126,7 +126,10 @@ class MeshSession(Protocol):
 
 
 class MeshBackend(Protocol):
-    """Opens sessions on the mesh and reports what the mesh serves."""
+    """Opens sessions on the mesh for the models it serves."""
+
+    @property
+    def model_ids(self) -> list[str]: ...
 
     async def open_session(self, model_id: str, *, max_length: int) -> MeshSession: ...
 
