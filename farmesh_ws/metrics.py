@@ -9,7 +9,7 @@ from decimal import Decimal
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from farmesh_ws.mesh.base import TurnDone
-from farmesh_ws.observers import TurnContext
+from farmesh_ws.observers import TurnContext, TurnObserver
 
 _LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
@@ -75,8 +75,8 @@ class Metrics:
         return generate_latest(self.registry)
 
 
-class MetricsObserver:
-    """Feeds turn events into :class:`Metrics` (a :class:`~farmesh_ws.observers.TurnObserver`)."""
+class MetricsObserver(TurnObserver):
+    """Feeds turn events into :class:`Metrics`."""
 
     def __init__(self, metrics: Metrics) -> None:
         self._metrics = metrics

@@ -8,7 +8,6 @@ that streams tokens (the ledger only enqueues or writes a small checkpoint file)
 from collections.abc import Sequence
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import Protocol
 
 from farmesh_ws.mesh.base import TurnDone
 
@@ -26,8 +25,12 @@ class TurnContext:
     started_at: float
 
 
-class TurnObserver(Protocol):
-    def turn_started(self, context: TurnContext) -> None: ...
+class TurnObserver:
+    """Hears a request's life. Every method does nothing here: subclasses override the
+    events they care about."""
+
+    def turn_started(self, context: TurnContext) -> None:
+        """A request was accepted and is about to run."""
 
     def token(
         self,
@@ -37,7 +40,8 @@ class TurnObserver(Protocol):
         prompt_tokens: int,
         cost: Decimal,
         inter_token_s: float | None,
-    ) -> None: ...
+    ) -> None:
+        """A token frame was sent; ``delivered`` tokens so far cost ``cost``."""
 
     def turn_finished(
         self,
@@ -47,12 +51,14 @@ class TurnObserver(Protocol):
         finish_reason: str,
         completion_tokens: int,
         cost: Decimal,
-    ) -> None: ...
+    ) -> None:
+        """The request ended; ``completion_tokens`` and ``cost`` are what was billed."""
 
-    def error(self, code: str) -> None: ...
+    def error(self, code: str) -> None:
+        """An error frame with ``code`` was sent."""
 
 
-class FanOut:
+class FanOut(TurnObserver):
     """Forwards every event to each observer in order."""
 
     def __init__(self, observers: Sequence[TurnObserver]) -> None:

@@ -27,22 +27,23 @@ class TurnCheckpoints:
         self._interval_s = interval_s
         self._last_write: dict[str, float] = {}
 
-    def progress(self, record: TurnRecord, *, force: bool = False) -> bool:
-        """Checkpoint a running turn (``record`` as billed if it stopped now) when due."""
-        key = _key(record)
-        now = time.monotonic()
-        if not force and now - self._last_write.get(key, float("-inf")) < self._interval_s:
-            return False
+    def due(self, session_id: str, request_id: str) -> bool:
+        """True when the turn's last checkpoint is ``interval_s`` old (or there is none)."""
+        last = self._last_write.get(_key(session_id, request_id), float("-inf"))
+        return time.monotonic() - last >= self._interval_s
+
+    def write(self, record: TurnRecord) -> None:
+        """Checkpoint a running turn: ``record`` is what it would be billed if it stopped now."""
+        key = _key(record.session_id, record.request_id)
         path = self.directory / f"{key}.json"
         temporary = path.with_suffix(".tmp")
         temporary.write_text(json.dumps(record.to_json()), encoding="utf-8")
         temporary.replace(path)
-        self._last_write[key] = now
-        return True
+        self._last_write[key] = time.monotonic()
 
     def clear(self, record: TurnRecord) -> None:
         """The turn's final record is durable: forget its checkpoint."""
-        key = _key(record)
+        key = _key(record.session_id, record.request_id)
         self._last_write.pop(key, None)
         (self.directory / f"{key}.json").unlink(missing_ok=True)
 
@@ -60,8 +61,8 @@ class TurnCheckpoints:
         return found
 
 
-def _key(record: TurnRecord) -> str:
-    return f"{record.session_id}--{record.request_id.encode().hex()}"
+def _key(session_id: str, request_id: str) -> str:
+    return f"{session_id}--{request_id.encode().hex()}"
 
 
 def _alive(pid: int) -> bool:

@@ -11,20 +11,17 @@ from farmesh_ws.ledger.money import to_e8
 from farmesh_ws.ledger.records import TurnRecord, turn_record
 from farmesh_ws.ledger.writer import LedgerWriter
 from farmesh_ws.mesh.base import TurnDone
-from farmesh_ws.observers import TurnContext
+from farmesh_ws.observers import TurnContext, TurnObserver
 
 logger = logging.getLogger(__name__)
 
 
-class LedgerObserver:
-    """A :class:`~farmesh_ws.observers.TurnObserver` that feeds the ledger writer."""
+class LedgerObserver(TurnObserver):
+    """Checkpoints running turns and hands finished ones to the ledger writer."""
 
     def __init__(self, writer: LedgerWriter, checkpoints: TurnCheckpoints) -> None:
         self._writer = writer
         self._checkpoints = checkpoints
-
-    def turn_started(self, context: TurnContext) -> None:
-        """Nothing to record yet: a turn that delivers nothing is not billed."""
 
     def token(
         self,
@@ -35,8 +32,10 @@ class LedgerObserver:
         cost: Decimal,
         inter_token_s: float | None,
     ) -> None:
+        if not self._checkpoints.due(context.session_id, context.request_id):
+            return
         now = time.time()
-        self._checkpoints.progress(
+        self._checkpoints.write(
             TurnRecord(
                 session_id=context.session_id,
                 request_id=context.request_id,
@@ -79,9 +78,6 @@ class LedgerObserver:
             cost=cost,
         )
         self._writer.submit(record, on_stored=self._checkpoints.clear)
-
-    def error(self, code: str) -> None:
-        """Errors are counted by metrics; the ledger records only turns."""
 
 
 async def recover_interrupted_turns(checkpoints: TurnCheckpoints, writer: LedgerWriter) -> int:

@@ -5,30 +5,16 @@ from decimal import Decimal
 
 from farmesh_ws.ledger.money import to_e8
 from farmesh_ws.mesh.base import TurnDone
-from farmesh_ws.observers import TurnContext
+from farmesh_ws.observers import TurnContext, TurnObserver
 from farmesh_ws.state.base import StateStore
 
 
-class WalletUsageObserver:
-    """A :class:`~farmesh_ws.observers.TurnObserver` adding each turn to its wallet's totals."""
+class WalletUsageObserver(TurnObserver):
+    """Adds each finished turn to its wallet's totals."""
 
     def __init__(self, store: StateStore) -> None:
         self._store = store
         self._pending: set[asyncio.Task[None]] = set()
-
-    def turn_started(self, context: TurnContext) -> None:
-        """Counted when the turn ends."""
-
-    def token(
-        self,
-        context: TurnContext,
-        *,
-        delivered: int,
-        prompt_tokens: int,
-        cost: Decimal,
-        inter_token_s: float | None,
-    ) -> None:
-        """Counted when the turn ends."""
 
     def turn_finished(
         self,
@@ -50,9 +36,6 @@ class WalletUsageObserver:
         )
         self._pending.add(task)
         task.add_done_callback(self._pending.discard)
-
-    def error(self, code: str) -> None:
-        """Errors are counted by metrics."""
 
     async def aclose(self) -> None:
         """Wait for the counters still being written."""
