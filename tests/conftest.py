@@ -9,9 +9,7 @@ import pytest
 
 from farmesh_ws.home import farmesh_home
 
-GOLDEN_PATH = (
-    Path(__file__).resolve().parents[2] / "shared" / "golden" / ("smollm2-135m-instruct-q4_1.json")
-)
+GOLDEN_PATH = Path(__file__).resolve().parent / "data" / "smollm2-135m-instruct-q4_1.json"
 
 
 @pytest.fixture(scope="session")
