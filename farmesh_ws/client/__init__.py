@@ -1,0 +1,58 @@
+"""An asyncio client for farmesh_ws (protocol.md, version 1), for agents and tools.
+
+::
+
+    async with FarmeshClient.connect("ws://127.0.0.1:8100/ws") as client:
+        chat = await client.open_chat(system_prompt="You are terse.")
+        async for event in chat.send("What is the capital of France?", max_new_tokens=64):
+            if isinstance(event, TokenEvent):
+                print(event.text, end="")
+        reply = await chat.ask("And of Germany?")  # the whole reply at once
+        print(reply.text, reply.done.usage.cost_far)
+
+One :class:`FarmeshClient` is one WebSocket connection, holding at most one chat session
+(protocol.md §2). A single reader task decodes every frame and routes it by ``request_id`` to
+the :class:`ReplyStream` that asked, so the caller never reads the socket itself; message types
+this client does not know are ignored (§10). Money is ``Decimal`` end to end, as on the wire.
+Every wait on the server is bounded by the client's ``timeout``.
+"""
+
+from farmesh_ws.client.connection import DEFAULT_TIMEOUT_S, FarmeshClient, Sampling, connect
+from farmesh_ws.client.errors import (
+    ConnectFailed,
+    ConnectionLost,
+    FarmeshClientError,
+    RequestTimeout,
+)
+from farmesh_ws.client.events import (
+    ChatInfo,
+    ContributionEvent,
+    DoneEvent,
+    Event,
+    NodeShare,
+    Reply,
+    TokenEvent,
+    Usage,
+)
+from farmesh_ws.client.stream import Chat, ReplyStream
+
+__all__ = [
+    "DEFAULT_TIMEOUT_S",
+    "Chat",
+    "ChatInfo",
+    "ConnectFailed",
+    "ConnectionLost",
+    "ContributionEvent",
+    "DoneEvent",
+    "Event",
+    "FarmeshClient",
+    "FarmeshClientError",
+    "NodeShare",
+    "Reply",
+    "ReplyStream",
+    "RequestTimeout",
+    "Sampling",
+    "TokenEvent",
+    "Usage",
+    "connect",
+]

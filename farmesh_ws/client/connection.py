@@ -1,0 +1,369 @@
+"""The connection: :class:`FarmeshClient` (one WebSocket, one reader task that routes every
+frame to the stream or the control request waiting for it) and :func:`connect`."""
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import Generator, Mapping
+from decimal import Decimal, InvalidOperation
+from types import TracebackType
+from typing import Any, Final, Self
+
+import msgspec
+from websockets.asyncio.client import ClientConnection
+from websockets.asyncio.client import connect as _ws_connect
+from websockets.exceptions import ConnectionClosed, WebSocketException
+
+from farmesh_ws import __version__
+from farmesh_ws import protocol as p
+from farmesh_ws.client import wire
+from farmesh_ws.client.errors import (
+    ConnectFailed,
+    ConnectionLost,
+    FarmeshClientError,
+    RequestTimeout,
+)
+from farmesh_ws.client.events import ChatInfo, ContributionEvent, DoneEvent, TokenEvent
+from farmesh_ws.client.stream import Chat, ReplyStream, StreamItem
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_TIMEOUT_S: Final = 60.0
+"""Seconds any single wait on the server may take: the handshake, a reply, the next frame."""
+
+Sampling = p.Sampling
+"""Default sampling of a chat session (``open_chat(sampling=...)``); a mapping works too."""
+
+
+def _retrieve(future: "asyncio.Future[Any]") -> None:
+    """Mark a future's exception as seen, so asyncio does not log it when nobody awaited."""
+    if future.done() and not future.cancelled():
+        future.exception()
+
+
+class FarmeshClient:
+    """One WebSocket connection to a farmesh_ws gateway. Make it with :meth:`connect`."""
+
+    def __init__(
+        self, connection: ClientConnection, *, url: str, timeout: float = DEFAULT_TIMEOUT_S
+    ) -> None:
+        self.url = url
+        self.timeout = timeout
+        self.chat: Chat | None = None
+        """The chat session opened on this connection, if any."""
+        self._ws = connection
+        self._streams: dict[str, ReplyStream] = {}
+        self._used_request_ids: set[str] = set()
+        self._pongs: dict[str, asyncio.Future[None]] = {}
+        self._control: asyncio.Future[p.ServerMessage] | None = None
+        self._control_lock = asyncio.Lock()
+        self._closing = False
+        self._closed = asyncio.Event()
+        self.close_error: ConnectionLost | None = None
+        """Why the connection closed, once it has."""
+        self._reader = asyncio.create_task(self._read_loop(), name="farmesh-client-reader")
+
+    @classmethod
+    def connect(cls, url: str, *, timeout: float = DEFAULT_TIMEOUT_S) -> "_Connecting":
+        """Connect to ``url`` (``ws://HOST:PORT/ws``): ``await`` the result for a client, or
+        use it in ``async with``, which closes the client at the end."""
+        return _Connecting(url, timeout)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed.is_set()
+
+    @property
+    def close_code(self) -> int | None:
+        """The WebSocket close code once the connection is closed (protocol.md §6)."""
+        return self._ws.close_code
+
+    async def wait_closed(self) -> None:
+        """Wait until the connection is closed, by either side."""
+        await self._closed.wait()
+
+    async def open_chat(
+        self,
+        *,
+        model: str | None = None,
+        max_length: int | None = None,
+        system_prompt: str | None = None,
+        user_wallet: str | None = None,
+        sampling: p.Sampling | Mapping[str, Any] | None = None,
+        max_cost_far: Decimal | str | None = None,
+    ) -> Chat:
+        """Open this connection's chat session (protocol.md §3.1). Options left at None
+        take the server's defaults."""
+        message = p.Open(
+            model=model,
+            max_length=max_length,
+            user_wallet=user_wallet,
+            system_prompt=system_prompt,
+            sampling=wire.sampling(sampling),
+            max_cost_far=wire.amount(max_cost_far),
+        )
+        opened = await self._control_request(message)
+        if not isinstance(opened, p.Opened):
+            raise FarmeshClientError("protocol_error", f"expected 'opened', got {opened!r}")
+        try:
+            info = ChatInfo(
+                session_id=opened.session_id,
+                model=opened.model,
+                max_length=opened.max_length,
+                price_per_token_far=Decimal(opened.price_per_token_far),
+                price_per_prompt_token_far=Decimal(opened.price_per_prompt_token_far),
+                protocol_version=opened.protocol_version,
+            )
+        except InvalidOperation:
+            raise FarmeshClientError("protocol_error", f"malformed prices in {opened!r}") from None
+        self.chat = Chat(self, info)
+        return self.chat
+
+    def generate(
+        self,
+        prompt: str,
+        *,
+        request_id: str | None = None,
+        max_new_tokens: int | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        user_wallet: str | None = None,
+        model: str | None = None,
+        max_cost_far: Decimal | str | None = None,
+    ) -> ReplyStream:
+        """A one-shot request in a fresh mesh session (protocol.md §3.3); no chat needed and
+        the chat session, if any, is untouched. ``max_new_tokens`` is the wire's
+        ``max_tokens``, ``model`` its ``model_id``."""
+        message = p.Generate(
+            request_id=request_id or wire.new_request_id(),
+            prompt=prompt,
+            max_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            user_wallet=user_wallet,
+            model_id=model,
+            max_cost_far=wire.amount(max_cost_far),
+        )
+        return ReplyStream(self, message)
+
+    async def ping(self) -> float:
+        """A protocol ``ping`` (§3.6); returns the round trip in seconds."""
+        data = uuid.uuid4().hex
+        pong: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._pongs[data] = pong
+        started = time.perf_counter()
+        try:
+            await self._send(p.Ping(data=data))
+            await asyncio.wait_for(pong, self.timeout)
+        except TimeoutError:
+            raise RequestTimeout(f"no pong within {self.timeout:g} s") from None
+        finally:
+            self._pongs.pop(data, None)
+            _retrieve(pong)
+        return time.perf_counter() - started
+
+    async def aclose(self) -> None:
+        """Close the connection; the server then cancels a running request and closes the
+        chat session (protocol.md §2). Idempotent."""
+        if not self.closed:
+            self._closing = True
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._ws.close(), self.timeout)
+        await asyncio.wait({self._reader}, timeout=self.timeout)
+        if not self._reader.done():
+            self._reader.cancel()
+            await asyncio.gather(self._reader, return_exceptions=True)
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    # Sending -----------------------------------------------------------------------------
+
+    async def _send(self, message: p.ClientMessage) -> None:
+        await self._send_text(wire.encode(message), request_id=getattr(message, "request_id", None))
+
+    async def _send_text(self, frame: str, *, request_id: str | None = None) -> None:
+        if self.closed:
+            raise self.lost_error()
+        try:
+            await asyncio.wait_for(self._ws.send(frame), self.timeout)
+        except ConnectionClosed:
+            raise self.lost_error() from None
+        except TimeoutError:
+            raise RequestTimeout(
+                f"could not send within {self.timeout:g} s", request_id=request_id
+            ) from None
+
+    async def _control_request(self, message: p.Open | p.Close) -> p.ServerMessage:
+        """Send a message answered without a request_id (``opened``/``closed``, or an
+        ``error`` without one) and return the answer; error frames are raised."""
+        async with self._control_lock:
+            reply: asyncio.Future[p.ServerMessage] = asyncio.get_running_loop().create_future()
+            self._control = reply
+            try:
+                await self._send(message)
+                answer = await asyncio.wait_for(reply, self.timeout)
+            except TimeoutError:
+                kind = str(type(message).__struct_config__.tag)
+                raise RequestTimeout(f"no answer to {kind!r} within {self.timeout:g} s") from None
+            finally:
+                self._control = None
+                _retrieve(reply)
+        if isinstance(answer, p.Error):
+            raise FarmeshClientError.from_frame(answer)
+        return answer
+
+    def lost_error(self) -> ConnectionLost:
+        """A :class:`ConnectionLost` describing how the connection closed."""
+        code, reason = self._ws.close_code, self._ws.close_reason or ""
+        if self._closing:
+            message = "the connection was closed by this client"
+        elif code is None or code == 1006:
+            message = "the connection to the server was lost"
+        else:
+            message = f"the server closed the connection ({code}{' ' + reason if reason else ''})"
+        return ConnectionLost(message, close_code=code, close_reason=reason)
+
+    def _forget(self, stream: ReplyStream) -> None:
+        if self._streams.get(stream.request_id) is stream:
+            del self._streams[stream.request_id]
+
+    # Receiving (the one reader task) -----------------------------------------------------
+
+    async def _read_loop(self) -> None:
+        try:
+            while True:
+                frame = await self._ws.recv()
+                if isinstance(frame, str):
+                    self._route(frame)
+        except ConnectionClosed:
+            pass
+        except Exception:
+            logger.exception("the reader of %s failed; closing the connection", self.url)
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._ws.close(), self.timeout)
+        finally:
+            self._on_closed()
+
+    def _route(self, frame: str) -> None:
+        try:
+            envelope = wire.ENVELOPE.decode(frame)
+        except msgspec.MsgspecError as exc:
+            logger.warning("ignoring a frame without a message type: %s", exc)
+            return
+        if envelope.type not in wire.KNOWN_TYPES:
+            # protocol.md §10: a server may add message types within a version.
+            logger.debug("ignoring a message of unknown type %r", envelope.type)
+            return
+        try:
+            message = wire.DECODER.decode(frame)
+            item: StreamItem | p.ServerMessage = (
+                wire.decode_event(message)
+                if isinstance(message, p.Token | p.Done | p.ContributionReport)
+                else message
+            )
+        except (msgspec.MsgspecError, InvalidOperation) as exc:
+            item = FarmeshClientError(
+                "protocol_error",
+                f"malformed {envelope.type!r} frame: {exc}",
+                request_id=envelope.request_id,
+            )
+        if isinstance(item, p.Pong):
+            pong = self._pongs.get(item.data or "")
+            if pong is not None and not pong.done():
+                pong.set_result(None)
+        elif isinstance(item, p.Opened | p.Closed):
+            if self._control is not None and not self._control.done():
+                self._control.set_result(item)
+        elif isinstance(item, p.Error | FarmeshClientError):
+            self._route_error(item)
+        elif isinstance(item, TokenEvent | DoneEvent | ContributionEvent):
+            stream = self._streams.get(item.request_id)
+            if stream is not None:
+                stream._feed(item)
+
+    def _route_error(self, error: p.Error | FarmeshClientError) -> None:
+        """An error goes to its request; one without a request_id answers the pending
+        ``open``/``close`` or else concerns every running request."""
+        if error.request_id is not None:
+            stream = self._streams.get(error.request_id)
+            if stream is not None:
+                stream._feed(error)
+            return
+        if self._control is not None and not self._control.done():
+            if isinstance(error, p.Error):
+                self._control.set_result(error)
+            else:
+                self._control.set_exception(error)
+            return
+        if not self._streams:
+            logger.warning("error from the server: %s", error)
+        for stream in list(self._streams.values()):
+            stream._feed(error)
+
+    def _on_closed(self) -> None:
+        """Whatever still waits on this connection learns that it is gone."""
+        self.close_error = self.lost_error()
+        self._closed.set()
+        for stream in list(self._streams.values()):
+            stream._feed(self.lost_error())
+        self._streams.clear()
+        for pong in self._pongs.values():
+            if not pong.done():
+                pong.set_exception(self.lost_error())
+        if self._control is not None and not self._control.done():
+            self._control.set_exception(self.lost_error())
+
+
+class _Connecting:
+    """What :meth:`FarmeshClient.connect` returns: awaitable, and an async context manager."""
+
+    def __init__(self, url: str, timeout: float) -> None:
+        self._url = url
+        self._timeout = timeout
+        self._client: FarmeshClient | None = None
+
+    def __await__(self) -> Generator[Any, None, FarmeshClient]:
+        return self._connect().__await__()
+
+    async def __aenter__(self) -> FarmeshClient:
+        self._client = await self._connect()
+        return self._client
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        if self._client is not None:
+            await self._client.aclose()
+
+    async def _connect(self) -> FarmeshClient:
+        try:
+            connection = await _ws_connect(
+                self._url,
+                open_timeout=self._timeout,
+                close_timeout=min(self._timeout, 10.0),
+                user_agent_header=f"farmesh-ws-client/{__version__}",
+            )
+        except TimeoutError:
+            raise ConnectFailed(f"{self._url} did not answer within {self._timeout:g} s") from None
+        except (OSError, WebSocketException) as exc:
+            raise ConnectFailed(f"cannot connect to {self._url}: {exc}") from None
+        return FarmeshClient(connection, url=self._url, timeout=self._timeout)
+
+
+def connect(url: str, *, timeout: float = DEFAULT_TIMEOUT_S) -> _Connecting:
+    """``FarmeshClient.connect(url)``: ``await`` it, or use it in ``async with``."""
+    return FarmeshClient.connect(url, timeout=timeout)
