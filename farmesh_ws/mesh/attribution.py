@@ -13,7 +13,7 @@ import functools
 from collections.abc import Iterator
 from typing import Any
 
-from farmesh_ws.mesh.base import Contribution, RouteHop
+from farmesh_ws.core.types import Contribution, RouteHop
 
 _active_recorder: contextvars.ContextVar["StepRecorder | None"] = contextvars.ContextVar(
     "farmesh_step_recorder", default=None

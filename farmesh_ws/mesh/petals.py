@@ -14,11 +14,19 @@ import concurrent.futures
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from farmesh_ws.core.types import (
+    ChatMessage,
+    FinishReason,
+    SamplingParams,
+    TokenEvent,
+    TurnDone,
+    TurnEvent,
+)
 from farmesh_ws.errors import (
     ContextOverflow,
     FarmeshError,
@@ -29,16 +37,9 @@ from farmesh_ws.errors import (
     ModelNotFound,
     SessionClosed,
 )
+from farmesh_ws.logcontext import run_in_context
 from farmesh_ws.mesh import compat
 from farmesh_ws.mesh.attribution import StepRecorder
-from farmesh_ws.mesh.base import (
-    ChatMessage,
-    FinishReason,
-    SamplingParams,
-    TokenEvent,
-    TurnDone,
-    TurnEvent,
-)
 from farmesh_ws.mesh.chat_turns import ChatTurns
 from farmesh_ws.mesh.discovery import ModelCoverage, discover, model_coverage
 from farmesh_ws.mesh.sampling import make_generator, next_token
@@ -189,6 +190,12 @@ class PetalsBackend:
             model_coverage, dht, loaded.spec.dht_prefix, loaded.num_blocks
         )
 
+    async def refresh_routes(self, model_id: str) -> None:
+        """Reload one model's routing table from the DHT now, instead of at the next periodic
+        update (``update_period_s``), so that servers that just joined can be chosen."""
+        manager = self._model(model_id).sequence_manager
+        await asyncio.to_thread(manager.update, wait=True)
+
     async def discover(self) -> list[ModelCoverage]:
         """Every model the DHT announces, with coverage (not only the ones served here)."""
         if not self._models:
@@ -214,7 +221,8 @@ class PetalsBackend:
         self._sessions.discard(session)
 
     def _submit(self, fn: Any, *args: Any) -> "concurrent.futures.Future[None]":
-        return self._executor.submit(fn, *args)
+        """Run ``fn`` on a mesh worker thread, with the caller's log context (conn, session)."""
+        return self._executor.submit(run_in_context(fn), *args)
 
 
 class PetalsTurn:
@@ -259,7 +267,6 @@ class PetalsChatSession:
         self._inference: Any = None
         self._held_ids: list[int] = []
         self._pending_id: int | None = None
-        self._transcript_started = False
         self._closed = False
         self._routes_stale = False
         self.remote_sessions_opened = 0
@@ -277,10 +284,19 @@ class PetalsChatSession:
         """Tokens the mesh holds in its attention caches for this session."""
         return len(self._held_ids)
 
-    def run_turn(self, messages: Sequence[ChatMessage], sampling: SamplingParams) -> PetalsTurn:
-        """A chat turn: the chat template is applied to ``messages`` only."""
-        chat = list(messages)
-        return self._start(lambda: self._new_turn_ids(chat), sampling, None)
+    @property
+    def pending_tokens(self) -> int:
+        """1 if the last generated token has not been sent to the mesh yet, else 0."""
+        return 0 if self._pending_id is None else 1
+
+    def encode_turn(self, messages: Sequence[ChatMessage]) -> list[int]:
+        """The chat template over ``messages`` only: the first turn while the session holds
+        nothing, else the continuation after the previous reply."""
+        turns = self._model.turns
+        if self.position == 0 and self._pending_id is None:
+            return turns.first_turn_ids(messages)
+        closed = self._pending_id == self._model.eos_token_id
+        return turns.next_turn_ids(messages, previous_reply_closed=closed)
 
     def run_tokens(
         self,
@@ -292,8 +308,7 @@ class PetalsChatSession:
         """Continue the transcript with raw ``token_ids`` (no template), for clients that
         format prompts themselves. ``replace_last_token`` swaps the last generated token,
         not yet sent to the mesh, for another (e.g. a stop sequence's token)."""
-        ids = list(token_ids)
-        return self._start(lambda: ids, sampling, replace_last_token)
+        return self._start(list(token_ids), sampling, replace_last_token)
 
     def encode(self, text: str) -> list[int]:
         """Tokenise raw text the way the model's tokenizer does by default."""
@@ -309,7 +324,7 @@ class PetalsChatSession:
 
     def _start(
         self,
-        new_ids: Callable[[], list[int]],
+        new_ids: list[int],
         sampling: SamplingParams,
         replace_last_token: int | None,
     ) -> PetalsTurn:
@@ -342,7 +357,7 @@ class PetalsChatSession:
     def _run_turn_in_thread(
         self,
         turn: PetalsTurn,
-        new_ids: Callable[[], list[int]],
+        new_ids: list[int],
         sampling: SamplingParams,
         replace_last_token: int | None,
     ) -> None:
@@ -351,7 +366,7 @@ class PetalsChatSession:
             try:
                 if replace_last_token is not None and self._pending_id is not None:
                     self._pending_id = replace_last_token
-                self._run_turn_locked(turn, new_ids(), sampling, started)
+                self._run_turn_locked(turn, new_ids, sampling, started)
             except Exception as exc:  # one boundary: everything becomes a typed error event
                 error = translate_error(exc)
                 if not isinstance(exc, FarmeshError):
@@ -388,15 +403,7 @@ class PetalsChatSession:
             self._pending_id = token_id
             turn.emit(state.accept(token_id, room=self._max_length - self.position))
             inputs = [token_id]
-        self._transcript_started = True
         turn.emit(self._done(turn, started))
-
-    def _new_turn_ids(self, messages: list[ChatMessage]) -> list[int]:
-        turns = self._model.turns
-        if not self._transcript_started:
-            return turns.first_turn_ids(messages)
-        closed = self._pending_id == self._model.eos_token_id
-        return turns.next_turn_ids(messages, previous_reply_closed=closed)
 
     def _step(self, inputs: list[int], recorder: StepRecorder) -> Any:
         """Run new tokens through the mesh; reopen and replay if the remote session broke."""

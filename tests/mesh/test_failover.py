@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from farmesh_ws.mesh.base import ChatMessage, SamplingParams, TokenEvent, TurnDone
+from farmesh_ws.core.types import ChatMessage, SamplingParams, TokenEvent, TurnDone
 from farmesh_ws.models import BUNDLED_MODEL_ID
 
 pytestmark = pytest.mark.disruptive
@@ -21,7 +21,7 @@ def _messages(raw: list[dict[str, str]]) -> list[ChatMessage]:
 
 async def _run(session: Any, messages: list[ChatMessage]) -> tuple[list[int], TurnDone]:
     ids: list[int] = []
-    async for event in session.run_turn(messages, GREEDY_48):
+    async for event in session.run_tokens(session.encode_turn(messages), GREEDY_48):
         if isinstance(event, TokenEvent):
             ids.append(event.token_id)
         else:
@@ -37,6 +37,8 @@ async def test_turn_after_a_crash_reroutes_to_the_replica_and_credits_its_replay
     backend: Any, swarm: Any, golden: dict[str, Any]
 ) -> None:
     swarm.add_server("15:30")
+    # The replica must be in the client's routing table before the crash, not only in the DHT.
+    await backend.refresh_routes(BUNDLED_MODEL_ID)
     turn1, turn2 = golden["conversations"][0][:2]
     session = await backend.open_session(BUNDLED_MODEL_ID, max_length=512)
     try:

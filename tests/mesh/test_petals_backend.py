@@ -5,8 +5,8 @@ from typing import Any
 
 import pytest
 
+from farmesh_ws.core.types import ChatMessage, SamplingParams, TokenEvent, TurnDone
 from farmesh_ws.errors import ContextOverflow
-from farmesh_ws.mesh.base import ChatMessage, SamplingParams, TokenEvent, TurnDone
 from farmesh_ws.models import BUNDLED_MODEL_ID
 
 GREEDY_48 = SamplingParams(max_new_tokens=48)
@@ -20,7 +20,7 @@ async def _run(
     session: Any, messages: list[ChatMessage], sampling: SamplingParams
 ) -> tuple[list[TokenEvent], TurnDone]:
     tokens: list[TokenEvent] = []
-    async for event in session.run_turn(messages, sampling):
+    async for event in session.run_tokens(session.encode_turn(messages), sampling):
         if isinstance(event, TokenEvent):
             tokens.append(event)
         else:
@@ -89,7 +89,7 @@ async def test_cancel_stops_within_one_step_and_session_stays_usable(
     session = await backend.open_session(BUNDLED_MODEL_ID, max_length=1024)
     try:
         story = [ChatMessage(role="user", content="Write a long story about a lighthouse keeper.")]
-        turn = session.run_turn(story, SamplingParams(max_new_tokens=200))
+        turn = session.run_tokens(session.encode_turn(story), SamplingParams(max_new_tokens=200))
         seen = 0
         done: TurnDone | None = None
         async for event in turn:

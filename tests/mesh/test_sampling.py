@@ -2,7 +2,7 @@
 
 import torch
 
-from farmesh_ws.mesh.base import SamplingParams
+from farmesh_ws.core.types import SamplingParams
 from farmesh_ws.mesh.sampling import (
     apply_repetition_penalty,
     filter_top_k_top_p,
