@@ -1,6 +1,8 @@
 """Each compat fix, shown to be needed (the check fails on stock Petals/hivemind) and to work."""
 
 import ast
+import asyncio
+import concurrent.futures
 import importlib
 import subprocess
 import sys
@@ -70,23 +72,31 @@ def test_every_name_petals_takes_from_hivemind_exists() -> None:
     assert missing == []
 
 
-async def test_p2p_daemon_runs_without_nat_port_mapping_or_autonat() -> None:
-    compat.apply()
+async def _daemon_flags_and_listening_ips() -> tuple[str, list[str]]:
     from hivemind.p2p import P2P
 
     p2p = await P2P.create(host_maddrs=["/ip4/127.0.0.1/tcp/0"])
     try:
         daemon = psutil.Process(p2p._child.pid)
-        args = " ".join(daemon.cmdline())
-        assert "-natPortMap=0" in args
-        assert "-autonat=0" in args
         listening = [
             c.laddr.ip for c in daemon.net_connections(kind="inet") if c.status == "LISTEN"
         ]
-        assert listening
-        assert all(ip == "127.0.0.1" for ip in listening)
+        return " ".join(daemon.cmdline()), listening
     finally:
         await p2p.shutdown()
+
+
+def test_p2p_daemon_runs_without_nat_port_mapping_or_autonat() -> None:
+    compat.apply()
+    # On its own loop in a thread: hivemind installs uvloop's event loop policy on import,
+    # which cannot spawn p2pd from a plain asyncio loop made before (the tests' loop, if an
+    # earlier test started it before hivemind was imported).
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        args, listening = pool.submit(asyncio.run, _daemon_flags_and_listening_ips()).result()
+    assert "-natPortMap=0" in args
+    assert "-autonat=0" in args
+    assert listening
+    assert all(ip == "127.0.0.1" for ip in listening)
 
 
 def test_server_start_makes_no_version_request() -> None:
