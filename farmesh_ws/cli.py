@@ -11,10 +11,11 @@ from types import FrameType
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from farmesh_ws.server import GatewayServer
+    from farmesh_ws.transport.ws import GatewayServer
 
 from farmesh_ws import __version__
 from farmesh_ws.home import farmesh_home
+from farmesh_ws.logcontext import LogContextFilter
 
 logger = logging.getLogger("farmesh_ws.cli")
 
@@ -24,9 +25,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=args.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        format="%(asctime)s %(levelname)s %(name)s: %(log_context)s%(message)s",
         stream=sys.stderr,
     )
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(LogContextFilter())
     logging.getLogger("databases").setLevel(logging.WARNING)
     if not hasattr(args, "handler"):
         parser.print_help(sys.stderr)
@@ -103,6 +106,7 @@ def _serve(args: argparse.Namespace) -> int:
     import asyncio
 
     from farmesh_ws.config import ConfigError, load_settings, parse_decimal, parse_list
+    from farmesh_ws.gateway import check_servable
 
     try:
         settings = load_settings().with_overrides(
@@ -115,6 +119,7 @@ def _serve(args: argparse.Namespace) -> int:
             dht_bootstrap=parse_list(args.bootstrap) if args.bootstrap else None,
             local_servers=args.local_servers,
         )
+        check_servable(settings)
     except (ConfigError, ValueError) as exc:
         sys.stderr.write(f"farmesh-ws: configuration error: {exc}\n")
         return 2
@@ -170,7 +175,8 @@ def _ledger(args: argparse.Namespace) -> int:
 
 
 def _model_prepare(args: argparse.Namespace) -> int:
-    from farmesh_ws.models import ModelPreparationError, prepare_bundled_model
+    from farmesh_ws.models.bundled import prepare_bundled_model
+    from farmesh_ws.models.errors import ModelPreparationError
 
     try:
         path = prepare_bundled_model(farmesh_home(), progress=not args.quiet)
@@ -182,7 +188,8 @@ def _model_prepare(args: argparse.Namespace) -> int:
 
 
 def _swarm(args: argparse.Namespace) -> int:
-    from farmesh_ws.models import BUNDLED_MODEL_ID, dht_prefix_for, prepare_bundled_model
+    from farmesh_ws.models import BUNDLED_MODEL_ID, dht_prefix_for
+    from farmesh_ws.models.bundled import prepare_bundled_model
     from farmesh_ws.swarm import LocalSwarm, SwarmConfig, SwarmError, read_num_blocks
 
     model_path = prepare_bundled_model(farmesh_home())

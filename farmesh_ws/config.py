@@ -11,7 +11,7 @@ from dataclasses import dataclass, field, fields, replace
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
-from farmesh_ws.ledger.money import Prices
+from farmesh_ws.core.money import Prices
 from farmesh_ws.models import BUNDLED_MODEL_ID
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")

@@ -1,26 +1,43 @@
-"""The one exception tree of farmesh_ws. Each error carries its wire code and retryable flag.
+"""The one exception tree of farmesh_ws: one class per wire error code (protocol.md §5).
 
-::
+Each class carries its ``code``, its ``retryable`` flag and the WebSocket ``close_code`` that
+follows its ``error`` frame (``None``: the connection stays open)::
 
-    FarmeshError                      code="internal_error"
-    ├── MeshError                     failures of the mesh (Petals/hivemind), mapped in mesh/
-    │   ├── MeshUnavailable           code="mesh_unavailable", retryable: no route, dead peers
-    │   ├── MeshTimeout               code="mesh_timeout", retryable: a step took too long
-    │   ├── ContextOverflow           code="context_overflow": the session's max_length is reached
-    │   ├── ModelNotFound             code="model_not_found": the mesh does not serve that model
-    │   └── SessionClosed             code="session_closed": the mesh session was closed
-    ├── InvalidRequest                code="invalid_request": arguments out of range
-    └── BudgetExceeded                code="budget_exceeded": max_cost_far reached
+    FarmeshError                  internal_error      close 1011: a bug (details only in the log)
+    ├── InvalidJson               invalid_json        the frame is not JSON
+    ├── InvalidMessage            invalid_message     binary frame, unknown type, bad field
+    ├── InvalidRequest            invalid_request     a value above a configured limit
+    ├── RequestRefused            (a request that does not fit the session's state)
+    │   ├── NoSession             no_session          ``turn`` before ``open``
+    │   ├── AlreadyOpen           already_open        a second ``open``
+    │   ├── Busy                  busy                a request is already running
+    │   ├── DuplicateRequestId    duplicate_request_id
+    │   ├── UnknownRequest        unknown_request     ``cancel`` of an id that is not running
+    │   └── ShuttingDown          shutting_down       retryable: the server is stopping
+    ├── RateLimited               rate_limited        retryable
+    ├── BudgetExceeded            budget_exceeded     ``max_cost_far`` reached
+    ├── IdleTimeout               idle_timeout        chat.petals.dev v2 only: no request in time
+    └── MeshError                 mesh_error          retryable: another mesh failure
+        ├── MeshUnavailable       mesh_unavailable    retryable: no route, dead peers
+        ├── MeshTimeout           mesh_timeout        retryable: a step took too long
+        ├── ContextOverflow       context_overflow    the session's ``max_length`` is reached
+        ├── ModelNotFound         model_not_found     the mesh does not serve that model
+        └── SessionClosed         session_closed      the session was closed
 
 Messages are written for the client: they never contain a traceback or an internal detail.
+Failures of Petals, hivemind or torch become these at one boundary,
+:func:`farmesh_ws.mesh.petals.translate_error` (``raise ... from exc``).
 """
+
+from typing import ClassVar
 
 
 class FarmeshError(Exception):
-    """Base of every error farmesh_ws raises on purpose."""
+    """Base of every error farmesh_ws raises on purpose; on its own, our bug."""
 
-    code = "internal_error"
-    retryable = False
+    code: ClassVar[str] = "internal_error"
+    retryable: bool = False
+    close_code: ClassVar[int | None] = 1011
 
     def __init__(self, message: str, *, retryable: bool | None = None) -> None:
         super().__init__(message)
@@ -29,51 +46,125 @@ class FarmeshError(Exception):
             self.retryable = retryable
 
 
-class MeshError(FarmeshError):
+class _ClientError(FarmeshError):
+    close_code: ClassVar[int | None] = None
+
+
+class InvalidJson(_ClientError):
+    """The frame is not valid JSON (or nests deeper than the decoder allows)."""
+
+    code = "invalid_json"
+
+
+class InvalidMessage(_ClientError):
+    """A binary frame, an unknown ``type``, or a missing, unknown or mistyped field."""
+
+    code = "invalid_message"
+
+
+class InvalidRequest(_ClientError):
+    """An argument is outside a configured limit."""
+
+    code = "invalid_request"
+
+
+class RequestRefused(_ClientError):
+    """A request that does not fit the session's current state (protocol.md §2)."""
+
+
+class NoSession(RequestRefused):
+    code = "no_session"
+
+
+class AlreadyOpen(RequestRefused):
+    code = "already_open"
+
+
+class Busy(RequestRefused):
+    code = "busy"
+
+
+class DuplicateRequestId(RequestRefused):
+    code = "duplicate_request_id"
+
+
+class UnknownRequest(RequestRefused):
+    code = "unknown_request"
+
+
+class ShuttingDown(RequestRefused):
+    """The server is stopping: running requests finish, new ones are refused."""
+
+    code = "shutting_down"
+    retryable = True
+
+
+class RateLimited(_ClientError):
+    """Too many requests for one wallet (or connection); the message says when to retry."""
+
+    code = "rate_limited"
+    retryable = True
+
+
+class BudgetExceeded(_ClientError):
+    """A request or session reached its ``max_cost_far``."""
+
+    code = "budget_exceeded"
+
+
+class IdleTimeout(_ClientError):
+    """No request arrived within ``idle_timeout_s`` (chat.petals.dev v2 path)."""
+
+    code = "idle_timeout"
+
+
+class MeshError(_ClientError):
     """The mesh could not do what was asked."""
 
     code = "mesh_error"
+    retryable = True
 
 
 class MeshUnavailable(MeshError):
     """No working route through the mesh right now; trying again later may succeed."""
 
     code = "mesh_unavailable"
-    retryable = True
 
 
 class MeshTimeout(MeshError):
     """The mesh did not answer in time."""
 
     code = "mesh_timeout"
-    retryable = True
 
 
 class ContextOverflow(MeshError):
     """The turn does not fit into the session's ``max_length`` tokens."""
 
     code = "context_overflow"
+    retryable = False
 
 
 class ModelNotFound(MeshError):
     """The requested model is not known to this gateway."""
 
     code = "model_not_found"
+    retryable = False
 
 
 class SessionClosed(MeshError):
-    """The mesh session is closed and cannot run turns."""
+    """The session is closed and cannot run requests."""
 
     code = "session_closed"
+    retryable = False
 
 
-class InvalidRequest(FarmeshError):
-    """An argument is outside its documented range."""
-
-    code = "invalid_request"
-
-
-class BudgetExceeded(FarmeshError):
-    """A request or session reached its ``max_cost_far``."""
-
-    code = "budget_exceeded"
+def error_classes() -> dict[str, type[FarmeshError]]:
+    """Every wire code and its class (the table of protocol.md §5)."""
+    found: dict[str, type[FarmeshError]] = {}
+    pending: list[type[FarmeshError]] = [FarmeshError]
+    while pending:
+        cls = pending.pop()
+        if "code" in cls.__dict__:
+            found[cls.code] = cls
+        pending.extend(cls.__subclasses__())
+    return found

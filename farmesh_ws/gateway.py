@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from farmesh_ws.config import Settings
+from farmesh_ws.config import ConfigError, Settings
 from farmesh_ws.home import farmesh_home
 from farmesh_ws.ledger.checkpoints import TurnCheckpoints
 from farmesh_ws.ledger.observer import LedgerObserver, recover_interrupted_turns
@@ -23,12 +23,13 @@ from farmesh_ws.ledger.writer import LedgerWriter
 from farmesh_ws.mesh.petals import ModelSpec, PetalsBackend, PetalsBackendConfig
 from farmesh_ws.mesh.status import MeshStatusCache, ModelStatus
 from farmesh_ws.metrics import Metrics
-from farmesh_ws.models import BUNDLED_MODEL_ID, dht_prefix_for, prepare_bundled_model
-from farmesh_ws.registry import SessionRegistry
-from farmesh_ws.server import GatewayServer
+from farmesh_ws.models import BUNDLED_MODEL_ID, dht_prefix_for
+from farmesh_ws.models.bundled import prepare_bundled_model
 from farmesh_ws.state import open_state_store
+from farmesh_ws.state.registry import SessionRegistry
 from farmesh_ws.state.wallet_observer import WalletUsageObserver
 from farmesh_ws.swarm import LocalSwarm, SwarmConfig, read_num_blocks
+from farmesh_ws.transport.ws import GatewayServer
 
 logger = logging.getLogger(__name__)
 
@@ -42,9 +43,24 @@ class Gateway:
     ledger: LedgerWriter
 
 
+SERVED_MODEL_IDS = (BUNDLED_MODEL_ID,)
+"""The models a gateway serves: the bundled model, locally or over the configured mesh."""
+
+
+def check_servable(settings: Settings) -> None:
+    """Refuse a ``DEFAULT_MODEL_ID`` this gateway does not serve: every ``open`` without a
+    model would fail. Raises :class:`~farmesh_ws.config.ConfigError` (one line)."""
+    if settings.default_model_id not in SERVED_MODEL_IDS:
+        raise ConfigError(
+            f"DEFAULT_MODEL_ID {settings.default_model_id!r} is not served here "
+            f"(served: {', '.join(SERVED_MODEL_IDS)})"
+        )
+
+
 @contextlib.asynccontextmanager
 async def running_gateway(settings: Settings, *, progress: bool = True) -> AsyncIterator[Gateway]:
     """Start everything; on exit, shut it all down (gracefully first)."""
+    check_servable(settings)
     home = farmesh_home()
     model_path = await asyncio.to_thread(prepare_bundled_model, home, progress=progress)
     dht_prefix = dht_prefix_for(BUNDLED_MODEL_ID)

@@ -4,12 +4,15 @@ No label ever carries a user, wallet, session or request id: cardinality stays b
 Money is not exported: Prometheus values are floats, and $FAR amounts never are.
 """
 
-from decimal import Decimal
-
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from farmesh_ws.mesh.base import TurnDone
-from farmesh_ws.observers import TurnContext, TurnObserver
+from farmesh_ws.engine.events import (
+    Observer,
+    RequestEvent,
+    RequestFinished,
+    RequestStarted,
+    TokensDelivered,
+)
 
 _LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
@@ -75,43 +78,27 @@ class Metrics:
         return generate_latest(self.registry)
 
 
-class MetricsObserver(TurnObserver):
-    """Feeds turn events into :class:`Metrics`."""
+class MetricsObserver(Observer):
+    """Feeds request events into :class:`Metrics`."""
 
     def __init__(self, metrics: Metrics) -> None:
         self._metrics = metrics
 
-    def turn_started(self, context: TurnContext) -> None:
-        self._metrics.turns_started_total.labels(kind=context.kind).inc()
-
-    def token(
-        self,
-        context: TurnContext,
-        *,
-        delivered: int,
-        prompt_tokens: int,
-        cost: Decimal,
-        inter_token_s: float | None,
-    ) -> None:
-        if inter_token_s is not None:
-            self._metrics.inter_token_seconds.observe(inter_token_s)
-
-    def turn_finished(
-        self,
-        context: TurnContext,
-        done: TurnDone,
-        *,
-        finish_reason: str,
-        completion_tokens: int,
-        cost: Decimal,
-    ) -> None:
+    def notify(self, event: RequestEvent) -> None:
         m = self._metrics
-        m.turns_total.labels(kind=context.kind, finish_reason=finish_reason).inc()
-        m.completion_tokens_total.inc(completion_tokens)
-        m.prompt_tokens_total.inc(done.prompt_tokens)
-        m.cached_tokens_total.inc(done.cached_tokens)
-        if done.time_to_first_token_s is not None:
-            m.time_to_first_token_seconds.observe(done.time_to_first_token_s)
-
-    def error(self, code: str) -> None:
-        self._metrics.errors_total.labels(code=code).inc()
+        if isinstance(event, RequestStarted):
+            m.turns_started_total.labels(kind=event.context.kind).inc()
+        elif isinstance(event, TokensDelivered):
+            if event.inter_token_s is not None:
+                m.inter_token_seconds.observe(event.inter_token_s)
+        elif isinstance(event, RequestFinished):
+            settlement = event.settlement
+            kind = event.context.kind
+            m.turns_total.labels(kind=kind, finish_reason=settlement.finish_reason).inc()
+            m.completion_tokens_total.inc(settlement.completion_tokens)
+            m.prompt_tokens_total.inc(settlement.prompt_tokens)
+            m.cached_tokens_total.inc(settlement.cached_tokens)
+            if event.done.time_to_first_token_s is not None:
+                m.time_to_first_token_seconds.observe(event.done.time_to_first_token_s)
+        else:
+            m.errors_total.labels(code=event.code).inc()

@@ -2,7 +2,9 @@
 
 Client messages forbid unknown fields and carry their limits in ``Meta``, so a bad frame
 becomes one readable ``invalid_message`` error naming the JSON path. Limits that depend on
-configuration (max_length, max_new_tokens, text size) are checked in session.py.
+configuration (max_length, max_new_tokens, text size) are checked by the engine
+(:mod:`farmesh_ws.engine.limits`). Patterns end in ``\\Z``: Python's ``$`` also matches
+before a final newline, which would let ``"w\n"`` pass as a wallet.
 """
 
 from typing import Annotated, Final, Literal
@@ -10,10 +12,12 @@ from typing import Annotated, Final, Literal
 import msgspec
 from msgspec import Meta
 
+from farmesh_ws.errors import InvalidJson, InvalidMessage
+
 PROTOCOL_VERSION: Final = 1
 
 RequestId = Annotated[str, Meta(min_length=1, max_length=128)]
-Wallet = Annotated[str, Meta(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:\-]+$")]
+Wallet = Annotated[str, Meta(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:\-]+\Z")]
 ModelName = Annotated[str, Meta(min_length=1, max_length=200)]
 Temperature = Annotated[float, Meta(ge=0.0, le=2.0)]
 TopP = Annotated[float, Meta(gt=0.0, le=1.0)]
@@ -21,7 +25,7 @@ TopK = Annotated[int, Meta(ge=0, le=1000)]
 RepetitionPenalty = Annotated[float, Meta(ge=1.0, le=2.0)]
 Seed = Annotated[int, Meta(ge=0, le=2**63 - 1)]
 PositiveTokens = Annotated[int, Meta(ge=1)]
-FarAmount = Annotated[str, Meta(pattern=r"^[0-9]{1,12}(\.[0-9]{1,8})?$")]
+FarAmount = Annotated[str, Meta(pattern=r"^[0-9]{1,12}(\.[0-9]{1,8})?\Z")]
 StopSequence = Annotated[str, Meta(min_length=1, max_length=64)]
 StopList = Annotated[list[StopSequence], Meta(max_length=8)]
 
@@ -104,7 +108,7 @@ class Opened(_ServerMessage, tag="opened", frozen=True):
     max_length: int
     price_per_token_far: str
     price_per_prompt_token_far: str
-    protocol_version: int = PROTOCOL_VERSION
+    protocol_version: int  # no default: omit_defaults would drop it (§4.1 shows it)
 
 
 class Token(_ServerMessage, tag="token", frozen=True):
@@ -160,7 +164,7 @@ class Closed(_ServerMessage, tag="closed", frozen=True):
 class Error(_ServerMessage, tag="error", frozen=True):
     code: str
     message: str
-    retryable: bool = False
+    retryable: bool  # no default: omit_defaults would drop ``false`` (§4.6 shows it)
     request_id: str | None = None
 
 
@@ -171,9 +175,30 @@ _encoder: Final = msgspec.json.Encoder()
 
 
 def decode_client_message(frame: str | bytes) -> ClientMessage:
-    """Decode one client frame; raises ``msgspec.ValidationError`` / ``DecodeError``."""
-    message: ClientMessage = _decoder.decode(frame)
+    """Decode one client text frame (§1).
+
+    Raises :class:`~farmesh_ws.errors.InvalidMessage` for a binary frame or a message of the
+    wrong shape (msgspec's one-line text, naming the JSON path), and
+    :class:`~farmesh_ws.errors.InvalidJson` for text that is not JSON or nests too deeply.
+    """
+    if isinstance(frame, bytes):
+        raise InvalidMessage("binary frames are not supported; send JSON text")
+    try:
+        message: ClientMessage = _decoder.decode(frame)
+    except msgspec.ValidationError as exc:
+        raise InvalidMessage(str(exc)) from None
+    except msgspec.DecodeError:
+        raise InvalidJson("the frame is not valid JSON") from None
+    except RecursionError:
+        raise InvalidJson("the frame nests too deeply") from None
     return message
+
+
+def request_id_of(message: ClientMessage) -> str | None:
+    """The ``request_id`` a message carries, if its type has one."""
+    if isinstance(message, Turn | Generate | Cancel):
+        return message.request_id
+    return None
 
 
 def encode_server_message(message: ServerMessage) -> str:

@@ -30,9 +30,9 @@ import asyncpg
 from websockets.asyncio.client import connect
 
 from farmesh_ws.config import Settings
+from farmesh_ws.core.money import to_e8
 from farmesh_ws.home import farmesh_home
 from farmesh_ws.ledger.checkpoints import TurnCheckpoints
-from farmesh_ws.ledger.money import to_e8
 from farmesh_ws.ledger.observer import LedgerObserver
 from farmesh_ws.ledger.records import ContributionRecord, TurnRecord
 from farmesh_ws.ledger.store import Ledger
@@ -40,9 +40,10 @@ from farmesh_ws.ledger.writer import LedgerWriter
 from farmesh_ws.mesh.petals import ModelSpec, PetalsBackend, PetalsBackendConfig
 from farmesh_ws.mesh.status import MeshStatusCache
 from farmesh_ws.metrics import Metrics
-from farmesh_ws.models import BUNDLED_MODEL_ID, dht_prefix_for, prepare_bundled_model
-from farmesh_ws.server import GatewayServer
+from farmesh_ws.models import BUNDLED_MODEL_ID, dht_prefix_for
+from farmesh_ws.models.bundled import prepare_bundled_model
 from farmesh_ws.swarm import LocalSwarm, SwarmConfig, read_num_blocks
+from farmesh_ws.transport.ws import GatewayServer
 
 POSTGRES_ADMIN = "postgresql://postgres@127.0.0.1:5432/test"
 PROMPT = "Write a very long story about a lighthouse keeper and the sea."

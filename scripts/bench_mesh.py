@@ -45,9 +45,10 @@ from typing import Any
 
 import psutil
 
+from farmesh_ws.core.types import ChatMessage, SamplingParams, TokenEvent, TurnDone
 from farmesh_ws.home import farmesh_home
-from farmesh_ws.mesh.base import ChatMessage, SamplingParams, TokenEvent, TurnDone
-from farmesh_ws.models import BUNDLED_MODEL_ID, dht_prefix_for, prepare_bundled_model, read_marker
+from farmesh_ws.models import BUNDLED_MODEL_ID, dht_prefix_for
+from farmesh_ws.models.bundled import prepare_bundled_model, read_marker
 from farmesh_ws.swarm import LocalSwarm, SwarmConfig, read_num_blocks
 
 MIB = 2**20
@@ -198,7 +199,7 @@ async def collect(
     started = time.perf_counter()
     token_ids: list[int] = []
     arrivals: list[float] = []
-    async for event in session.run_turn(messages, sampling):
+    async for event in session.run_tokens(session.encode_turn(messages), sampling):
         now = time.perf_counter()
         if isinstance(event, TokenEvent):
             token_ids.append(event.token_id)

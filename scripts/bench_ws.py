@@ -24,7 +24,7 @@ browsers do). CPU% columns are % of one core; "others" is the rest of the machin
    the shared machine to be idle. The gateway child tunes its GC as `farmesh-ws serve` does
    (gateway.tune_gc_for_serving); ``--server-gc`` sets the bare server's thresholds.
 2. Baseline: a bare ``websockets`` server in this file sends pre-encoded frames recorded from
-   one gateway turn (ChatSession + SyntheticBackend), i.e. the same opened / token / done /
+   one gateway turn (V1Session + engine + SyntheticBackend), i.e. the same opened / token / done /
    contribution frames, token k at turn start + k/rate. Same clients, same measures.
    Gateway and baseline alternate for ``--rounds`` rounds (g b, b g, ...); medians are shown.
 3. Idle sessions: the gateway in a child process; ``--idle`` clients connect and ``open``, in
@@ -33,7 +33,7 @@ browsers do). CPU% columns are % of one core; "others" is the rest of the machin
    sessions reached and the first error are reported.
 4. End to end (unless ``--skip-e2e``): the real local swarm (2 Petals servers) and the real
    PetalsBackend behind a GatewayServer in this process. The same greedy turn of
-   ``--e2e-tokens`` tokens runs over WebSocket and through ``session.run_turn`` directly,
+   ``--e2e-tokens`` tokens runs over WebSocket and through ``session.run_tokens`` directly,
    interleaved A/B ``--e2e-pairs`` times on fresh sessions after one full-length warm-up turn
    on each path. tokens/s = completion tokens / (done - turn sent); "decode" = tokens 2..n /
    (last - first token). Medians.
@@ -70,14 +70,17 @@ from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 
 from farmesh_ws import protocol as p
+from farmesh_ws.api.v1 import V1Session
 from farmesh_ws.config import Settings
+from farmesh_ws.engine.engine import Engine
+from farmesh_ws.engine.events import Observer
 from farmesh_ws.gateway import tune_gc_for_serving
 from farmesh_ws.mesh.status import MeshStatusCache
 from farmesh_ws.mesh.synthetic import SYNTHETIC_MODEL_ID, SyntheticBackend, SyntheticConfig
 from farmesh_ws.metrics import Metrics
-from farmesh_ws.observers import FanOut
-from farmesh_ws.server import GatewayServer
-from farmesh_ws.session import ChatSession
+from farmesh_ws.state import MemoryStateStore
+from farmesh_ws.state.registry import SessionRegistry
+from farmesh_ws.transport.ws import GatewayServer
 
 MIB = 2**20
 HANDSHAKES_IN_FLIGHT = 100
@@ -116,11 +119,18 @@ async def gateway_frames(tokens: int) -> list[str]:
         frames.append(p.encode_server_message(message))
 
     backend = SyntheticBackend(SyntheticConfig(tokens_per_s=1e6))
-    settings = gateway_settings(tokens)
-    session = ChatSession(backend=backend, settings=settings, send=send, observer=FanOut([]))
+    engine = Engine(
+        settings=gateway_settings(tokens),
+        backend=backend,
+        registry=SessionRegistry(MemoryStateStore()),
+        observer=Observer(),
+    )
+    session = V1Session(engine, send, client_key="bench")
     for frame in (OPEN, turn_frame(tokens)):
-        await session.handle(p.decode_client_message(frame))
-    await session.wait_idle()
+        await session.handle_frame(frame)
+    running = session.client.running
+    if running is not None and running.task is not None:
+        await running.task
     await session.aclose()
     return frames  # opened, N tokens, done, contribution
 
@@ -374,14 +384,15 @@ async def ws_turn(url: str, tokens: int, index: int) -> tuple[int, float, float]
 
 
 async def mesh_turn(backend: Any, tokens: int) -> tuple[int, float, float]:
-    """The same turn through ``session.run_turn`` in this process, on a fresh session."""
-    from farmesh_ws.mesh.base import ChatMessage, SamplingParams, TokenEvent
+    """The same turn through ``session.run_tokens`` in this process, on a fresh session."""
+    from farmesh_ws.core.types import ChatMessage, SamplingParams, TokenEvent
 
     session = await backend.open_session(backend.model_ids[0], max_length=2048)
     try:
         t0, arrivals = time.perf_counter(), []
         messages = [ChatMessage(role="user", content=E2E_PROMPT)]
-        turn = session.run_turn(messages, SamplingParams(max_new_tokens=tokens)).__aiter__()
+        token_ids = session.encode_turn(messages)
+        turn = session.run_tokens(token_ids, SamplingParams(max_new_tokens=tokens)).__aiter__()
         while True:
             event = await asyncio.wait_for(turn.__anext__(), 120)
             if isinstance(event, TokenEvent):
@@ -397,7 +408,8 @@ async def mesh_turn(backend: Any, tokens: int) -> tuple[int, float, float]:
 async def end_to_end(args: argparse.Namespace) -> dict[str, Any]:
     from farmesh_ws.home import farmesh_home
     from farmesh_ws.mesh.petals import ModelSpec, PetalsBackend, PetalsBackendConfig
-    from farmesh_ws.models import BUNDLED_MODEL_ID, dht_prefix_for, prepare_bundled_model
+    from farmesh_ws.models import BUNDLED_MODEL_ID, dht_prefix_for
+    from farmesh_ws.models.bundled import prepare_bundled_model
     from farmesh_ws.swarm import LocalSwarm, SwarmConfig, read_num_blocks
 
     logging.getLogger("websockets").setLevel(logging.WARNING)  # hivemind turns INFO on

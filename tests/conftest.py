@@ -20,7 +20,7 @@ def golden() -> dict[str, Any]:
 
 @pytest.fixture(scope="session")
 def bundled_model_path() -> Path:
-    from farmesh_ws.models import prepare_bundled_model
+    from farmesh_ws.models.bundled import prepare_bundled_model
 
     return prepare_bundled_model(farmesh_home(), progress=False)
 

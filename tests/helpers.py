@@ -11,7 +11,7 @@ from websockets.asyncio.client import ClientConnection
 from farmesh_ws.config import Settings
 from farmesh_ws.mesh.status import MeshStatusCache
 from farmesh_ws.metrics import Metrics
-from farmesh_ws.server import GatewayServer
+from farmesh_ws.transport.ws import GatewayServer
 
 PRICE = Decimal("0.0001")
 PROMPT_PRICE = Decimal("0.00002")

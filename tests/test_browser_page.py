@@ -11,7 +11,7 @@ from typing import Any, TypeVar
 import pytest
 from playwright.async_api import Browser, Locator, Page, Playwright, async_playwright, expect
 
-from farmesh_ws.server import GatewayServer
+from farmesh_ws.transport.ws import GatewayServer
 from tests.helpers import PRICE, PROMPT_PRICE, start_gateway
 
 CHROMIUM = Path("/usr/bin/chromium")

@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 from websockets.asyncio.client import connect
 
-from farmesh_ws.server import GatewayServer
+from farmesh_ws.transport.ws import GatewayServer
 from tests.helpers import PRICE, open_chat, receive, send, start_gateway, ws_url
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from farmesh_ws.chat_cli import run_chat
-from farmesh_ws.server import GatewayServer
+from farmesh_ws.transport.ws import GatewayServer
 from tests.helpers import PRICE, PROMPT_PRICE, start_gateway, ws_url
 
 REPO = Path(__file__).resolve().parents[1]

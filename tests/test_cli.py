@@ -100,6 +100,22 @@ def test_swarm_command_prints_peers_and_stops_cleanly_on_ctrl_c(
     _stop_and_check_nothing_is_left(command.process, signal.SIGINT)
 
 
+def test_serve_refuses_a_default_model_it_does_not_serve(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "farmesh_ws", "serve", "--port", "0"],
+        env={**os.environ, "DEFAULT_MODEL_ID": "no-such-model"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert lines == [
+        "farmesh-ws: configuration error: DEFAULT_MODEL_ID 'no-such-model' is not served here "
+        "(served: SmolLM2-135M-Instruct)"
+    ]
+
+
 def test_serve_runs_the_embedded_default_and_stops_cleanly_on_sigterm(
     tmp_path: Path, bundled_model_path: Path, cleanup: list[Command]
 ) -> None:

@@ -30,7 +30,7 @@ from farmesh_ws.client import (
     TokenEvent,
     connect,
 )
-from farmesh_ws.server import GatewayServer
+from farmesh_ws.transport.ws import GatewayServer
 from tests.helpers import PRICE, PROMPT_PRICE, ws_url
 
 REPO = Path(__file__).resolve().parents[1]

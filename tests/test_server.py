@@ -10,7 +10,8 @@ import pytest
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
-from farmesh_ws.server import GatewayServer
+from farmesh_ws import __version__
+from farmesh_ws.transport.ws import GatewayServer
 from tests.helpers import (
     PRICE,
     PROMPT_PRICE,
@@ -161,7 +162,9 @@ async def test_http_endpoints(gateway: GatewayServer) -> None:
     status, content_type, body = await asyncio.to_thread(http_get, gateway, "/health")
     health = json.loads(body)
     assert (status, content_type) == (200, "application/json")
-    assert health["status"] == "ok"
+    assert health["status"] == "healthy"  # the seed's health shape, plus our fields
+    assert health["service"] == "farmesh-ws"
+    assert health["version"] == __version__
     assert health["protocol_version"] == 1
 
     _, _, body = await asyncio.to_thread(http_get, gateway, "/mesh/status")
@@ -256,12 +259,21 @@ async def test_requests_beyond_the_rate_limit_get_a_retryable_error(backend: Any
     server = await start_gateway(backend, requests_per_minute=1, requests_burst=2)
     try:
         async with connect(ws_url(server)) as ws:
-            codes = []
-            for index in range(3):
-                await send(ws, {"type": "turn", "request_id": f"q{index}", "text": "hi"})
-                codes.append(await receive(ws))
-        assert [c["code"] for c in codes] == ["no_session", "no_session", "rate_limited"]
-        assert codes[2]["retryable"] is True
-        assert codes[2]["request_id"] == "q2"
+            refused = []
+            for index in range(3):  # refused requests leave no trace: not even a rate token
+                await send(ws, {"type": "turn", "request_id": f"n{index}", "text": "hi"})
+                refused.append((await receive(ws))["code"])
+            assert refused == ["no_session"] * 3
+            await open_chat(ws)
+            for index in range(2):
+                _, done, _ = await run_turn(ws, f"q{index}", "hi", max_new_tokens=1)
+                assert done["finish_reason"] == "length"
+            await send(ws, {"type": "turn", "request_id": "q2", "text": "hi"})
+            error = await receive(ws)
+        assert (error["code"], error["retryable"], error["request_id"]) == (
+            "rate_limited",
+            True,
+            "q2",
+        )
     finally:
         await server.shutdown()

@@ -13,10 +13,10 @@ import pytest
 import redis.asyncio
 from websockets.asyncio.client import connect
 
-from farmesh_ws.registry import SessionRegistry
-from farmesh_ws.server import GatewayServer
 from farmesh_ws.state import StateStore, open_state_store
+from farmesh_ws.state.registry import SessionRegistry
 from farmesh_ws.state.wallet_observer import WalletUsageObserver
+from farmesh_ws.transport.ws import GatewayServer
 from tests.helpers import open_chat, run_turn, ws_url
 
 REDIS = "redis://127.0.0.1:6379/0"

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from farmesh_ws.server import GatewayServer
+from farmesh_ws.transport.ws import GatewayServer
 from tests.helpers import ws_url
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")

@@ -18,6 +18,7 @@ from farmesh_ws.client.events import (
     TokenEvent,
     Usage,
 )
+from farmesh_ws.errors import FarmeshError
 
 
 class _Envelope(msgspec.Struct):
@@ -39,14 +40,14 @@ def new_request_id() -> str:
 def encode(message: p.ClientMessage) -> str:
     """Encode a client message, checked against the protocol's static limits first, so a bad
     argument fails here with its JSON path rather than as an anonymous server error."""
-    frame = msgspec.json.encode(message)
+    frame = msgspec.json.encode(message).decode()
     try:
         p.decode_client_message(frame)
-    except msgspec.ValidationError as exc:
+    except FarmeshError as exc:
         raise FarmeshClientError(
-            "invalid_message", str(exc), request_id=getattr(message, "request_id", None)
+            exc.code, exc.message, request_id=getattr(message, "request_id", None)
         ) from None
-    return frame.decode()
+    return frame
 
 
 def amount(value: Decimal | str | None) -> str | None:

@@ -3,35 +3,33 @@
 import logging
 import time
 from collections.abc import Callable
-from decimal import Decimal
 from pathlib import Path
 
+from farmesh_ws.core.money import to_e8
+from farmesh_ws.engine.events import Observer, RequestEvent, RequestFinished, TokensDelivered
 from farmesh_ws.ledger.checkpoints import TurnCheckpoints
-from farmesh_ws.ledger.money import to_e8
 from farmesh_ws.ledger.records import TurnRecord, turn_record
 from farmesh_ws.ledger.writer import LedgerWriter
-from farmesh_ws.mesh.base import TurnDone
-from farmesh_ws.observers import TurnContext, TurnObserver
 
 logger = logging.getLogger(__name__)
 
 
-class LedgerObserver(TurnObserver):
-    """Checkpoints running turns and hands finished ones to the ledger writer."""
+class LedgerObserver(Observer):
+    """Checkpoints running requests and hands finished ones to the ledger writer."""
 
     def __init__(self, writer: LedgerWriter, checkpoints: TurnCheckpoints) -> None:
         self._writer = writer
         self._checkpoints = checkpoints
 
-    def token(
-        self,
-        context: TurnContext,
-        *,
-        delivered: int,
-        prompt_tokens: int,
-        cost: Decimal,
-        inter_token_s: float | None,
-    ) -> None:
+    def notify(self, event: RequestEvent) -> None:
+        if isinstance(event, TokensDelivered):
+            self._checkpoint(event)
+        elif isinstance(event, RequestFinished):
+            record = turn_record(event, ended_at=time.time())
+            self._writer.submit(record, on_stored=self._checkpoints.clear)
+
+    def _checkpoint(self, event: TokensDelivered) -> None:
+        context = event.context
         if not self._checkpoints.due(context.session_id, context.request_id):
             return
         now = time.time()
@@ -44,40 +42,16 @@ class LedgerObserver(TurnObserver):
                 model_id=context.model_id,
                 started_at=context.started_at,
                 ended_at=now,
-                prompt_tokens=prompt_tokens,
-                completion_tokens=delivered,
+                prompt_tokens=event.prompt_tokens,
+                completion_tokens=event.delivered,
                 cached_tokens=0,
                 finish_reason="interrupted",
-                cost_far_e8=to_e8(cost),
+                cost_far_e8=to_e8(event.cost_far),
                 ttft_ms=None,
                 duration_ms=(now - context.started_at) * 1e3,
                 contributions=(),
             )
         )
-
-    def turn_finished(
-        self,
-        context: TurnContext,
-        done: TurnDone,
-        *,
-        finish_reason: str,
-        completion_tokens: int,
-        cost: Decimal,
-    ) -> None:
-        record = turn_record(
-            session_id=context.session_id,
-            request_id=context.request_id,
-            kind=context.kind,
-            wallet=context.wallet,
-            model_id=context.model_id,
-            started_at=context.started_at,
-            ended_at=time.time(),
-            done=done,
-            finish_reason=finish_reason,
-            completion_tokens=completion_tokens,
-            cost=cost,
-        )
-        self._writer.submit(record, on_stored=self._checkpoints.clear)
 
 
 async def recover_interrupted_turns(checkpoints: TurnCheckpoints, writer: LedgerWriter) -> int:

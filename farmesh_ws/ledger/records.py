@@ -1,15 +1,14 @@
 """What the ledger stores: one record per finished turn, with its node contributions.
 
 Records are plain frozen data with exact money (integer 10⁻⁸ $FAR, see ``money.py``), built
-from a turn's end by :func:`turn_record`, and serialisable to one JSON line for the spool.
+from a request's settlement by :func:`turn_record`, and serialisable to one JSON line for the spool.
 """
 
 from dataclasses import asdict, dataclass
-from decimal import Decimal
 from typing import Any
 
-from farmesh_ws.ledger.money import split_by_work, to_e8
-from farmesh_ws.mesh.base import TurnDone
+from farmesh_ws.core.money import to_e8
+from farmesh_ws.engine.events import RequestFinished
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,48 +52,35 @@ class TurnRecord:
         return cls(**{**data, "contributions": contributions})
 
 
-def turn_record(
-    *,
-    session_id: str,
-    request_id: str,
-    kind: str,
-    wallet: str | None,
-    model_id: str,
-    started_at: float,
-    ended_at: float,
-    done: TurnDone,
-    finish_reason: str,
-    completion_tokens: int,
-    cost: Decimal,
-) -> TurnRecord:
-    """Build the record of a turn from its end event and its exact cost."""
-    shares = split_by_work(cost, [c.work for c in done.contributions])
+def turn_record(event: RequestFinished, *, ended_at: float) -> TurnRecord:
+    """The record of a finished request, from its one settlement."""
+    context, done, settlement = event.context, event.done, event.settlement
     return TurnRecord(
-        session_id=session_id,
-        request_id=request_id,
-        kind=kind,
-        wallet=wallet,
-        model_id=model_id,
-        started_at=started_at,
+        session_id=context.session_id,
+        request_id=context.request_id,
+        kind=context.kind,
+        wallet=context.wallet,
+        model_id=context.model_id,
+        started_at=context.started_at,
         ended_at=ended_at,
-        prompt_tokens=done.prompt_tokens,
-        completion_tokens=completion_tokens,
-        cached_tokens=done.cached_tokens,
-        finish_reason=finish_reason,
-        cost_far_e8=to_e8(cost),
+        prompt_tokens=settlement.prompt_tokens,
+        completion_tokens=settlement.completion_tokens,
+        cached_tokens=settlement.cached_tokens,
+        finish_reason=settlement.finish_reason,
+        cost_far_e8=to_e8(settlement.cost_far),
         ttft_ms=None if done.time_to_first_token_s is None else done.time_to_first_token_s * 1e3,
         duration_ms=done.duration_s * 1e3,
         contributions=tuple(
             ContributionRecord(
-                peer_id=c.peer_id,
-                public_name=c.public_name,
-                start_block=c.start_block,
-                end_block=c.end_block,
-                tokens=c.tokens,
-                replayed_tokens=c.replayed_tokens,
-                work=c.work,
-                share_far_e8=to_e8(share),
+                peer_id=node.contribution.peer_id,
+                public_name=node.contribution.public_name,
+                start_block=node.contribution.start_block,
+                end_block=node.contribution.end_block,
+                tokens=node.contribution.tokens,
+                replayed_tokens=node.contribution.replayed_tokens,
+                work=node.contribution.work,
+                share_far_e8=to_e8(node.share_far),
             )
-            for c, share in zip(done.contributions, shares, strict=True)
+            for node in settlement.nodes
         ),
     )

@@ -7,7 +7,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any, TextIO
 
-from farmesh_ws.ledger.money import far_text
+from farmesh_ws.core.money import far_text
 from farmesh_ws.ledger.store import Ledger, database_url
 
 

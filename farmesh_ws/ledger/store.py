@@ -16,7 +16,7 @@ from typing import Any
 
 from databases import Database
 
-from farmesh_ws.ledger.money import from_e8
+from farmesh_ws.core.money import from_e8
 from farmesh_ws.ledger.records import TurnRecord
 from farmesh_ws.ledger.schema import migrate
 

@@ -1,103 +1,20 @@
-"""The mesh backend interface and the events a turn produces.
+"""The mesh backend interface: what the engine needs of a mesh (Petals, or a test double).
 
-A backend opens chat sessions on a model; a session runs turns given only the new turn's
-messages and yields :class:`TokenEvent` values, then exactly one :class:`TurnDone`. The
-session layer above knows nothing of Petals; a test double can implement the same protocol.
+A backend opens sessions on a model. A session holds the remote attention caches of one
+conversation and runs turns of *token ids*: :meth:`MeshSession.encode_turn` renders chat
+messages with the model's chat template (the raw-token capability chat.petals.dev's v2 API
+needs is :meth:`MeshSession.encode` / :meth:`MeshSession.decode` with
+:meth:`MeshSession.run_tokens`, on every session). Encoding before running lets the engine
+check context room and budget before anything reaches the mesh. A turn yields
+:class:`~farmesh_ws.core.types.TokenEvent` values, then exactly one
+:class:`~farmesh_ws.core.types.TurnDone`. Implementations: :mod:`.petals` (real),
+:mod:`.fake` (scripted, for tests), :mod:`.synthetic` (paced, for benchmarks).
 """
 
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import Protocol
 
-from farmesh_ws.errors import FarmeshError
-
-FinishReason = Literal["stop", "length", "cancelled", "error"]
-
-
-@dataclass(frozen=True, slots=True)
-class ChatMessage:
-    role: Literal["system", "user", "assistant"]
-    content: str
-
-
-@dataclass(frozen=True, slots=True)
-class SamplingParams:
-    """How to pick each token. ``temperature == 0`` means greedy decoding."""
-
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-    repetition_penalty: float = 1.0
-    seed: int | None = None
-    max_new_tokens: int = 256
-    stop: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True, slots=True)
-class TokenEvent:
-    """One generated token: its text delta (possibly empty while a UTF-8 character or a
-    possible stop sequence is incomplete), its id, and the count so far in this turn."""
-
-    text: str
-    token_id: int
-    tokens_generated: int
-    prompt_tokens: int
-
-
-@dataclass(frozen=True, slots=True)
-class Contribution:
-    """The work one server did for a turn over one span of blocks.
-
-    ``tokens`` counts every token the server processed for this turn, prefill and failover
-    replay included (``replayed_tokens`` of them were replay); ``work`` is tokens × blocks.
-    """
-
-    peer_id: str
-    public_name: str | None
-    start_block: int
-    end_block: int
-    tokens: int
-    replayed_tokens: int
-
-    @property
-    def blocks(self) -> int:
-        return self.end_block - self.start_block
-
-    @property
-    def work(self) -> int:
-        return self.tokens * self.blocks
-
-
-@dataclass(frozen=True, slots=True)
-class RouteHop:
-    """One server on the route of one step."""
-
-    peer_id: str
-    start_block: int
-    end_block: int
-    tokens: int
-
-
-@dataclass(frozen=True, slots=True)
-class TurnDone:
-    """The end of a turn. ``prompt_tokens`` counts only this turn's new tokens;
-    ``cached_tokens`` the history the mesh already held and did not receive again."""
-
-    finish_reason: FinishReason
-    text: str
-    prompt_tokens: int
-    completion_tokens: int
-    cached_tokens: int
-    position: int
-    max_length: int
-    contributions: tuple[Contribution, ...]
-    routes: tuple[tuple[RouteHop, ...], ...] = field(repr=False)
-    time_to_first_token_s: float | None
-    duration_s: float
-    error: FarmeshError | None = None
-
-
-TurnEvent = TokenEvent | TurnDone
+from farmesh_ws.core.types import ChatMessage, SamplingParams, TurnEvent
 
 
 class MeshTurn(Protocol):
@@ -109,7 +26,21 @@ class MeshTurn(Protocol):
 
 
 class MeshSession(Protocol):
-    """One chat session over the mesh, holding remote attention caches between turns."""
+    """One conversation over the mesh, holding remote attention caches between turns.
+
+    - ``position``: tokens the mesh holds for this session; ``pending_tokens`` (0 or 1): a
+      generated token not yet sent to the mesh, which the next turn sends first. A turn of
+      ``n`` new tokens fits when ``position + pending_tokens + n <= max_length``.
+    - ``encode_turn(messages)``: the chat template over ``messages`` only (the first turn if
+      the session holds nothing yet, else a continuation after the previous reply); message
+      content is tokenized literally, so user text never becomes a control token.
+    - ``encode(text)`` / ``decode(ids)``: the tokenizer as-is (special-token text parsed;
+      special tokens kept, an incomplete UTF-8 character decodes to U+FFFD).
+    - ``run_tokens(ids, sampling, replace_last_token=...)``: feed the pending token, if any,
+      then ``ids``, and generate until end of sequence (``stop``), ``max_new_tokens`` or a
+      full session (``length``); ``replace_last_token`` first swaps the pending token.
+      Raises :class:`~farmesh_ws.errors.SessionClosed` on a closed session.
+    """
 
     @property
     def model_id(self) -> str: ...
@@ -120,13 +51,32 @@ class MeshSession(Protocol):
     @property
     def position(self) -> int: ...
 
-    def run_turn(self, messages: Sequence[ChatMessage], sampling: SamplingParams) -> MeshTurn: ...
+    @property
+    def pending_tokens(self) -> int: ...
+
+    def encode_turn(self, messages: Sequence[ChatMessage]) -> list[int]: ...
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, token_ids: Sequence[int]) -> str: ...
+
+    def run_tokens(
+        self,
+        token_ids: Sequence[int],
+        sampling: SamplingParams,
+        *,
+        replace_last_token: int | None = None,
+    ) -> MeshTurn: ...
 
     async def aclose(self) -> None: ...
 
 
 class MeshBackend(Protocol):
-    """Opens sessions on the mesh for the models it serves."""
+    """Opens sessions on the mesh for the models it serves.
+
+    ``open_session`` raises :class:`~farmesh_ws.errors.ModelNotFound` for a model it does not
+    serve and :class:`~farmesh_ws.errors.InvalidRequest` for a ``max_length`` out of range.
+    """
 
     @property
     def model_ids(self) -> list[str]: ...

@@ -5,7 +5,7 @@ from collections.abc import Sequence
 
 import torch
 
-from farmesh_ws.mesh.base import SamplingParams
+from farmesh_ws.core.types import SamplingParams
 
 
 def make_generator(seed: int | None) -> torch.Generator | None:

@@ -1,6 +1,6 @@
 """A synthetic mesh backend FOR BENCHMARKS ONLY: no model, no Petals, no network, no threads.
 
-:class:`SyntheticBackend` implements what :class:`~farmesh_ws.session.ChatSession` needs
+:class:`SyntheticBackend` implements what the engine needs
 (``model_ids``, ``open_session``) plus ``coverage`` for the status cache, and its sessions and
 turns follow the :class:`~farmesh_ws.mesh.base.MeshSession` / ``MeshTurn`` protocols. A turn
 yields ``max_new_tokens`` :class:`TokenEvent` values on a fixed schedule (token k is due at
@@ -18,8 +18,7 @@ import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
-from farmesh_ws.errors import ContextOverflow, InvalidRequest, ModelNotFound, SessionClosed
-from farmesh_ws.mesh.base import (
+from farmesh_ws.core.types import (
     ChatMessage,
     Contribution,
     FinishReason,
@@ -29,11 +28,13 @@ from farmesh_ws.mesh.base import (
     TurnDone,
     TurnEvent,
 )
+from farmesh_ws.errors import ContextOverflow, InvalidRequest, ModelNotFound, SessionClosed
 from farmesh_ws.mesh.discovery import ModelCoverage, ServerSpan
 
 SYNTHETIC_MODEL_ID = "synthetic/bench-only"
 TEMPLATE_TOKENS_PER_MESSAGE = 4
 """Chat-template overhead added to each message's word count to make a prompt-token count."""
+SYNTHETIC_TOKEN_ID = 1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,15 +127,31 @@ class SyntheticSession:
     def position(self) -> int:
         return self._position
 
-    def run_turn(
-        self, messages: Sequence[ChatMessage], sampling: SamplingParams
+    @property
+    def pending_tokens(self) -> int:
+        return 0
+
+    def encode_turn(self, messages: Sequence[ChatMessage]) -> list[int]:
+        """One id per word, plus the template's tokens per message."""
+        count = sum(len(m.content.split()) + TEMPLATE_TOKENS_PER_MESSAGE for m in messages)
+        return [SYNTHETIC_TOKEN_ID] * count
+
+    def encode(self, text: str) -> list[int]:
+        return [SYNTHETIC_TOKEN_ID] * len(text.split())
+
+    def decode(self, token_ids: Sequence[int]) -> str:
+        return self._backend.config.token_text * len(token_ids)
+
+    def run_tokens(
+        self,
+        token_ids: Sequence[int],
+        sampling: SamplingParams,
+        *,
+        replace_last_token: int | None = None,
     ) -> "SyntheticTurn":
         if self._closed:
             raise SessionClosed("the session is closed")
-        prompt_tokens = sum(
-            len(message.content.split()) + TEMPLATE_TOKENS_PER_MESSAGE for message in messages
-        )
-        self._turn = SyntheticTurn(self, max(prompt_tokens, 1), sampling.max_new_tokens)
+        self._turn = SyntheticTurn(self, max(len(token_ids), 1), sampling.max_new_tokens)
         return self._turn
 
     async def aclose(self) -> None:

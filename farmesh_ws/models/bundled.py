@@ -11,7 +11,6 @@ import fcntl
 import json
 import logging
 import os
-import re
 import secrets
 import shutil
 import time
@@ -23,25 +22,12 @@ from typing import Any
 from farmesh_ws.models.errors import ModelPreparationError
 from farmesh_ws.models.gguf_source import GGUFSource, locate_bundled_gguf, sha256_of, verify_source
 from farmesh_ws.models.hf_folder import FOLDER_FILES, write_hf_folder
+from farmesh_ws.models.names import BUNDLED_MODEL_ID
 
 logger = logging.getLogger(__name__)
 
-BUNDLED_MODEL_ID = "SmolLM2-135M-Instruct"
 CONVERTER_VERSION = "1"
 MARKER_FILE = "farmesh-conversion.json"
-
-_DHT_UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
-
-
-def dht_prefix_for(model_id: str) -> str:
-    """A Petals DHT prefix for `model_id`: every character but letters, digits, - and _ → "-".
-
-    Petals splits module uids on "." and chains on " ", so neither may appear in a prefix.
-    """
-    prefix = _DHT_UNSAFE.sub("-", model_id.strip())
-    if not prefix.strip("-_"):
-        raise ValueError(f"model id {model_id!r} has no characters usable in a DHT prefix")
-    return prefix
 
 
 def prepare_bundled_model(home: Path, *, progress: bool = True) -> Path:

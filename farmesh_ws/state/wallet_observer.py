@@ -1,37 +1,28 @@
-"""Per-wallet usage counters in the state store, fed by finished turns (off the hot path)."""
+"""Per-wallet usage counters in the state store, fed by finished requests (off the hot path)."""
 
 import asyncio
-from decimal import Decimal
 
-from farmesh_ws.ledger.money import to_e8
-from farmesh_ws.mesh.base import TurnDone
-from farmesh_ws.observers import TurnContext, TurnObserver
+from farmesh_ws.core.money import to_e8
+from farmesh_ws.engine.events import Observer, RequestEvent, RequestFinished
 from farmesh_ws.state.base import StateStore
 
 
-class WalletUsageObserver(TurnObserver):
-    """Adds each finished turn to its wallet's totals."""
+class WalletUsageObserver(Observer):
+    """Adds each finished request to its wallet's totals."""
 
     def __init__(self, store: StateStore) -> None:
         self._store = store
         self._pending: set[asyncio.Task[None]] = set()
 
-    def turn_finished(
-        self,
-        context: TurnContext,
-        done: TurnDone,
-        *,
-        finish_reason: str,
-        completion_tokens: int,
-        cost: Decimal,
-    ) -> None:
-        if context.wallet is None:
+    def notify(self, event: RequestEvent) -> None:
+        if not isinstance(event, RequestFinished) or event.context.wallet is None:
             return
+        settlement = event.settlement
         task = asyncio.create_task(
             self._store.add_wallet_usage(
-                context.wallet,
-                tokens=done.prompt_tokens + completion_tokens,
-                cost_far_e8=to_e8(cost),
+                event.context.wallet,
+                tokens=settlement.prompt_tokens + settlement.completion_tokens,
+                cost_far_e8=to_e8(settlement.cost_far),
             )
         )
         self._pending.add(task)

@@ -12,7 +12,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from farmesh_ws.ledger.money import to_e8
+from farmesh_ws.core.money import to_e8
 from farmesh_ws.ledger.records import ContributionRecord, TurnRecord
 from farmesh_ws.ledger.store import Ledger
 

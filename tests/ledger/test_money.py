@@ -5,7 +5,7 @@ from decimal import Decimal
 
 import pytest
 
-from farmesh_ws.ledger.money import FAR_QUANTUM, far_text, split_by_work, turn_cost
+from farmesh_ws.core.money import FAR_QUANTUM, far_text, split_by_work, turn_cost
 
 
 def test_turn_cost_is_exact() -> None:

@@ -5,7 +5,7 @@ from decimal import Decimal
 from hypothesis import given
 from hypothesis import strategies as st
 
-from farmesh_ws.ledger.money import FAR_QUANTUM, split_by_work
+from farmesh_ws.core.money import FAR_QUANTUM, split_by_work
 from farmesh_ws.ledger.schema import MIGRATIONS
 from farmesh_ws.ledger.store import Ledger, database_url, redacted
 from tests.ledger.conftest import make_turn

@@ -16,17 +16,15 @@ import numpy as np
 import pytest
 
 from farmesh_ws.home import farmesh_home
-from farmesh_ws.models import (
-    BUNDLED_MODEL_ID,
-    GGUFSource,
-    ModelPreparationError,
-    dht_prefix_for,
-    locate_bundled_gguf,
+from farmesh_ws.models import BUNDLED_MODEL_ID, dht_prefix_for
+from farmesh_ws.models.bundled import (
+    MARKER_FILE,
     prepare_bundled_model,
     prepare_model_folder,
     read_marker,
 )
-from farmesh_ws.models.bundled import MARKER_FILE
+from farmesh_ws.models.errors import ModelPreparationError
+from farmesh_ws.models.gguf_source import GGUFSource, locate_bundled_gguf
 from farmesh_ws.models.gguf_weights import FloatArray, hf_name, unpermute_rope_rows
 from farmesh_ws.models.hf_folder import write_hf_folder
 

@@ -1,0 +1,94 @@
+"""The status endpoints (protocol.md §8): ``/health``, ``/mesh/status``, ``/models``, ``/metrics``.
+
+Bodies are built from cached state (mesh coverage refreshed in the background, the shared
+session registry): an HTTP request never waits on the DHT. ``/health`` carries the fields of
+the seed's health check (``status`` ``healthy``, ``service``, ``version``) plus ours.
+"""
+
+import time
+from collections.abc import Callable, Mapping
+from typing import Any, Final
+
+from farmesh_ws import __version__
+from farmesh_ws import protocol as p
+from farmesh_ws.config import Settings
+from farmesh_ws.core.money import far_text
+from farmesh_ws.engine.engine import Engine
+from farmesh_ws.mesh.status import MeshStatusCache
+from farmesh_ws.metrics import Metrics
+
+SERVICE_NAME: Final = "farmesh-ws"
+HealthCheck = Callable[[], str | None]
+"""Returns None when the component is fine, else a short reason (shown in /health)."""
+
+
+class StatusRoutes:
+    """Builds the JSON bodies of the status endpoints."""
+
+    def __init__(
+        self,
+        *,
+        engine: Engine,
+        status: MeshStatusCache,
+        metrics: Metrics,
+        health_checks: Mapping[str, HealthCheck],
+        connections: Callable[[], int],
+    ) -> None:
+        self._engine = engine
+        self._settings: Settings = engine.settings
+        self._status = status
+        self._metrics = metrics
+        self._health_checks = dict(health_checks)
+        self._connections = connections
+        self._started_at = time.monotonic()
+
+    def health(self) -> dict[str, Any]:
+        mesh_online = all(model.status == "online" for model in self._status.all())
+        problems: dict[str, str | None] = {
+            "mesh": None if mesh_online else "not every block is served"
+        }
+        problems.update({name: check() for name, check in self._health_checks.items()})
+        healthy = all(problem is None for problem in problems.values())
+        return {
+            "status": "healthy" if healthy else "degraded",
+            "service": SERVICE_NAME,
+            "version": __version__,
+            "components": {
+                name: "ok" if problem is None else f"degraded: {problem}"
+                for name, problem in problems.items()
+            },
+            "protocol_version": p.PROTOCOL_VERSION,
+            "uptime_s": round(time.monotonic() - self._started_at, 3),
+            "connections": self._connections(),
+        }
+
+    async def mesh_status(self) -> dict[str, Any]:
+        model = self._status.get(self._settings.default_model_id)
+        return {
+            "model_id": model.model_id,
+            "active_nodes": model.active_nodes,
+            "active_sessions": await self._engine.sessions.registry.active_sessions(),
+            "price_per_token_far": far_text(self._settings.price_per_token_far),
+            "status": model.status,
+            "num_blocks": model.num_blocks,
+            "missing_blocks": list(model.missing_blocks),
+        }
+
+    def models(self) -> dict[str, Any]:
+        return {
+            "models": [
+                {
+                    "model_id": model.model_id,
+                    "active_nodes": model.active_nodes,
+                    "price_per_token_far": far_text(self._settings.price_per_token_far),
+                    "status": model.status,
+                    "num_blocks": model.num_blocks,
+                    "max_length": self._settings.max_length_limit,
+                }
+                for model in self._status.all()
+            ]
+        }
+
+    def metrics(self) -> bytes:
+        self._metrics.sessions_active.set(self._engine.sessions.count)
+        return self._metrics.render()

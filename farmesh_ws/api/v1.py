@@ -1,0 +1,269 @@
+"""Protocol v1 (protocol.md) over the engine: one connection's messages in, frames out.
+
+This adapter decodes client frames, turns them into engine calls and encodes what the engine
+reports; every rule (limits, budget, rate limit, context room, session state) is the
+engine's. Section numbers cite protocol.md.
+"""
+
+import logging
+from collections.abc import Awaitable, Callable
+from decimal import Decimal
+
+from farmesh_ws import protocol as p
+from farmesh_ws.core.money import far_text
+from farmesh_ws.core.settlement import Settlement
+from farmesh_ws.core.types import SamplingOverrides, TokenEvent
+from farmesh_ws.engine.conversation import Client, Conversation
+from farmesh_ws.engine.engine import Engine
+from farmesh_ws.engine.request import ActiveRequest
+from farmesh_ws.engine.runner import RequestSpec
+from farmesh_ws.errors import (
+    AlreadyOpen,
+    FarmeshError,
+    NoSession,
+    SessionClosed,
+    UnknownRequest,
+)
+
+logger = logging.getLogger(__name__)
+
+Send = Callable[[p.ServerMessage], Awaitable[None]]
+
+
+class V1Session:
+    """One connection's protocol v1 session (§2): at most one conversation, one request at a
+    time. ``send`` delivers a frame (and drops it once the socket is closed)."""
+
+    def __init__(self, engine: Engine, send: Send, *, client_key: str) -> None:
+        self._engine = engine
+        self._send = send
+        self.client = Client(client_key)
+        self.conversation: Conversation | None = None
+        self.closed = False
+
+    @property
+    def session_id(self) -> str | None:
+        return None if self.conversation is None else self.conversation.session_id
+
+    @property
+    def busy(self) -> bool:
+        return self.client.busy
+
+    async def handle_frame(self, frame: str | bytes) -> bool:
+        """Decode and act on one frame; False if it was answered with an ``error`` frame."""
+        request_id: str | None = None
+        try:
+            message = p.decode_client_message(frame)
+            request_id = p.request_id_of(message)
+            await self.handle(message)
+        except FarmeshError as exc:
+            if exc.close_code is not None:
+                logger.error("internal error", exc_info=True)
+            await self.send_error(exc, request_id)
+            return False
+        return True
+
+    async def handle(self, message: p.ClientMessage) -> None:
+        """Act on one decoded message; raises :class:`FarmeshError` for an ``error`` frame."""
+        if isinstance(message, p.Ping):
+            await self._send(p.Pong(data=message.data))
+        elif isinstance(message, p.Open):
+            await self._open(message)
+        elif isinstance(message, p.Turn):
+            await self._turn(message)
+        elif isinstance(message, p.Generate):
+            await self._generate(message)
+        elif isinstance(message, p.Cancel):
+            self._cancel(message.request_id)
+        elif isinstance(message, p.Close):
+            await self.aclose()
+            await self._send(p.Closed(session_id=self.session_id))
+
+    async def aclose(self) -> None:
+        """Cancel a running request (it still settles) and close the conversation."""
+        if self.closed:
+            return
+        self.closed = True
+        running = self.client.running
+        if running is not None:
+            running.cancel()
+            if running.task is not None:
+                await running.task
+        if self.conversation is not None:
+            await self._engine.sessions.close(self.conversation)
+
+    async def send_error(self, error: FarmeshError, request_id: str | None) -> None:
+        self._engine.error_sent(error.code)
+        await self._send(
+            p.Error(
+                code=error.code,
+                message=error.message,
+                retryable=error.retryable,
+                request_id=request_id,
+            )
+        )
+
+    # §3.1
+    async def _open(self, message: p.Open) -> None:
+        if self.conversation is not None:
+            raise AlreadyOpen("this connection already has a chat session")
+        self._check_open()
+        conversation = await self._engine.sessions.open(
+            kind="chat",
+            wallet=message.user_wallet,
+            model_id=message.model,
+            max_length=message.max_length,
+            system_prompt=message.system_prompt,
+            sampling=_overrides(message.sampling) if message.sampling else None,
+            budget_far=_amount(message.max_cost_far),
+        )
+        self.conversation = conversation
+        self.client.wallet = message.user_wallet
+        settings = self._engine.settings
+        await self._send(
+            p.Opened(
+                session_id=conversation.session_id,
+                model=conversation.model_id,
+                max_length=conversation.mesh.max_length,
+                price_per_token_far=far_text(settings.price_per_token_far),
+                price_per_prompt_token_far=far_text(settings.price_per_prompt_token_far),
+                protocol_version=p.PROTOCOL_VERSION,
+            )
+        )
+
+    # §3.2
+    async def _turn(self, message: p.Turn) -> None:
+        self._check_open()
+        conversation = self.conversation
+        if conversation is None:
+            raise NoSession("send an 'open' message first")
+        sampling = _overrides(message).over(conversation.sampling)
+        spec = RequestSpec(
+            request_id=message.request_id,
+            kind="turn",
+            text=message.text,
+            sampling=sampling.resolve(
+                default_max_new_tokens=self._engine.settings.default_max_new_tokens
+            ),
+            conversation=conversation,
+            max_cost_far=_amount(message.max_cost_far),
+        )
+        await self._launch(spec)
+
+    # §3.3
+    async def _generate(self, message: p.Generate) -> None:
+        self._check_open()
+        sampling = SamplingOverrides(
+            temperature=message.temperature,
+            top_p=message.top_p,
+            max_new_tokens=message.max_tokens,
+        )
+        spec = RequestSpec(
+            request_id=message.request_id,
+            kind="generate",
+            text=message.prompt,
+            sampling=sampling.resolve(
+                default_max_new_tokens=self._engine.settings.default_max_new_tokens
+            ),
+            max_cost_far=_amount(message.max_cost_far),
+            model_id=message.model_id,
+            wallet=message.user_wallet,
+        )
+        await self._launch(spec)
+
+    async def _launch(self, spec: RequestSpec) -> None:
+        active = await self._engine.runner.admit(self.client, spec)
+        self._engine.runner.launch(active, self)
+
+    # §3.4
+    def _cancel(self, request_id: str) -> None:
+        running = self.client.running
+        if running is None or running.request_id != request_id:
+            raise UnknownRequest(f"no running request {request_id!r}")
+        running.cancel()
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise SessionClosed("the session is closed")
+
+    # The engine's sink (RequestSink): §4.2-§4.4
+    async def token(self, active: ActiveRequest, event: TokenEvent) -> None:
+        await self._send(
+            p.Token(
+                request_id=active.request_id,
+                token=event.text,
+                tokens_generated=active.generated,
+                cost_far=far_text(active.cost_far),
+            )
+        )
+
+    async def finished(self, active: ActiveRequest, settlement: Settlement) -> None:
+        request_id = active.request_id
+        if settlement.error is not None:
+            await self.send_error(settlement.error, request_id)
+        frames: list[p.ServerMessage] = [
+            _done_frame(active, settlement),
+            _contribution_frame(request_id, settlement),
+        ]
+        if active.context.kind == "generate":  # §3.3: the contribution, then a final done
+            frames.reverse()
+        for frame in frames:
+            await self._send(frame)
+
+
+def _done_frame(active: ActiveRequest, settlement: Settlement) -> p.Done:
+    result = active.result
+    if result is None:
+        raise FarmeshError("a request was reported before it settled")
+    ttft = result.time_to_first_token_s
+    return p.Done(
+        request_id=active.request_id,
+        finish_reason=settlement.finish_reason,
+        usage=p.Usage(
+            prompt_tokens=settlement.prompt_tokens,
+            completion_tokens=settlement.completion_tokens,
+            cached_tokens=settlement.cached_tokens,
+            cost_far=far_text(settlement.cost_far),
+        ),
+        position=result.position,
+        max_length=result.max_length,
+        duration_ms=round(result.duration_s * 1000, 3),
+        time_to_first_token_ms=None if ttft is None else round(ttft * 1000, 3),
+        error=settlement.error.code if settlement.error is not None else None,
+    )
+
+
+def _contribution_frame(request_id: str, settlement: Settlement) -> p.ContributionReport:
+    return p.ContributionReport(
+        request_id=request_id,
+        cost_far=far_text(settlement.cost_far),
+        nodes=[
+            p.NodeShare(
+                peer_id=node.contribution.peer_id,
+                name=node.contribution.public_name,
+                start_block=node.contribution.start_block,
+                end_block=node.contribution.end_block,
+                tokens=node.contribution.tokens,
+                replayed_tokens=node.contribution.replayed_tokens,
+                work=node.contribution.work,
+                share_far=far_text(node.share_far),
+            )
+            for node in settlement.nodes
+        ],
+    )
+
+
+def _overrides(message: p.Sampling | p.Turn) -> SamplingOverrides:
+    return SamplingOverrides(
+        temperature=message.temperature,
+        top_p=message.top_p,
+        top_k=message.top_k,
+        repetition_penalty=message.repetition_penalty,
+        seed=message.seed,
+        max_new_tokens=message.max_new_tokens,
+        stop=None if message.stop is None else tuple(message.stop),
+    )
+
+
+def _amount(text: str | None) -> Decimal | None:
+    return None if text is None else Decimal(text)

@@ -1,0 +1,1 @@
+"""The pure core: request values, money and settlement (no I/O, no ML stack)."""

@@ -1,0 +1,1 @@
+"""The request engine: conversations, admission, mesh lifecycle and settlement for every surface."""

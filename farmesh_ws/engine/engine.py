@@ -1,0 +1,57 @@
+"""The engine every surface talks to: sessions, the request runner, observers, shutdown.
+
+Wire adapters (``api/``) hold an :class:`Engine` and only decode and encode; every rule lives
+behind it. Shutdown (protocol.md §2): :meth:`Engine.drain` refuses new sessions and requests
+(``shutting_down``) and waits up to a grace period for the running ones, on every surface.
+"""
+
+import asyncio
+import contextlib
+import logging
+
+from farmesh_ws.config import Settings
+from farmesh_ws.engine.events import ErrorSent, Observer
+from farmesh_ws.engine.runner import RequestRunner
+from farmesh_ws.engine.sessions import SessionManager
+from farmesh_ws.mesh.base import MeshBackend
+from farmesh_ws.state.registry import SessionRegistry
+
+logger = logging.getLogger(__name__)
+
+
+class Engine:
+    """Owns the session manager and the runner; ``observer`` hears every request event."""
+
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        backend: MeshBackend,
+        registry: SessionRegistry,
+        observer: Observer,
+    ) -> None:
+        self.settings = settings
+        self.backend = backend
+        self.observer = observer
+        self.sessions = SessionManager(settings=settings, backend=backend, registry=registry)
+        self.runner = RequestRunner(
+            settings=settings,
+            backend=backend,
+            store=registry.store,
+            observer=observer,
+            stopping=lambda: self.sessions.stopping,
+        )
+
+    def error_sent(self, code: str) -> None:
+        """A surface sent an error frame with ``code`` (for the error counters)."""
+        self.observer.notify(ErrorSent(code))
+
+    async def drain(self, grace_s: float) -> None:
+        """Refuse new work, then wait up to ``grace_s`` for running requests to end."""
+        self.sessions.stopping = True
+        running = [active.ended.wait() for active in self.runner.active]
+        if not running:
+            return
+        logger.info("shutdown: waiting up to %.0f s for %d requests", grace_s, len(running))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.gather(*running), grace_s)

@@ -1,0 +1,50 @@
+"""The configured limits a request must respect (protocol.md §9), checked in one place.
+
+Each check raises :class:`~farmesh_ws.errors.InvalidRequest` (or the named error) with a
+message fit for the client; the limits are :class:`~farmesh_ws.config.Settings` fields.
+"""
+
+import asyncio
+
+from farmesh_ws.config import Settings
+from farmesh_ws.errors import InvalidRequest, MeshTimeout, ModelNotFound
+from farmesh_ws.mesh.base import MeshBackend, MeshSession
+
+MAX_MODEL_NAME_CHARS = 200
+
+
+def check_text(settings: Settings, text: str, name: str) -> None:
+    """``text`` has at most ``max_text_chars`` characters."""
+    if len(text) > settings.max_text_chars:
+        raise InvalidRequest(
+            f"{name} has {len(text)} characters; the limit is {settings.max_text_chars}"
+        )
+
+
+def check_max_new_tokens(settings: Settings, value: int | None) -> None:
+    """``value`` (None: the default) is at most ``max_new_tokens_limit``."""
+    if value is not None and value > settings.max_new_tokens_limit:
+        raise InvalidRequest(
+            f"max_new_tokens {value} is above the limit {settings.max_new_tokens_limit}"
+        )
+
+
+def check_max_length(settings: Settings, value: int) -> None:
+    """A session's ``max_length`` is at most ``max_length_limit``."""
+    if value > settings.max_length_limit:
+        raise InvalidRequest(f"max_length {value} is above the limit {settings.max_length_limit}")
+
+
+async def open_mesh_session(
+    backend: MeshBackend, model_id: str, max_length: int, settings: Settings
+) -> MeshSession:
+    """Open a mesh session of a served model under ``open_timeout_s``; raises
+    :class:`ModelNotFound`, :class:`InvalidRequest` or :class:`MeshTimeout`."""
+    if model_id not in backend.model_ids:
+        raise ModelNotFound(f"model {model_id[:MAX_MODEL_NAME_CHARS]!r} is not served here")
+    check_max_length(settings, max_length)
+    opening = backend.open_session(model_id, max_length=max_length)
+    try:
+        return await asyncio.wait_for(opening, settings.open_timeout_s)
+    except TimeoutError:
+        raise MeshTimeout("the mesh did not open a session in time") from None

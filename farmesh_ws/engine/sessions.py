@@ -1,0 +1,91 @@
+"""The live conversations of this process, by session id, for every surface.
+
+:class:`SessionManager` opens conversations (checking the model and the limits, opening the
+mesh session under ``open_timeout_s``), registers them in the shared
+:class:`~farmesh_ws.state.registry.SessionRegistry` (``active_sessions`` across processes) and
+closes them. It owns conversations, not sockets: a surface attaches its client to one.
+"""
+
+import logging
+import uuid
+from decimal import Decimal
+
+from farmesh_ws.config import Settings
+from farmesh_ws.core.types import SamplingOverrides
+from farmesh_ws.engine.conversation import Conversation
+from farmesh_ws.engine.limits import check_max_new_tokens, check_text, open_mesh_session
+from farmesh_ws.errors import ShuttingDown
+from farmesh_ws.mesh.base import MeshBackend
+from farmesh_ws.state.registry import SessionRegistry
+
+logger = logging.getLogger(__name__)
+
+
+class SessionManager:
+    """Opens, tracks and closes conversations."""
+
+    def __init__(
+        self, *, settings: Settings, backend: MeshBackend, registry: SessionRegistry
+    ) -> None:
+        self._settings = settings
+        self._backend = backend
+        self.registry = registry
+        self._live: dict[str, Conversation] = {}
+        self.stopping = False
+
+    @property
+    def count(self) -> int:
+        """Conversations open in this process."""
+        return len(self._live)
+
+    def get(self, session_id: str) -> Conversation | None:
+        return self._live.get(session_id)
+
+    async def open(
+        self,
+        *,
+        kind: str,
+        wallet: str | None,
+        model_id: str | None = None,
+        max_length: int | None = None,
+        system_prompt: str | None = None,
+        sampling: SamplingOverrides | None = None,
+        budget_far: Decimal | None = None,
+    ) -> Conversation:
+        """Open a conversation; raises ``ModelNotFound``, ``InvalidRequest``,
+        ``ShuttingDown`` or ``MeshTimeout`` (nothing is opened then)."""
+        settings = self._settings
+        if self.stopping:
+            raise ShuttingDown("the server is shutting down; retry on another server")
+        model_id = model_id or settings.default_model_id
+        max_length = max_length or settings.default_max_length
+        if system_prompt is not None:
+            check_text(settings, system_prompt, "system_prompt")
+        sampling = sampling or SamplingOverrides()
+        check_max_new_tokens(settings, sampling.max_new_tokens)
+        mesh = await open_mesh_session(self._backend, model_id, max_length, settings)
+        conversation = Conversation(
+            session_id=uuid.uuid4().hex,
+            kind=kind,
+            wallet=wallet,
+            model_id=model_id,
+            mesh=mesh,
+            system_prompt=system_prompt,
+            sampling=sampling,
+            budget_far=budget_far,
+        )
+        self._live[conversation.session_id] = conversation
+        await self.registry.register(conversation.session_id, wallet=wallet, model_id=model_id)
+        return conversation
+
+    async def close(self, conversation: Conversation) -> None:
+        """Close the mesh session and forget the conversation. Idempotent; the caller has
+        already stopped its running request."""
+        if conversation.closed:
+            return
+        conversation.closed = True
+        self._live.pop(conversation.session_id, None)
+        try:
+            await conversation.mesh.aclose()
+        finally:
+            await self.registry.unregister(conversation.session_id)

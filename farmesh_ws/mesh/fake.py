@@ -1,0 +1,241 @@
+"""A scripted mesh for tests: the role httpx's ``MockTransport`` plays. Public; never a default.
+
+No model, no threads, no sockets: a turn runs on the event loop and replies with a scripted
+text. Tokens are characters (id = code point); the ChatML markers ``<|im_start|>`` (id 1) and
+``<|im_end|>`` (id 2, end of sequence) are the only special tokens. :meth:`FakeSession.encode`
+matches them in raw text like a real tokenizer; :meth:`FakeSession.encode_turn` renders a
+ChatML template whose content is literal. Controls for tests:
+
+- ``reply``: the text every turn generates (then end of sequence), or a function of the
+  turn's decoded prompt;
+- ``gate``: when set, every generated token first acquires it (release it to let tokens
+  through: deterministic pacing without sleeps);
+- ``fail_after``: end every turn with ``error`` once it has generated that many tokens.
+
+Each session counts what reached the "mesh" (``tokens_sent``), so tests can prove that a
+refused request sent nothing.
+"""
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Final
+
+from farmesh_ws.core.types import (
+    ChatMessage,
+    Contribution,
+    FinishReason,
+    SamplingParams,
+    TokenEvent,
+    TurnDone,
+    TurnEvent,
+)
+from farmesh_ws.errors import FarmeshError, InvalidRequest, MeshError, ModelNotFound, SessionClosed
+from farmesh_ws.mesh.discovery import ModelCoverage, ServerSpan
+from farmesh_ws.mesh.text_stream import StopMatcher
+
+FAKE_MODEL_ID: Final = "fake-model"
+IM_START: Final = 1
+IM_END: Final = 2
+SPECIAL_TOKENS: Final = {"<|im_start|>": IM_START, "<|im_end|>": IM_END}
+DEFAULT_SYSTEM_PROMPT: Final = "You are a scripted test assistant."
+
+
+@dataclass(slots=True)
+class FakeBackend:
+    """Opens :class:`FakeSession` objects on ``model_ids``; see the module docstring."""
+
+    reply: str | Callable[[str], str] = "Hello from the fake mesh."
+    model_ids: list[str] = field(default_factory=lambda: [FAKE_MODEL_ID])
+    spans: tuple[tuple[str, int, int], ...] = (("fake-peer-a", 0, 15), ("fake-peer-b", 15, 30))
+    max_session_length: int = 2048
+    gate: asyncio.Semaphore | None = None
+    fail_after: int | None = None
+    sessions: list["FakeSession"] = field(default_factory=list)
+
+    async def open_session(self, model_id: str, *, max_length: int) -> "FakeSession":
+        if model_id not in self.model_ids:
+            raise ModelNotFound(f"model {model_id!r} is not served here")
+        if not 1 <= max_length <= self.max_session_length:
+            raise InvalidRequest(f"max_length must be between 1 and {self.max_session_length}")
+        session = FakeSession(self, model_id, max_length)
+        self.sessions.append(session)
+        return session
+
+    async def coverage(self, model_id: str) -> ModelCoverage:
+        """Every block served by the scripted peers (for the status cache)."""
+        servers = tuple(
+            ServerSpan(peer, peer, start, end, "ONLINE", 1.0, None)
+            for peer, start, end in self.spans
+        )
+        return ModelCoverage(model_id, max(end for _, _, end in self.spans), servers, ())
+
+    async def aclose(self) -> None:
+        for session in self.sessions:
+            await session.aclose()
+
+    def reply_for(self, prompt: str) -> str:
+        return self.reply if isinstance(self.reply, str) else self.reply(prompt)
+
+
+class FakeSession:
+    """A conversation whose "attention cache" is the list of token ids sent."""
+
+    def __init__(self, backend: FakeBackend, model_id: str, max_length: int) -> None:
+        self._backend = backend
+        self._model_id = model_id
+        self._max_length = max_length
+        self.sent: list[int] = []
+        self.pending: int | None = None
+        self.closed = False
+
+    @property
+    def model_id(self) -> str:
+        return self._model_id
+
+    @property
+    def max_length(self) -> int:
+        return self._max_length
+
+    @property
+    def position(self) -> int:
+        return len(self.sent)
+
+    @property
+    def pending_tokens(self) -> int:
+        return 0 if self.pending is None else 1
+
+    @property
+    def tokens_sent(self) -> int:
+        """Tokens that reached the scripted mesh so far."""
+        return len(self.sent)
+
+    def encode_turn(self, messages: Sequence[ChatMessage]) -> list[int]:
+        ids: list[int] = []
+        if self.position == 0 and self.pending is None:
+            if not any(message.role == "system" for message in messages):
+                ids += _block("system", DEFAULT_SYSTEM_PROMPT)
+        elif self.pending != IM_END:
+            ids += [IM_END, *_literal("\n")]
+        else:
+            ids += _literal("\n")
+        for message in messages:
+            ids += _block(message.role, message.content)
+        return [*ids, IM_START, *_literal("assistant\n")]
+
+    def encode(self, text: str) -> list[int]:
+        ids: list[int] = []
+        index = 0
+        while index < len(text):
+            special = next((s for s in SPECIAL_TOKENS if text.startswith(s, index)), None)
+            if special is not None:
+                ids.append(SPECIAL_TOKENS[special])
+                index += len(special)
+            else:
+                ids.append(ord(text[index]))
+                index += 1
+        return ids
+
+    def decode(self, token_ids: Sequence[int]) -> str:
+        names = {value: key for key, value in SPECIAL_TOKENS.items()}
+        return "".join(names.get(token, chr(token)) for token in token_ids)
+
+    def run_tokens(
+        self,
+        token_ids: Sequence[int],
+        sampling: SamplingParams,
+        *,
+        replace_last_token: int | None = None,
+    ) -> "FakeTurn":
+        if self.closed:
+            raise SessionClosed("the session is closed")
+        if replace_last_token is not None and self.pending is not None:
+            self.pending = replace_last_token
+        return FakeTurn(self, list(token_ids), sampling)
+
+    async def aclose(self) -> None:
+        self.closed = True
+
+
+class FakeTurn:
+    """A running scripted turn; ``cancel()`` stops it before its next token."""
+
+    def __init__(self, session: FakeSession, new_ids: list[int], sampling: SamplingParams) -> None:
+        self._session = session
+        self._new_ids = new_ids
+        self._sampling = sampling
+        self._cancelled = False
+
+    def cancel(self) -> None:
+        self._cancelled = True
+
+    async def __aiter__(self) -> AsyncIterator[TurnEvent]:
+        session, backend = self._session, self._session._backend
+        started = time.perf_counter()
+        cached = session.position
+        pending = [] if session.pending is None else [session.pending]
+        inputs = pending + self._new_ids
+        reply = backend.reply_for(session.decode(self._new_ids))
+        script = [ord(char) for char in reply] + [IM_END]
+        stops = StopMatcher(self._sampling.stop)
+        generated, processed, text = 0, 0, ""
+        finish: FinishReason = "cancelled"
+        error: FarmeshError | None = None
+        first_token_s: float | None = None
+        while not self._cancelled:
+            if backend.gate is not None:
+                await backend.gate.acquire()
+                if self._cancelled:
+                    break
+            if backend.fail_after is not None and generated >= backend.fail_after:
+                finish, error = "error", MeshError("scripted mesh failure")
+                break
+            session.sent += inputs
+            processed += len(inputs)
+            token = script[min(generated, len(script) - 1)]
+            generated += 1
+            session.pending = token
+            first_token_s = first_token_s or time.perf_counter() - started
+            is_eos = token == IM_END
+            ends = is_eos or generated >= self._sampling.max_new_tokens
+            ends = ends or session.position + 1 > session.max_length
+            safe = stops.feed("" if is_eos else chr(token))
+            if ends:
+                safe += stops.flush()
+            text += safe
+            yield TokenEvent(safe, token, generated, len(self._new_ids))
+            if is_eos or stops.stopped:
+                finish = "stop"
+                break
+            if ends:
+                finish = "length"
+                break
+            inputs = [token]
+        yield TurnDone(
+            finish_reason=finish,
+            text=text,
+            prompt_tokens=len(self._new_ids) if processed else 0,
+            completion_tokens=generated,
+            cached_tokens=cached,
+            position=session.position,
+            max_length=session.max_length,
+            contributions=tuple(
+                Contribution(peer, peer, start, end, processed, 0)
+                for peer, start, end in backend.spans
+            )
+            if processed
+            else (),
+            routes=(),
+            time_to_first_token_s=first_token_s,
+            duration_s=time.perf_counter() - started,
+            error=error,
+        )
+
+
+def _literal(text: str) -> list[int]:
+    return [ord(char) for char in text]
+
+
+def _block(role: str, content: str) -> list[int]:
+    return [IM_START, *_literal(f"{role}\n{content}"), IM_END, *_literal("\n")]

@@ -1,0 +1,1 @@
+"""Transports: sockets, HTTP routes, connection limits and shutdown; no request rules."""

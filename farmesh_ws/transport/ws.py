@@ -1,0 +1,271 @@
+"""The I/O layer: a websockets asyncio server with the HTTP GET routes on the same port.
+
+WebSocket sessions live at ``/ws`` (protocol v1, :mod:`farmesh_ws.api.v1`) and
+``/api/v2/generate`` (chat.petals.dev, :mod:`farmesh_ws.api.petals_v2`); ``/health``,
+``/mesh/status``, ``/models`` and ``/metrics`` answer plain GETs (:mod:`farmesh_ws.api.status`),
+``/`` the browser page. This layer owns sockets only: connection limits, frame size, idle
+timeout, the per-connection reader, close codes (protocol.md §6) and shutdown; every request
+rule is the engine's.
+"""
+
+import asyncio
+import contextlib
+import json
+import logging
+import uuid
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from http import HTTPStatus
+from pathlib import Path
+from typing import Any, Final
+
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.datastructures import Headers
+from websockets.exceptions import ConnectionClosed
+from websockets.frames import CloseCode
+from websockets.http11 import Request, Response
+
+from farmesh_ws import __version__
+from farmesh_ws import protocol as p
+from farmesh_ws.api.petals_v2.handler import PetalsV2Connection
+from farmesh_ws.api.status import HealthCheck, StatusRoutes
+from farmesh_ws.api.v1 import V1Session
+from farmesh_ws.config import Settings
+from farmesh_ws.engine.engine import Engine
+from farmesh_ws.engine.events import FanOut, Observer
+from farmesh_ws.logcontext import bind_log_context
+from farmesh_ws.mesh.base import MeshBackend
+from farmesh_ws.mesh.status import MeshStatusCache
+from farmesh_ws.metrics import Metrics, MetricsObserver
+from farmesh_ws.state import MemoryStateStore
+from farmesh_ws.state.registry import SessionRegistry
+
+logger = logging.getLogger(__name__)
+
+WEBSOCKET_PATH: Final = "/ws"
+PETALS_V2_PATH: Final = "/api/v2/generate"
+
+
+class GatewayServer:
+    """Serves WebSocket sessions and the status endpoints on one port."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        backend: MeshBackend,
+        status: MeshStatusCache,
+        metrics: Metrics,
+        *,
+        observers: Sequence[Observer] = (),
+        health_checks: Mapping[str, HealthCheck] | None = None,
+        registry: SessionRegistry | None = None,
+    ) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.registry = registry or SessionRegistry(MemoryStateStore())
+        self.engine = Engine(
+            settings=settings,
+            backend=backend,
+            registry=self.registry,
+            observer=FanOut([MetricsObserver(metrics), *observers]),
+        )
+        checks: dict[str, HealthCheck] = {"state": lambda: self.registry.store.degraded_reason}
+        checks.update(health_checks or {})
+        self.status = StatusRoutes(
+            engine=self.engine,
+            status=status,
+            metrics=metrics,
+            health_checks=checks,
+            connections=lambda: len(self._connections),
+        )
+        self._server: Server | None = None
+        self._connections: set[ServerConnection] = set()
+        self._shutting_down = False
+        self._routes: dict[str, Callable[[], Awaitable[Response]]] = {
+            "/health": self._json_route(self.status.health),
+            "/mesh/status": self._mesh_status,
+            "/models": self._json_route(self.status.models),
+            "/metrics": self._metrics,
+        }
+
+    @property
+    def port(self) -> int:
+        if self._server is None:
+            raise RuntimeError("the server is not started")
+        sockets = list(self._server.sockets)
+        return int(sockets[0].getsockname()[1])
+
+    @property
+    def active_sessions(self) -> int:
+        """Conversations open in this process, on every surface."""
+        return self.engine.sessions.count
+
+    async def start(self) -> None:
+        self.registry.start()
+        origins: list[Any] | None = None
+        if self.settings.allowed_origins:
+            origins = [*self.settings.allowed_origins, None]
+        self._server = await serve(
+            self._handle,
+            self.settings.host,
+            self.settings.port,
+            process_request=self._process_request,
+            max_size=self.settings.max_frame_bytes,
+            origins=origins,
+            server_header=f"farmesh-ws/{__version__}",
+        )
+
+    async def shutdown(self) -> None:
+        """Stop accepting, let running requests finish until the grace deadline, close 1001."""
+        if self._server is None:
+            return
+        self._shutting_down = True
+        self._server.close(close_connections=False)
+        await self.engine.drain(self.settings.shutdown_grace_s)
+        closing = [
+            connection.close(CloseCode.GOING_AWAY, "server shutting down")
+            for connection in self._connections
+        ]
+        await asyncio.gather(*closing, return_exceptions=True)
+        await self._server.wait_closed()
+        self._server = None
+        await self.registry.aclose()
+
+    # HTTP (protocol.md §8)
+    async def _process_request(
+        self, connection: ServerConnection, request: Request
+    ) -> Response | None:
+        path = request.path.split("?", 1)[0]
+        route = self._routes.get(path)
+        if route is not None:
+            return await route()
+        if path == "/" or path.startswith("/static/"):
+            return _static_file("index.html" if path == "/" else path.removeprefix("/static/"))
+        if path not in (WEBSOCKET_PATH, PETALS_V2_PATH):
+            return _json_response(HTTPStatus.NOT_FOUND, {"error": "not_found", "path": path})
+        if self._shutting_down:
+            return _json_response(HTTPStatus.SERVICE_UNAVAILABLE, {"error": "shutting_down"})
+        if len(self._connections) >= self.settings.max_connections:
+            return _json_response(HTTPStatus.SERVICE_UNAVAILABLE, {"error": "too_many_connections"})
+        return None
+
+    @staticmethod
+    def _json_route(body: Callable[[], dict[str, Any]]) -> Callable[[], Awaitable[Response]]:
+        async def route() -> Response:
+            return _json_response(HTTPStatus.OK, body())
+
+        return route
+
+    async def _mesh_status(self) -> Response:
+        return _json_response(HTTPStatus.OK, await self.status.mesh_status())
+
+    async def _metrics(self) -> Response:
+        return Response(
+            HTTPStatus.OK.value,
+            HTTPStatus.OK.phrase,
+            Headers([("Content-Type", "text/plain; version=0.0.4; charset=utf-8")]),
+            self.status.metrics(),
+        )
+
+    # WebSocket (protocol.md §2-§7)
+    async def _handle(self, connection: ServerConnection) -> None:
+        conn_id = uuid.uuid4().hex[:8]
+        bind_log_context(conn=conn_id)
+        client_key = f"connection:{self.registry.process_id}:{conn_id}"
+        self._connections.add(connection)
+        self.metrics.connections_total.inc()
+        self.metrics.connections_active.inc()
+        logger.debug("connected from %s", connection.remote_address)
+        try:
+            request = connection.request
+            if request is not None and request.path.startswith(PETALS_V2_PATH):
+                await PetalsV2Connection(connection, self.engine, client_key=client_key).run()
+            else:
+                await self._serve_v1(connection, client_key)
+        finally:
+            self._connections.discard(connection)
+            self.metrics.connections_active.dec()
+            logger.debug("closed (%s)", connection.close_code)
+
+    async def _serve_v1(self, connection: ServerConnection, client_key: str) -> None:
+        send = _sender(connection)
+        session = V1Session(self.engine, send, client_key=client_key)
+        try:
+            await self._read_loop(connection, session)
+        except ConnectionClosed:
+            pass
+        except Exception:
+            logger.exception("connection handler failed")
+            with contextlib.suppress(ConnectionClosed):
+                await send(
+                    p.Error(code="internal_error", message="internal error", retryable=False)
+                )
+                await connection.close(CloseCode.INTERNAL_ERROR, "internal error")
+        finally:
+            await session.aclose()
+
+    async def _read_loop(self, connection: ServerConnection, session: V1Session) -> None:
+        errors_in_a_row = 0
+        while True:
+            if errors_in_a_row >= self.settings.max_consecutive_errors:
+                logger.info("closing after %d invalid messages in a row", errors_in_a_row)
+                await connection.close(CloseCode.POLICY_VIOLATION, "too many invalid messages")
+                return
+            try:
+                frame = await asyncio.wait_for(connection.recv(), self.settings.idle_timeout_s)
+            except TimeoutError:
+                if session.busy:
+                    continue
+                logger.info("idle for %.0f s; closing", self.settings.idle_timeout_s)
+                await connection.close(CloseCode.NORMAL_CLOSURE, "idle timeout")
+                return
+            ok = await session.handle_frame(frame)
+            errors_in_a_row = 0 if ok else errors_in_a_row + 1
+            if session.session_id is not None:
+                bind_log_context(session=session.session_id[:8])
+            if session.closed:
+                await connection.close(CloseCode.NORMAL_CLOSURE, "closed by client")
+                return
+
+
+def _sender(connection: ServerConnection) -> Callable[[p.ServerMessage], Awaitable[None]]:
+    """Frames to a closed connection are dropped: the reader task sees the close and
+    tears the session down (cancelling its request), so the request need not care."""
+
+    async def send(message: p.ServerMessage) -> None:
+        with contextlib.suppress(ConnectionClosed):
+            await connection.send(p.encode_server_message(message))
+
+    return send
+
+
+_STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
+_STATIC_TYPES = {
+    ".html": "text/html; charset=utf-8",
+    ".js": "text/javascript; charset=utf-8",
+    ".css": "text/css; charset=utf-8",
+    ".svg": "image/svg+xml",
+    ".png": "image/png",
+}
+
+
+def _static_file(name: str) -> Response:
+    """A file of the browser page; only plain names directly in static/ are served."""
+    path = _STATIC_DIR / name
+    content_type = _STATIC_TYPES.get(path.suffix)
+    if "/" in name or name.startswith(".") or content_type is None or not path.is_file():
+        return _json_response(HTTPStatus.NOT_FOUND, {"error": "not_found", "path": f"/{name}"})
+    return Response(
+        HTTPStatus.OK.value,
+        HTTPStatus.OK.phrase,
+        Headers([("Content-Type", content_type), ("Cache-Control", "no-cache")]),
+        path.read_bytes(),
+    )
+
+
+def _json_response(status: HTTPStatus, body: dict[str, Any]) -> Response:
+    return Response(
+        status.value,
+        status.phrase,
+        Headers([("Content-Type", "application/json"), ("Cache-Control", "no-store")]),
+        json.dumps(body).encode(),
+    )
