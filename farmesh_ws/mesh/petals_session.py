@@ -1,0 +1,235 @@
+"""One chat session over Petals: a persistent remote inference session, its transcript, and
+the worker loop that steps it token by token.
+
+The session keeps the token ids the mesh holds, so if the remote session breaks (dead
+server, expired cache) the next step opens a fresh one and replays them.
+"""
+
+import asyncio
+import concurrent.futures
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from farmesh_ws.core.types import ChatMessage, SamplingParams, TurnDone
+from farmesh_ws.errors import ContextOverflow, FarmeshError, SessionClosed
+from farmesh_ws.mesh.attribution import StepRecorder
+from farmesh_ws.mesh.petals_errors import translate_error
+from farmesh_ws.mesh.petals_model import LoadedModel
+from farmesh_ws.mesh.petals_turn import PetalsTurn, TurnState
+from farmesh_ws.mesh.sampling import make_generator, next_token
+
+logger = logging.getLogger(__name__)
+
+Submit = Callable[..., "concurrent.futures.Future[None]"]
+
+
+class PetalsChatSession:
+    """One chat session: a persistent remote inference session plus its token transcript.
+
+    ``submit(fn, *args)`` runs a turn on a mesh worker thread; ``forget(session)`` is called
+    once when the session closes.
+    """
+
+    def __init__(
+        self,
+        model: LoadedModel,
+        max_length: int,
+        *,
+        submit: Submit,
+        forget: Callable[["PetalsChatSession"], None],
+    ) -> None:
+        self._model = model
+        self._max_length = max_length
+        self._submit = submit
+        self._forget = forget
+        self._lock = threading.Lock()
+        self._inference: Any = None
+        self._held_ids: list[int] = []
+        self._pending_id: int | None = None
+        self._closed = False
+        self._routes_stale = False
+        self.remote_sessions_opened = 0
+
+    @property
+    def model_id(self) -> str:
+        return self._model.spec.model_id
+
+    @property
+    def max_length(self) -> int:
+        return self._max_length
+
+    @property
+    def position(self) -> int:
+        """Tokens the mesh holds in its attention caches for this session."""
+        return len(self._held_ids)
+
+    @property
+    def pending_tokens(self) -> int:
+        """1 if the last generated token has not been sent to the mesh yet, else 0."""
+        return 0 if self._pending_id is None else 1
+
+    def encode_turn(self, messages: Sequence[ChatMessage]) -> list[int]:
+        """The chat template over ``messages`` only: the first turn while the session holds
+        nothing, else the continuation after the previous reply. Content is literal."""
+        turns = self._model.turns
+        if self.position == 0 and self._pending_id is None:
+            return turns.first_turn_ids(messages)
+        closed = self._pending_id == self._model.eos_token_id
+        return turns.next_turn_ids(messages, previous_reply_closed=closed)
+
+    def encode(self, text: str) -> list[int]:
+        """Tokenise raw text the way the model's tokenizer does by default."""
+        return list(self._model.tokenizer(text)["input_ids"])
+
+    def decode(self, token_ids: Sequence[int]) -> str:
+        """Raw ids to text with special tokens kept and no space clean-up; an incomplete
+        UTF-8 character at the end decodes to U+FFFD (callers buffer on that)."""
+        text = self._model.tokenizer.decode(
+            list(token_ids), skip_special_tokens=False, clean_up_tokenization_spaces=False
+        )
+        return str(text)
+
+    def run_tokens(
+        self,
+        token_ids: Sequence[int],
+        sampling: SamplingParams,
+        *,
+        replace_last_token: int | None = None,
+    ) -> PetalsTurn:
+        """Feed the pending token, if any, then ``token_ids``, and generate. Returns at once;
+        the turn runs on a worker thread. ``replace_last_token`` swaps the last generated
+        token, not yet sent to the mesh, for another (e.g. a stop sequence's token).
+        Raises :class:`SessionClosed` on a closed session; failures later in the turn end
+        it with a :class:`TurnDone` carrying the error."""
+        if self._closed:
+            raise SessionClosed("the session is closed")
+        turn = PetalsTurn()
+        turn.future = self._submit(
+            self._run_turn_in_thread, turn, list(token_ids), sampling, replace_last_token
+        )
+        return turn
+
+    async def aclose(self) -> None:
+        """Close the remote session (waits for a running turn to stop first)."""
+        self._closed = True
+        self._forget(self)
+        await asyncio.to_thread(self._close_inference)
+
+    def _close_inference(self) -> None:
+        with self._lock:
+            self._drop_inference()
+
+    def _drop_inference(self) -> None:
+        if self._inference is not None:
+            inference, self._inference = self._inference, None
+            try:
+                inference.close()
+            except Exception:
+                logger.debug("closing a broken remote session failed", exc_info=True)
+
+    def _run_turn_in_thread(
+        self,
+        turn: PetalsTurn,
+        new_ids: list[int],
+        sampling: SamplingParams,
+        replace_last_token: int | None,
+    ) -> None:
+        started = time.perf_counter()
+        with self._lock:
+            try:
+                if replace_last_token is not None and self._pending_id is not None:
+                    self._pending_id = replace_last_token
+                self._run_turn_locked(turn, new_ids, sampling, started)
+            except Exception as exc:  # one boundary: everything becomes a typed error event
+                error = translate_error(exc)
+                if not isinstance(exc, FarmeshError):
+                    logger.warning("turn failed: %s", error.code, exc_info=True)
+                if turn.state is not None:
+                    turn.state.fail()
+                turn.emit(self._done(turn, started, error=error))
+
+    def _run_turn_locked(
+        self,
+        turn: PetalsTurn,
+        new_ids: list[int],
+        sampling: SamplingParams,
+        started: float,
+    ) -> None:
+        if self._closed:
+            raise SessionClosed("the session is closed")
+        model = self._model
+        inputs = ([self._pending_id] if self._pending_id is not None else []) + new_ids
+        if self.position + len(inputs) > self._max_length:
+            raise ContextOverflow(
+                f"this turn needs {len(inputs)} tokens but only "
+                f"{self._max_length - self.position} of max_length {self._max_length} are left"
+            )
+        state = TurnState(
+            eos_token_id=model.eos_token_id,
+            decode=model.decode,
+            sampling=sampling,
+            prompt_tokens=len(new_ids),
+            cached=self.position,
+        )
+        turn.state = state
+        generator = make_generator(sampling.seed)
+        while state.finish is None:
+            if turn.cancel_requested.is_set():
+                state.cancel()
+                break
+            hidden = self._step(inputs, state.recorder)
+            token_id = next_token(model.logits(hidden), sampling, self._held_ids, generator)
+            self._pending_id = token_id
+            turn.emit(state.accept(token_id, room=self._max_length - self.position))
+            inputs = [token_id]
+        turn.emit(self._done(turn, started))
+
+    def _step(self, inputs: list[int], recorder: StepRecorder) -> Any:
+        """Run new tokens through the mesh; reopen and replay if the remote session broke.
+        Returns the last block's hidden states ``[1, n, hidden]``."""
+        import torch
+
+        replay: list[int] = []
+        if self._inference is None:
+            from petals.client.inference_session import InferenceSession
+
+            replay = list(self._held_ids)
+            if self._routes_stale:
+                self._model.sequence_manager.update(wait=True)
+                self._routes_stale = False
+            self._inference = InferenceSession(self._model.sequence_manager, self._max_length)
+            self.remote_sessions_opened += 1
+            if replay:
+                logger.info("reopening the remote session; replaying %d tokens", len(replay))
+        ids = torch.tensor([replay + inputs], dtype=torch.long)
+        try:
+            with torch.inference_mode(), recorder.step(new_tokens=len(inputs)):
+                hidden = self._inference.step(self._model.embed(ids))
+        except Exception:
+            self._drop_inference()
+            self._routes_stale = True
+            raise
+        self._held_ids = self._held_ids + inputs
+        return hidden
+
+    def _done(
+        self, turn: PetalsTurn, started: float, *, error: FarmeshError | None = None
+    ) -> TurnDone:
+        state = turn.state
+        return TurnDone(
+            finish_reason=(state.finish if state and state.finish and not error else "error"),
+            text=state.text if state else "",
+            prompt_tokens=state.prompt_tokens if state else 0,
+            completion_tokens=state.generated if state else 0,
+            cached_tokens=state.cached if state else self.position,
+            position=self.position,
+            max_length=self._max_length,
+            contributions=state.recorder.contributions() if state else (),
+            routes=tuple(state.recorder.routes) if state else (),
+            time_to_first_token_s=state.first_token_s(started) if state else None,
+            duration_s=time.perf_counter() - started,
+            error=error,
+        )
