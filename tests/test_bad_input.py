@@ -44,6 +44,15 @@ CASES: list[tuple[str, list[dict[str, Any]], str | bytes, str]] = [
         "unknown_request",
     ),
     ("too many stops", [OPEN], json.dumps({**TURN, "stop": ["a"] * 20}), "invalid_message"),
+    # ~1000 levels deep, an unknown field before "type": once a RecursionError and a 1011 close
+    ("deep nesting", [], '{"x":' + "[" * 1000 + "]" * 1000 + ',"type":"ping"}', "invalid_json"),
+    # "$" matches before a final newline: "w\n" once became a second ledger wallet
+    (
+        "wallet ending in a newline",
+        [],
+        json.dumps({**OPEN, "user_wallet": "w\n"}),
+        "invalid_message",
+    ),
 ]
 
 

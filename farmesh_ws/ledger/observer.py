@@ -5,10 +5,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from farmesh_ws.core.money import to_e8
 from farmesh_ws.engine.events import Observer, RequestEvent, RequestFinished, TokensDelivered
 from farmesh_ws.ledger.checkpoints import TurnCheckpoints
-from farmesh_ws.ledger.records import TurnRecord, turn_record
+from farmesh_ws.ledger.records import TurnRecord, checkpoint_record, turn_record
 from farmesh_ws.ledger.writer import LedgerWriter
 
 logger = logging.getLogger(__name__)
@@ -30,28 +29,8 @@ class LedgerObserver(Observer):
 
     def _checkpoint(self, event: TokensDelivered) -> None:
         context = event.context
-        if not self._checkpoints.due(context.session_id, context.request_id):
-            return
-        now = time.time()
-        self._checkpoints.write(
-            TurnRecord(
-                session_id=context.session_id,
-                request_id=context.request_id,
-                kind=context.kind,
-                wallet=context.wallet,
-                model_id=context.model_id,
-                started_at=context.started_at,
-                ended_at=now,
-                prompt_tokens=event.prompt_tokens,
-                completion_tokens=event.delivered,
-                cached_tokens=0,
-                finish_reason="interrupted",
-                cost_far_e8=to_e8(event.cost_far),
-                ttft_ms=None,
-                duration_ms=(now - context.started_at) * 1e3,
-                contributions=(),
-            )
-        )
+        if self._checkpoints.due(context.session_id, context.request_id):
+            self._checkpoints.write(checkpoint_record(event, now=time.time()))
 
 
 async def recover_interrupted_turns(checkpoints: TurnCheckpoints, writer: LedgerWriter) -> int:

@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from farmesh_ws.core.money import to_e8
-from farmesh_ws.engine.events import RequestFinished
+from farmesh_ws.engine.events import RequestContext, RequestFinished, TokensDelivered
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,16 +52,40 @@ class TurnRecord:
         return cls(**{**data, "contributions": contributions})
 
 
+def _who(context: RequestContext) -> dict[str, Any]:
+    """The fields of a record that identify its request."""
+    return {
+        "session_id": context.session_id,
+        "request_id": context.request_id,
+        "kind": context.kind,
+        "wallet": context.wallet,
+        "model_id": context.model_id,
+        "started_at": context.started_at,
+    }
+
+
+def checkpoint_record(event: TokensDelivered, *, now: float) -> TurnRecord:
+    """A running request as far as it was delivered: closed as ``interrupted`` if the process
+    dies before the request ends (no contributions: the route is not checkpointed)."""
+    return TurnRecord(
+        **_who(event.context),
+        ended_at=now,
+        prompt_tokens=event.prompt_tokens,
+        completion_tokens=event.delivered,
+        cached_tokens=0,
+        finish_reason="interrupted",
+        cost_far_e8=to_e8(event.cost_far),
+        ttft_ms=None,
+        duration_ms=(now - event.context.started_at) * 1e3,
+        contributions=(),
+    )
+
+
 def turn_record(event: RequestFinished, *, ended_at: float) -> TurnRecord:
     """The record of a finished request, from its one settlement."""
-    context, done, settlement = event.context, event.done, event.settlement
+    done, settlement = event.done, event.settlement
     return TurnRecord(
-        session_id=context.session_id,
-        request_id=context.request_id,
-        kind=context.kind,
-        wallet=context.wallet,
-        model_id=context.model_id,
-        started_at=context.started_at,
+        **_who(event.context),
         ended_at=ended_at,
         prompt_tokens=settlement.prompt_tokens,
         completion_tokens=settlement.completion_tokens,

@@ -4,21 +4,18 @@ engine, so each rule below is shown on both, through real sockets (scripted mesh
 import asyncio
 import json
 import urllib.request
-from collections.abc import AsyncIterator, Sequence
-from dataclasses import replace
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
-from farmesh_ws.config import Settings
 from farmesh_ws.engine.events import Observer, RequestEvent, RequestStarted
-from farmesh_ws.mesh.fake import FAKE_MODEL_ID, FakeBackend
-from farmesh_ws.mesh.status import MeshStatusCache
-from farmesh_ws.metrics import Metrics
+from farmesh_ws.mesh.fake import FakeBackend
 from farmesh_ws.transport.ws import GatewayServer
 from tests.engine.support import release
+from tests.transport.support import fake_gateway
 
 
 class _Started(Observer):
@@ -35,17 +32,6 @@ class _Started(Observer):
                 self.ready.set()
 
 
-async def _gateway(
-    backend: FakeBackend, *, observers: Sequence[Observer] = (), **overrides: Any
-) -> GatewayServer:
-    settings = replace(Settings(port=0, default_model_id=FAKE_MODEL_ID), **overrides)
-    status = MeshStatusCache(backend.model_ids, backend.coverage, refresh_s=60)
-    await status.refresh()
-    server = GatewayServer(settings, backend, status, Metrics(), observers=observers)
-    await server.start()
-    return server
-
-
 @pytest.fixture
 async def backend() -> FakeBackend:
     return FakeBackend(reply="abc")
@@ -53,7 +39,7 @@ async def backend() -> FakeBackend:
 
 @pytest.fixture
 async def server(backend: FakeBackend) -> AsyncIterator[GatewayServer]:
-    gateway = await _gateway(backend, requests_burst=2, requests_per_minute=1.0)
+    gateway = await fake_gateway(backend, requests_burst=2, requests_per_minute=1.0)
     yield gateway
     await gateway.shutdown()
 
@@ -169,7 +155,7 @@ async def test_shutdown_lets_running_requests_finish_on_both_paths() -> None:
     gate = asyncio.Semaphore(0)
     backend = FakeBackend(reply="abc", gate=gate)
     started = _Started(2)
-    server = await _gateway(backend, observers=[started], shutdown_grace_s=30.0)
+    server = await fake_gateway(backend, observers=[started], shutdown_grace_s=30.0)
     v1 = await _v1(server)
     v2 = await _v2(server)
     await v1.send(json.dumps({"type": "turn", "request_id": "a", "text": "hi"}))
