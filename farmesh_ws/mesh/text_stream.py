@@ -1,9 +1,10 @@
 """Turning a stream of token ids into a stream of text deltas.
 
 Byte-level BPE tokens can end in the middle of a UTF-8 character; a delta is only released
-once the decoded text no longer ends in U+FFFD. Stop sequences are matched on the text, and
-any tail that could still become a stop sequence is held back, so a client never sees text
-past a stop.
+once the decoded text no longer ends in U+FFFD, and a character still incomplete when the
+turn ends (cut by ``max_new_tokens``, a full session or a cancel) is dropped. Stop sequences
+are matched on the text, and any tail that could still become a stop sequence is held back,
+so a client never sees text past a stop.
 """
 
 from collections.abc import Callable, Sequence
@@ -32,11 +33,13 @@ class IncrementalDecoder:
         return current[len(settled) :]
 
     def flush(self) -> str:
-        """Whatever is still pending at the end of the turn (incomplete bytes included)."""
+        """Whatever is still pending at the end of the turn, minus a final incomplete
+        character: its tokens were generated (and count) but it has no text. The decoded
+        text cannot tell it from a genuine U+FFFD at the very end, which is dropped too."""
         settled = self._decode(self._ids[self._prefix_start : self._read_end])
         current = self._decode(self._ids[self._prefix_start :])
         self._prefix_start = self._read_end = len(self._ids)
-        return current[len(settled) :]
+        return current[len(settled) :].removesuffix(_INCOMPLETE)
 
 
 class StopMatcher:

@@ -19,8 +19,14 @@ def _messages(raw: list[dict[str, str]]) -> list[ChatMessage]:
 async def _run(
     session: Any, messages: list[ChatMessage], sampling: SamplingParams
 ) -> tuple[list[TokenEvent], TurnDone]:
+    return await _run_ids(session, session.encode_turn(messages), sampling)
+
+
+async def _run_ids(
+    session: Any, token_ids: list[int], sampling: SamplingParams
+) -> tuple[list[TokenEvent], TurnDone]:
     tokens: list[TokenEvent] = []
-    async for event in session.run_tokens(session.encode_turn(messages), sampling):
+    async for event in session.run_tokens(token_ids, sampling):
         if isinstance(event, TokenEvent):
             tokens.append(event)
         else:
@@ -173,3 +179,22 @@ async def test_raw_tokens_continue_the_transcript_without_a_template(
     assert ids1 == turn1["greedy_48_ids"]
     assert ids2 == turn2["greedy_48_ids"]
     assert session.encode("Hello, world!") == golden["tokenize"][0]["ids"]
+
+
+async def test_a_reply_cut_inside_a_character_ends_without_a_replacement_character(
+    backend: Any,
+) -> None:
+    # Raw rockets make the model continue with rockets, 3 tokens each: 40 tokens end one
+    # token into the 14th rocket.
+    session = await backend.open_session(BUNDLED_MODEL_ID, max_length=128)
+    try:
+        prompt = session.encode("🚀" * 12)
+        tokens, done = await _run_ids(session, prompt, SamplingParams(max_new_tokens=40))
+        raw = session.decode([event.token_id for event in tokens])
+    finally:
+        await session.aclose()
+    assert raw == "🚀" * 13 + "\ufffd"
+    assert done.finish_reason == "length"
+    assert done.completion_tokens == 40
+    assert done.text == "🚀" * 13
+    assert "".join(event.text for event in tokens) == done.text

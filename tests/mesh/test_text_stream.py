@@ -36,6 +36,27 @@ def test_emoji_is_released_only_when_complete() -> None:
     assert deltas[3] == "🙂"
 
 
+def test_a_character_cut_at_the_end_is_dropped() -> None:
+    rocket = "🚀".encode()
+    decoder = IncrementalDecoder(_decode_bytes)
+    deltas = [decoder.push(byte) for byte in b"ok " + rocket + rocket[:3]]
+    assert "".join(deltas) == "ok 🚀"
+    assert decoder.flush() == ""
+
+
+def test_complete_text_held_with_a_cut_character_is_released() -> None:
+    # One token carries "é" and the first byte of "🚀", so "é" waits for the rest; the
+    # turn ends there, and "é" is released without the incomplete character.
+    tokens = {0: "é".encode() + "🚀".encode()[:1]}
+
+    def decode(ids: Sequence[int]) -> str:
+        return b"".join(tokens[i] for i in ids).decode("utf-8", errors="replace")
+
+    decoder = IncrementalDecoder(decode)
+    assert decoder.push(0) == ""
+    assert decoder.flush() == "é"
+
+
 def _feed(stops: Sequence[str], deltas: Sequence[str]) -> tuple[str, bool]:
     matcher = StopMatcher(stops)
     emitted = "".join(matcher.feed(delta) for delta in deltas) + matcher.flush()
