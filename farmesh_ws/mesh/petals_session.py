@@ -139,53 +139,62 @@ class PetalsChatSession:
     ) -> None:
         started = time.perf_counter()
         with self._lock:
+            model = self._model
+            state = TurnState(
+                eos_token_id=model.eos_token_id,
+                decode=model.decode,
+                sampling=sampling,
+                cached=self.position,
+            )
             try:
-                if replace_last_token is not None and self._pending_id is not None:
-                    self._pending_id = replace_last_token
-                self._run_turn_locked(turn, new_ids, sampling, started)
+                self._run_turn_locked(turn, state, new_ids, sampling, replace_last_token)
             except Exception as exc:  # one boundary: everything becomes a typed error event
                 error = translate_error(exc)
                 if not isinstance(exc, FarmeshError):
                     logger.warning("turn failed: %s", error.code, exc_info=True)
-                if turn.state is not None:
-                    turn.state.fail()
-                turn.emit(self._done(turn, started, error=error))
+                state.fail()
+                turn.emit(self._done(state, started, error=error))
+            else:
+                turn.emit(self._done(state, started))
 
     def _run_turn_locked(
         self,
         turn: PetalsTurn,
+        state: TurnState,
         new_ids: list[int],
         sampling: SamplingParams,
-        started: float,
+        replace_last_token: int | None,
     ) -> None:
+        """Step the mesh until ``state`` finishes. The session changes only with a step that
+        succeeds: a turn cancelled before its first step, or whose first step fails, leaves
+        the position and the pending token as they were."""
         if self._closed:
             raise SessionClosed("the session is closed")
-        model = self._model
-        inputs = ([self._pending_id] if self._pending_id is not None else []) + new_ids
+        if turn.cancel_requested.is_set():
+            state.cancel()
+            return
+        pending = self._pending_id
+        if pending is not None and replace_last_token is not None:
+            pending = replace_last_token
+        inputs = ([pending] if pending is not None else []) + new_ids
         if self.position + len(inputs) > self._max_length:
             raise ContextOverflow(
                 f"this turn needs {len(inputs)} tokens but only "
                 f"{self._max_length - self.position} of max_length {self._max_length} are left"
             )
-        state = TurnState(
-            eos_token_id=model.eos_token_id,
-            decode=model.decode,
-            sampling=sampling,
-            prompt_tokens=len(new_ids),
-            cached=self.position,
-        )
-        turn.state = state
+        state.send_prompt(len(new_ids))
         generator = make_generator(sampling.seed)
-        while state.finish is None:
-            if turn.cancel_requested.is_set():
-                state.cancel()
-                break
+        while True:
             hidden = self._step(inputs, state.recorder)
-            token_id = next_token(model.logits(hidden), sampling, self._held_ids, generator)
+            token_id = next_token(self._model.logits(hidden), sampling, self._held_ids, generator)
             self._pending_id = token_id
             turn.emit(state.accept(token_id, room=self._max_length - self.position))
+            if state.finish is not None:
+                return
+            if turn.cancel_requested.is_set():
+                state.cancel()
+                return
             inputs = [token_id]
-        turn.emit(self._done(turn, started))
 
     def _step(self, inputs: list[int], recorder: StepRecorder) -> Any:
         """Run new tokens through the mesh; reopen and replay if the remote session broke.
@@ -216,20 +225,19 @@ class PetalsChatSession:
         return hidden
 
     def _done(
-        self, turn: PetalsTurn, started: float, *, error: FarmeshError | None = None
+        self, state: TurnState, started: float, *, error: FarmeshError | None = None
     ) -> TurnDone:
-        state = turn.state
         return TurnDone(
-            finish_reason=(state.finish if state and state.finish and not error else "error"),
-            text=state.text if state else "",
-            prompt_tokens=state.prompt_tokens if state else 0,
-            completion_tokens=state.generated if state else 0,
-            cached_tokens=state.cached if state else self.position,
+            finish_reason=state.finish if error is None and state.finish is not None else "error",
+            text=state.text,
+            prompt_tokens=state.prompt_tokens,
+            completion_tokens=state.generated,
+            cached_tokens=state.cached,
             position=self.position,
             max_length=self._max_length,
-            contributions=state.recorder.contributions() if state else (),
-            routes=tuple(state.recorder.routes) if state else (),
-            time_to_first_token_s=state.first_token_s(started) if state else None,
+            contributions=state.recorder.contributions(),
+            routes=tuple(state.recorder.routes),
+            time_to_first_token_s=state.first_token_s(started),
             duration_s=time.perf_counter() - started,
             error=error,
         )

@@ -23,7 +23,6 @@ class PetalsTurn:
         self._events: asyncio.Queue[TurnEvent] = asyncio.Queue()
         self.cancel_requested = threading.Event()
         self.future: concurrent.futures.Future[None] | None = None
-        self.state: TurnState | None = None
 
     def cancel(self) -> None:
         self.cancel_requested.set()
@@ -48,7 +47,8 @@ class PetalsTurn:
 class TurnState:
     """Counters, text and stop conditions of one turn (worker-thread only).
 
-    ``prompt_tokens``: this turn's new tokens; ``cached``: tokens the mesh held before it.
+    ``cached``: tokens the mesh held before the turn; ``prompt_tokens``: the turn's new
+    tokens, 0 until :meth:`send_prompt` (a turn that never reached the mesh sent none).
     """
 
     def __init__(
@@ -57,11 +57,10 @@ class TurnState:
         eos_token_id: int,
         decode: Decode,
         sampling: SamplingParams,
-        prompt_tokens: int,
         cached: int,
     ) -> None:
         self.recorder = StepRecorder()
-        self.prompt_tokens = prompt_tokens
+        self.prompt_tokens = 0
         self.cached = cached
         self.generated = 0
         self.text = ""
@@ -71,6 +70,10 @@ class TurnState:
         self._stops = StopMatcher(sampling.stop)
         self._first_token_at: float | None = None
         self.finish: FinishReason | None = None
+
+    def send_prompt(self, prompt_tokens: int) -> None:
+        """The first step is going out with the turn's ``prompt_tokens`` new tokens."""
+        self.prompt_tokens = prompt_tokens
 
     def accept(self, token_id: int, *, room: int) -> TokenEvent:
         """Take one generated token; ``room`` is how many more tokens the session can hold."""

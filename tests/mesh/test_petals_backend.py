@@ -198,3 +198,52 @@ async def test_a_reply_cut_inside_a_character_ends_without_a_replacement_charact
     assert done.completion_tokens == 40
     assert done.text == "🚀" * 13
     assert "".join(event.text for event in tokens) == done.text
+
+
+async def _cancelled_before_its_first_step(
+    session: Any, token_ids: list[int], *, replace_last_token: int | None = None
+) -> TurnDone:
+    # Holding the session's lock keeps the worker from taking a step until cancel() is in.
+    with session._lock:
+        turn = session.run_tokens(token_ids, GREEDY_48, replace_last_token=replace_last_token)
+        turn.cancel()
+    events = [event async for event in turn]
+    assert len(events) == 1
+    done = events[0]
+    assert isinstance(done, TurnDone)
+    return done
+
+
+async def test_a_turn_cancelled_before_its_first_step_sends_nothing(
+    backend: Any, golden: dict[str, Any]
+) -> None:
+    turn1, turn2 = golden["conversations"][0][:2]
+    session = await backend.open_session(BUNDLED_MODEL_ID, max_length=512)
+    try:
+        first_ids = session.encode_turn(_messages(turn1["new_messages"]))
+        done = await _cancelled_before_its_first_step(session, first_ids)
+        assert done.finish_reason == "cancelled"
+        assert (done.prompt_tokens, done.completion_tokens, done.cached_tokens) == (0, 0, 0)
+        assert done.contributions == ()
+        assert done.routes == ()
+        assert (session.position, session.pending_tokens) == (0, 0)
+        assert session.encode_turn(_messages(turn1["new_messages"])) == first_ids
+
+        _, done1 = await _run(session, _messages(turn1["new_messages"]), GREEDY_48)
+        second_ids = session.encode_turn(_messages(turn2["new_messages"]))
+        not_eos = second_ids[-1]
+        done = await _cancelled_before_its_first_step(
+            session, second_ids, replace_last_token=not_eos
+        )
+        assert done.finish_reason == "cancelled"
+        assert (done.prompt_tokens, done.completion_tokens) == (0, 0)
+        assert done.cached_tokens == done.position == done1.position
+        assert done.contributions == ()
+        assert (session.position, session.pending_tokens) == (done1.position, 1)
+
+        # The pending end-of-turn token was not replaced: turn 2 still matches the golden.
+        tokens2, done2 = await _run(session, _messages(turn2["new_messages"]), GREEDY_48)
+    finally:
+        await session.aclose()
+    assert [event.token_id for event in tokens2] == turn2["greedy_48_ids"]
+    assert done2.prompt_tokens == len(second_ids)

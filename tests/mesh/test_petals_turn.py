@@ -18,7 +18,6 @@ def _state(max_new_tokens: int) -> TurnState:
         eos_token_id=EOS,
         decode=_decode_bytes,
         sampling=SamplingParams(max_new_tokens=max_new_tokens),
-        prompt_tokens=5,
         cached=0,
     )
 
