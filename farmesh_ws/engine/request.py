@@ -123,6 +123,7 @@ class ActiveRequest:
         self._over_budget = False
         self._billed = 0
         self._prompt = 0
+        self._cost = Decimal(0)
         self._delivered = 0
         self.last_step: TurnDone | None = None
         self._last_delivery: float | None = None
@@ -144,8 +145,8 @@ class ActiveRequest:
 
     @property
     def cost_far(self) -> Decimal:
-        """What the request costs so far (protocol.md §7)."""
-        return self._prices.cost(self._prompt, self._billed)
+        """What the request costs so far (protocol.md §7); computed once per token."""
+        return self._cost
 
     @property
     def stopped(self) -> bool:
@@ -178,6 +179,7 @@ class ActiveRequest:
                     self.last_step = event
                     self._tally.add_step(event)
                     self._prompt = self._tally.prompt_tokens
+                    self._cost = self._prices.cost(self._prompt, self._billed)
                     continue
                 if self._over_budget:
                     continue
@@ -190,7 +192,7 @@ class ActiveRequest:
                 if self._tally.first_token_at is None:
                     self._tally.first_token_at = time.perf_counter()
                 self._billed = billed_before + event.tokens_generated
-                self._prompt = prompt
+                self._prompt, self._cost = prompt, cost
                 yield event
         finally:
             self._turn = None
