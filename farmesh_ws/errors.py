@@ -138,10 +138,20 @@ class MeshTimeout(MeshError):
 
 
 class ContextOverflow(MeshError):
-    """The turn does not fit into the session's ``max_length`` tokens."""
+    """The turn does not fit into the session's ``max_length`` tokens. Messages start with
+    Petals' own wording, "Maximum length exceeded", which chat.petals.dev's page matches to
+    offer a longer session."""
 
     code = "context_overflow"
     retryable = False
+
+    @classmethod
+    def session_full(cls, *, position: int, needed: int, max_length: int) -> "ContextOverflow":
+        """``needed`` more tokens do not fit after ``position`` in ``max_length``."""
+        return cls(
+            f"Maximum length exceeded: prefix {position} + current {needed} tokens exceeds "
+            f"this session's max_length {max_length} ({max_length - position} tokens left)"
+        )
 
 
 class ModelNotFound(MeshError):

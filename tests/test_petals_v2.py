@@ -282,10 +282,10 @@ async def test_the_stop_sequence_is_matched_only_at_the_end_of_a_step(
     ]
     assert [r["stop"] for r in sent] == [False] * len(sent)
     assert sum(r["token_count"] for r in sent) == 10
-    assert error == {
+    assert error == {  # upstream's wording, which chat.js matches to offer a longer session
         "ok": False,
-        "traceback": "context_overflow: this turn needs 1 tokens but only 0 of max_length "
-        f"{max_length} are left",
+        "traceback": f"context_overflow: Maximum length exceeded: prefix {max_length} + current "
+        f"1 tokens exceeds this session's max_length {max_length} (0 tokens left)",
     }
     assert code == 1000
 

@@ -85,12 +85,14 @@ class V1Session:
             return
         self.closed = True
         running = self.client.running
-        if running is not None:
-            running.cancel()
-            if running.task is not None:
-                await running.task
-        if self.conversation is not None:
-            await self._engine.sessions.close(self.conversation)
+        try:
+            if running is not None:
+                running.cancel()
+                if running.task is not None:
+                    await running.task
+        finally:
+            if self.conversation is not None:
+                await self._engine.sessions.close(self.conversation)
 
     async def send_error(self, error: FarmeshError, request_id: str | None) -> None:
         self._engine.error_sent(error.code)

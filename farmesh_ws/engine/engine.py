@@ -11,6 +11,7 @@ import logging
 
 from farmesh_ws.config import Settings
 from farmesh_ws.engine.events import ErrorSent, Observer
+from farmesh_ws.engine.request import ActiveRequest
 from farmesh_ws.engine.runner import RequestRunner
 from farmesh_ws.engine.sessions import SessionManager
 from farmesh_ws.mesh.base import MeshBackend
@@ -47,11 +48,26 @@ class Engine:
         self.observer.notify(ErrorSent(code))
 
     async def drain(self, grace_s: float) -> None:
-        """Refuse new work, then wait up to ``grace_s`` for running requests to end."""
+        """Refuse new work, wait up to ``grace_s`` for running requests to end, then cancel
+        the rest and wait for them to settle and send their last frames (a cancel takes effect
+        after the current mesh step, at most ``mesh_request_timeout_s``)."""
         self.sessions.stopping = True
-        running = [active.ended.wait() for active in self.runner.active]
+        running = list(self.runner.active)
         if not running:
             return
         logger.info("shutdown: waiting up to %.0f s for %d requests", grace_s, len(running))
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(asyncio.gather(*running), grace_s)
+        if await _all_ended(running, grace_s):
+            return
+        late = [active for active in running if not active.ended.is_set()]
+        logger.info("shutdown: cancelling %d requests after the grace period", len(late))
+        for active in late:
+            active.cancel()
+        await _all_ended(late, self.settings.mesh_request_timeout_s)
+
+
+async def _all_ended(requests: list[ActiveRequest], timeout_s: float) -> bool:
+    """Wait up to ``timeout_s`` for every request to end; True if they all did."""
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(asyncio.gather(*(r.ended.wait() for r in requests)), timeout_s)
+        return True
+    return False

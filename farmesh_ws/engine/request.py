@@ -128,6 +128,7 @@ class ActiveRequest:
         self.last_step: TurnDone | None = None
         self._last_delivery: float | None = None
         self.result: TurnDone | None = None
+        self.settled = False
 
     @property
     def request_id(self) -> str:
@@ -214,8 +215,9 @@ class ActiveRequest:
         )
 
     def finish(self, error: FarmeshError | None = None) -> Settlement:
-        """Settle once: bill what was generated (and not held back), free the client for its
-        next request, tell the observers. ``error``: what ended the request, if anything."""
+        """Settle once: bill what was generated (and not held back) and tell the observers.
+        ``error``: what ended the request, if anything. The client stays busy until
+        :meth:`release`, after the request's last frames."""
         done = self.result = self._tally.result()
         reason: SettledReason = done.finish_reason
         if error is None and self.last_step is not None:
@@ -229,12 +231,16 @@ class ActiveRequest:
         )
         if self.conversation is not None:
             self.conversation.spent_far += settlement.cost_far
+        self.settled = True
+        self._observer.notify(RequestFinished(self.context, done, settlement))
+        return settlement
+
+    def release(self) -> None:
+        """The request is over, its last frames sent: free the client. Idempotent."""
         if self.client.running is self:
             self.client.running = None
-        self._observer.notify(RequestFinished(self.context, done, settlement))
         self._on_end(self)
         self.ended.set()
-        return settlement
 
     async def aclose(self) -> None:
         """Close the mesh session of a one-shot request (a conversation keeps its own)."""

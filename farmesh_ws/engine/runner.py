@@ -20,6 +20,7 @@ from decimal import Decimal
 from typing import Protocol
 
 from farmesh_ws.config import Settings
+from farmesh_ws.core.money import far_text
 from farmesh_ws.core.settlement import Settlement
 from farmesh_ws.core.types import ChatMessage, SamplingParams, TokenEvent
 from farmesh_ws.engine.conversation import Client, Conversation
@@ -98,6 +99,8 @@ class RequestRunner:
             raise ShuttingDown("the server is shutting down; retry on another server")
         if conversation is not None and conversation.closed:
             raise SessionClosed("the session is closed")
+        if client.running is not None and client.running.settled:
+            await client.running.ended.wait()  # only its last frames are still going out
         if client.running is not None:
             raise Busy(
                 f"request {client.running.request_id!r} is still running; wait for its done "
@@ -114,6 +117,8 @@ class RequestRunner:
             token_ids = self._tokens(spec, mesh)
             budget = self._budget(spec, conversation, len(token_ids))
             await self._take_rate_token(client, self._wallet(client, spec))
+            if self._stopping():  # shutdown began while this request was being admitted
+                raise ShuttingDown("the server is shutting down; retry on another server")
         except BaseException:
             if conversation is None:
                 await mesh.aclose()
@@ -129,17 +134,23 @@ class RequestRunner:
     async def _run(self, active: ActiveRequest, sink: RequestSink) -> None:
         error: FarmeshError | None = None
         try:
-            async for event in active.step(active.token_ids, active.sampling):
-                await sink.token(active, event)
-                active.delivered(1)
-        except FarmeshError as exc:
-            error = exc
-        except Exception:
-            logger.exception("request %s failed", active.request_id)
-            error = FarmeshError("internal error")
-        settlement = active.finish(error)
-        await active.aclose()
-        await sink.finished(active, settlement)
+            try:
+                async for event in active.step(active.token_ids, active.sampling):
+                    await sink.token(active, event)
+                    active.delivered(1)
+            except FarmeshError as exc:
+                error = exc
+            except Exception:
+                logger.exception("request %s failed", active.request_id)
+                error = FarmeshError("internal error")
+            settlement = active.finish(error)
+            await active.aclose()
+            await sink.finished(active, settlement)
+        finally:
+            if not active.settled:  # the task itself was cancelled
+                active.finish(FarmeshError("internal error"))
+                await asyncio.shield(active.aclose())
+            active.release()
 
     async def _open_one_shot(self, spec: RequestSpec) -> MeshSession:
         model_id = spec.model_id or self._settings.default_model_id
@@ -155,12 +166,9 @@ class RequestRunner:
         else:
             token_ids = mesh.encode_turn([ChatMessage(role="user", content=spec.text)])
         needed = mesh.pending_tokens + len(token_ids)
-        room = mesh.max_length - mesh.position
-        if needed > room:
-            # "Maximum length exceeded" is Petals' wording, which chat.petals.dev's page matches.
-            raise ContextOverflow(
-                f"Maximum length exceeded: prefix {mesh.position} + current {needed} tokens "
-                f"exceeds this session's max_length {mesh.max_length} ({room} tokens left)"
+        if mesh.position + needed > mesh.max_length:
+            raise ContextOverflow.session_full(
+                position=mesh.position, needed=needed, max_length=mesh.max_length
             )
         return token_ids
 
@@ -180,7 +188,7 @@ class RequestRunner:
             raise BudgetExceeded("the session's max_cost_far budget is spent")
         if budget < self._settings.prices.cost(prompt_tokens, 1):
             raise BudgetExceeded(
-                f"max_cost_far {budget} does not pay for one token of this request"
+                f"max_cost_far {far_text(budget)} does not pay for one token of this request"
             )
         return budget
 

@@ -64,6 +64,9 @@ class SessionManager:
         sampling = sampling or SamplingOverrides()
         check_max_new_tokens(settings, sampling.max_new_tokens)
         mesh = await open_mesh_session(self._backend, model_id, max_length, settings)
+        if self.stopping:  # shutdown began while the mesh session was opening
+            await mesh.aclose()
+            raise ShuttingDown("the server is shutting down; retry on another server")
         conversation = Conversation(
             session_id=uuid.uuid4().hex,
             kind=kind,

@@ -9,7 +9,9 @@ ChatML template whose content is literal. Controls for tests:
 - ``reply``: the text every turn generates (then end of sequence), or a function of the
   turn's decoded prompt;
 - ``gate``: when set, every generated token first acquires it (release it to let tokens
-  through: deterministic pacing without sleeps);
+  through: deterministic pacing without sleeps); ``cancel()`` wakes a turn waiting on it;
+- ``open_gate`` / ``close_gate``: when set, opening / closing a session waits for the event
+  (a slow mesh at those moments); ``open_started`` is set when an open begins;
 - ``fail_after``: end every turn with ``error`` once it has generated that many tokens.
 
 Each session counts what reached the "mesh" (``tokens_sent``), so tests can prove that a
@@ -31,7 +33,14 @@ from farmesh_ws.core.types import (
     TurnDone,
     TurnEvent,
 )
-from farmesh_ws.errors import FarmeshError, InvalidRequest, MeshError, ModelNotFound, SessionClosed
+from farmesh_ws.errors import (
+    ContextOverflow,
+    FarmeshError,
+    InvalidRequest,
+    MeshError,
+    ModelNotFound,
+    SessionClosed,
+)
 from farmesh_ws.mesh.discovery import ModelCoverage, ServerSpan
 from farmesh_ws.mesh.text_stream import StopMatcher
 
@@ -51,10 +60,16 @@ class FakeBackend:
     spans: tuple[tuple[str, int, int], ...] = (("fake-peer-a", 0, 15), ("fake-peer-b", 15, 30))
     max_session_length: int = 2048
     gate: asyncio.Semaphore | None = None
+    open_gate: asyncio.Event | None = None
+    close_gate: asyncio.Event | None = None
+    open_started: asyncio.Event = field(default_factory=asyncio.Event)
     fail_after: int | None = None
     sessions: list["FakeSession"] = field(default_factory=list)
 
     async def open_session(self, model_id: str, *, max_length: int) -> "FakeSession":
+        self.open_started.set()
+        if self.open_gate is not None:
+            await self.open_gate.wait()
         if model_id not in self.model_ids:
             raise ModelNotFound(f"model {model_id!r} is not served here")
         if not 1 <= max_length <= self.max_session_length:
@@ -155,6 +170,8 @@ class FakeSession:
         return FakeTurn(self, list(token_ids), sampling)
 
     async def aclose(self) -> None:
+        if self._backend.close_gate is not None:
+            await self._backend.close_gate.wait()
         self.closed = True
 
 
@@ -166,9 +183,11 @@ class FakeTurn:
         self._new_ids = new_ids
         self._sampling = sampling
         self._cancelled = False
+        self._cancel_event = asyncio.Event()
 
     def cancel(self) -> None:
         self._cancelled = True
+        self._cancel_event.set()
 
     async def __aiter__(self) -> AsyncIterator[TurnEvent]:
         session, backend = self._session, self._session._backend
@@ -183,11 +202,18 @@ class FakeTurn:
         finish: FinishReason = "cancelled"
         error: FarmeshError | None = None
         first_token_s: float | None = None
-        while not self._cancelled:
+        if session.position + len(inputs) > session.max_length:  # as Petals refuses it
+            finish = "error"
+            error = ContextOverflow.session_full(
+                position=session.position, needed=len(inputs), max_length=session.max_length
+            )
+        while error is None and not self._cancelled:
             if backend.gate is not None:
-                await backend.gate.acquire()
-                if self._cancelled:
-                    break
+                await self._pass_gate(backend.gate)
+            else:
+                await asyncio.sleep(0)  # a step is never instant: let the loop run between
+            if self._cancelled:
+                break
             if backend.fail_after is not None and generated >= backend.fail_after:
                 finish, error = "error", MeshError("scripted mesh failure")
                 break
@@ -231,6 +257,18 @@ class FakeTurn:
             duration_s=time.perf_counter() - started,
             error=error,
         )
+
+
+    async def _pass_gate(self, gate: asyncio.Semaphore) -> None:
+        """Acquire ``gate``, or return as soon as the turn is cancelled."""
+        acquire = asyncio.ensure_future(gate.acquire())
+        cancelled = asyncio.ensure_future(self._cancel_event.wait())
+        await asyncio.wait((acquire, cancelled), return_when=asyncio.FIRST_COMPLETED)
+        cancelled.cancel()
+        if not acquire.done():
+            acquire.cancel()
+        elif self._cancelled:
+            gate.release()  # not used: give it back
 
 
 def _literal(text: str) -> list[int]:

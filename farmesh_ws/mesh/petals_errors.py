@@ -45,7 +45,7 @@ def _classify(exc: BaseException) -> MeshError:
     if isinstance(exc, TimeoutError | concurrent.futures.TimeoutError):
         return MeshTimeout("the mesh did not answer in time")
     if isinstance(exc, ValueError) and "Maximum length exceeded" in str(exc):
-        return ContextOverflow("the session's max_length is reached")
+        return ContextOverflow("Maximum length exceeded: the session's max_length is reached")
     if _is_p2p_failure(exc):
         return MeshUnavailable("a mesh server failed and no replacement answered")
     return MeshError("the mesh failed to run this step", retryable=True)

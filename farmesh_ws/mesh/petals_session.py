@@ -178,9 +178,8 @@ class PetalsChatSession:
             pending = replace_last_token
         inputs = ([pending] if pending is not None else []) + new_ids
         if self.position + len(inputs) > self._max_length:
-            raise ContextOverflow(
-                f"this turn needs {len(inputs)} tokens but only "
-                f"{self._max_length - self.position} of max_length {self._max_length} are left"
+            raise ContextOverflow.session_full(
+                position=self.position, needed=len(inputs), max_length=self._max_length
             )
         state.send_prompt(len(new_ids))
         generator = make_generator(sampling.seed)

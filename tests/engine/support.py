@@ -22,9 +22,12 @@ PRICE = Decimal("0.0001")
 @dataclass
 class Recorder(Observer):
     events: list[RequestEvent] = field(default_factory=list)
+    settled: asyncio.Event = field(default_factory=asyncio.Event)
 
     def notify(self, event: RequestEvent) -> None:
         self.events.append(event)
+        if isinstance(event, RequestFinished):
+            self.settled.set()
 
     def of(self, kind: type) -> list[Any]:
         return [event for event in self.events if isinstance(event, kind)]

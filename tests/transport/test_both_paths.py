@@ -176,3 +176,32 @@ async def test_shutdown_lets_running_requests_finish_on_both_paths() -> None:
             await ws.recv()
         assert closed.value.rcvd is not None
         assert closed.value.rcvd.code == 1001
+
+
+async def test_v2_a_budget_stop_sends_what_it_bills_then_the_error(
+    server: GatewayServer,
+) -> None:
+    v2 = await _v2(server, max_cost_far="0.0003", user_wallet="b1")  # 3 tokens at 0.0001
+    first = await _v2_generate(v2, max_new_tokens=10)
+    assert first == {"ok": True, "outputs": "abc", "stop": False, "token_count": 3}
+    error = await _recv(v2)
+    assert error["traceback"].startswith("budget_exceeded: ")
+
+
+async def test_v2_a_session_that_fills_up_mid_request_says_maximum_length_exceeded(
+    backend: FakeBackend,
+) -> None:
+    backend.reply = "x" * 500
+    server = await fake_gateway(backend)
+    try:
+        v2 = await _v2(server, max_length=80)
+        # one step per token until the stop sequence, as chat.js asks: the session fills up
+        reply = await _v2_generate(v2, max_new_tokens=1, stop_sequence="never")
+        steps = 0
+        while reply["ok"]:
+            steps += 1
+            reply = await _recv(v2)
+        assert steps > 1
+        assert reply["traceback"].startswith("context_overflow: Maximum length exceeded")
+    finally:
+        await server.shutdown()

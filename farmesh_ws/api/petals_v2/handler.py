@@ -28,7 +28,13 @@ from farmesh_ws.engine.conversation import Client, Conversation
 from farmesh_ws.engine.engine import Engine
 from farmesh_ws.engine.request import ActiveRequest, require_step
 from farmesh_ws.engine.runner import RequestSpec
-from farmesh_ws.errors import FarmeshError, IdleTimeout, InvalidRequest, MeshError
+from farmesh_ws.errors import (
+    FarmeshError,
+    IdleTimeout,
+    InvalidRequest,
+    MeshError,
+    ShuttingDown,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -93,6 +99,8 @@ class PetalsV2Connection:
         """websocket_api.py L91-93: the error frame, then the handler ends (socket closed)."""
         self._engine.error_sent(error.code)
         close_code = error.close_code or CloseCode.NORMAL_CLOSURE
+        if isinstance(error, ShuttingDown):
+            close_code = CloseCode.GOING_AWAY
         with contextlib.suppress(ConnectionClosed):
             await self._send({"ok": False, "traceback": f"{error.code}: {error.message}"})
             reason = "idle timeout" if isinstance(error, IdleTimeout) else error.code
@@ -145,13 +153,24 @@ class PetalsV2Connection:
         except FarmeshError as exc:
             error = exc
             raise
+        except ConnectionClosed:  # the client left: the request ends as cancelled
+            active.cancel()
+            raise
         except Exception:
             error = FarmeshError("internal error")
             raise
         finally:
             settlement = active.finish(error)
-            if settlement.error is not None and error is None:
-                raise settlement.error
+            active.release()
+        if settlement.error is not None:
+            raise settlement.error  # a budget stop or a mesh failure: websocket_api.py L89-93
+
+    async def _send_outputs(
+        self, active: ActiveRequest, outputs: str, stop: bool, tokens: list[int]
+    ) -> None:
+        """websocket_api.py L85-88: one response for ``tokens``."""
+        await self._send({"ok": True, "outputs": outputs, "stop": stop, "token_count": len(tokens)})
+        active.delivered(len(tokens))
 
     def _step_size(self, generate: GenerateRequest, new_tokens: int) -> int:
         """Tokens one step may generate: ``max_new_tokens``, or what ``max_length`` leaves
@@ -184,7 +203,11 @@ class PetalsV2Connection:
             ]
             done = require_step(active)
             self._session_tokens += done.prompt_tokens + done.completion_tokens
-            if done.error is not None or active.stopped:
+            if done.error is not None:
+                return done.finish_reason
+            if active.stopped:
+                if (held or delta) and not self._closing:  # a budget stop: send what is billed
+                    await self._send_outputs(active, mesh.decode(held + delta), False, held + delta)
                 return done.finish_reason
             if not delta:
                 raise MeshError("the mesh generated no token")
@@ -200,12 +223,8 @@ class PetalsV2Connection:
                 held += delta
             else:
                 all_outputs = combined
-                token_count = len(held) + len(delta)
+                await self._send_outputs(active, outputs, stop, held + delta)
                 held = []
-                await self._send(
-                    {"ok": True, "outputs": outputs, "stop": stop, "token_count": token_count}
-                )
-                active.delivered(token_count)
                 if stop:
                     return done.finish_reason
             sampling = replace(sampling, max_new_tokens=self._step_size(generate, 0))
