@@ -25,6 +25,7 @@ from farmesh_ws.mesh.status import MeshStatusCache, ModelStatus
 from farmesh_ws.metrics import Metrics
 from farmesh_ws.models import BUNDLED_MODEL_ID, dht_prefix_for
 from farmesh_ws.models.bundled import prepare_bundled_model
+from farmesh_ws.models.generation import recommended_sampling
 from farmesh_ws.state import open_state_store
 from farmesh_ws.state.registry import SessionRegistry
 from farmesh_ws.state.wallet_observer import WalletUsageObserver
@@ -119,6 +120,7 @@ async def running_gateway(settings: Settings, *, progress: bool = True) -> Async
             observers=[ledger_observer, wallets],
             registry=SessionRegistry(store),
             health_checks={"ledger": lambda: "database unreachable" if writer.degraded else None},
+            generation={BUNDLED_MODEL_ID: recommended_sampling(model_path)},
         )
         await server.start()
         stack.push_async_callback(server.shutdown)

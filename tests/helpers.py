@@ -6,27 +6,60 @@ from dataclasses import replace
 from decimal import Decimal
 from typing import Any
 
+import pytest
 from websockets.asyncio.client import ClientConnection
 
 from farmesh_ws.config import Settings
+from farmesh_ws.core.types import SamplingParams
+from farmesh_ws.engine.runner import RequestRunner, RequestSpec
+from farmesh_ws.home import farmesh_home
 from farmesh_ws.mesh.status import MeshStatusCache
 from farmesh_ws.metrics import Metrics
+from farmesh_ws.models import BUNDLED_MODEL_ID
+from farmesh_ws.models.bundled import prepare_bundled_model
+from farmesh_ws.models.generation import Sampling, recommended_sampling
 from farmesh_ws.transport.ws import GatewayServer
 
 PRICE = Decimal("0.0001")
 PROMPT_PRICE = Decimal("0.00002")
 
 
-async def start_gateway(backend: Any, **overrides: Any) -> GatewayServer:
+def bundled_generation() -> dict[str, Sampling]:
+    """What the gateway announces in /models: the prepared bundled folder's sampling."""
+    folder = prepare_bundled_model(farmesh_home(), progress=False)
+    return {BUNDLED_MODEL_ID: recommended_sampling(folder)}
+
+
+async def start_gateway(
+    backend: Any, *, generation: dict[str, Sampling] | None = None, **overrides: Any
+) -> GatewayServer:
+    """A gateway on ``backend``; ``generation`` defaults to :func:`bundled_generation`, as
+    ``farmesh-ws serve`` passes it; ``overrides`` are :class:`Settings` fields."""
     settings = replace(
         Settings(port=0, price_per_token_far=PRICE, price_per_prompt_token_far=PROMPT_PRICE),
         **overrides,
     )
     status = MeshStatusCache(backend.model_ids, backend.coverage, refresh_s=60)
     await status.refresh()
-    server = GatewayServer(settings, backend, status, Metrics())
+    if generation is None:
+        generation = await asyncio.to_thread(bundled_generation)
+    server = GatewayServer(settings, backend, status, Metrics(), generation=generation)
     await server.start()
     return server
+
+
+def record_sampling(monkeypatch: pytest.MonkeyPatch) -> list[SamplingParams]:
+    """Collect the sampling of every request the engine admits from now on (the session's
+    defaults with the request's own fields applied): what the mesh will generate with."""
+    seen: list[SamplingParams] = []
+    admit = RequestRunner.admit
+
+    async def recording_admit(self: RequestRunner, client: Any, spec: RequestSpec) -> Any:
+        seen.append(spec.sampling)
+        return await admit(self, client, spec)
+
+    monkeypatch.setattr(RequestRunner, "admit", recording_admit)
+    return seen
 
 
 def ws_url(server: GatewayServer) -> str:

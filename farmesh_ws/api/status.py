@@ -16,6 +16,7 @@ from farmesh_ws.core.money import far_text
 from farmesh_ws.engine.engine import Engine
 from farmesh_ws.mesh.status import MeshStatusCache
 from farmesh_ws.metrics import Metrics
+from farmesh_ws.models.generation import Sampling
 
 SERVICE_NAME: Final = "farmesh-ws"
 HealthCheck = Callable[[], str | None]
@@ -33,6 +34,7 @@ class StatusRoutes:
         metrics: Metrics,
         health_checks: Mapping[str, HealthCheck],
         connections: Callable[[], int],
+        generation: Mapping[str, Sampling] | None = None,
     ) -> None:
         self._engine = engine
         self._settings: Settings = engine.settings
@@ -40,6 +42,7 @@ class StatusRoutes:
         self._metrics = metrics
         self._health_checks = dict(health_checks)
         self._connections = connections
+        self._generation = dict(generation or {})
         self._started_at = time.monotonic()
 
     def health(self) -> dict[str, Any]:
@@ -75,6 +78,9 @@ class StatusRoutes:
         }
 
     def models(self) -> dict[str, Any]:
+        """Each model's ``generation`` is the sampling its folder recommends (protocol v1
+        fields, :mod:`farmesh_ws.models.generation`), or ``{}``; the browser page and
+        ``farmesh-ws chat`` use it, while a request without sampling stays greedy."""
         return {
             "models": [
                 {
@@ -84,6 +90,7 @@ class StatusRoutes:
                     "status": model.status,
                     "num_blocks": model.num_blocks,
                     "max_length": self._settings.max_length_limit,
+                    "generation": dict(self._generation.get(model.model_id, {})),
                 }
                 for model in self._status.all()
             ]

@@ -26,7 +26,7 @@ from farmesh_ws.models.names import BUNDLED_MODEL_ID
 
 logger = logging.getLogger(__name__)
 
-CONVERTER_VERSION = "1"
+CONVERTER_VERSION = "2"
 MARKER_FILE = "farmesh-conversion.json"
 
 

@@ -3,11 +3,14 @@
 The folder is what both `transformers.LlamaForCausalLM.from_pretrained` and Petals load
 from a local path: a single unsharded `model.safetensors` (Petals 2.2 looks for
 `model.safetensors.index.json` first and falls back to `model.safetensors`), float32,
-tied embeddings, hence no `lm_head.weight`.
+tied embeddings, hence no `lm_head.weight`. Its `generation_config.json` carries the model's
+recommended sampling (:data:`farmesh_ws.models.generation.BUNDLED_GENERATION`), which the
+browser page and `farmesh-ws chat` read back through `/models`.
 """
 
 import logging
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +20,7 @@ from tqdm import tqdm
 from transformers import GenerationConfig, LlamaConfig
 
 from farmesh_ws.models.errors import ModelPreparationError
+from farmesh_ws.models.generation import BUNDLED_GENERATION
 from farmesh_ws.models.gguf_tokenizer import write_tokenizer
 from farmesh_ws.models.gguf_weights import (
     FloatArray,
@@ -71,8 +75,15 @@ def _write_weights(reader: Any, params: LlamaHyperparams, folder: Path, progress
     save_file(state, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
 
 
-def write_hf_folder(gguf_path: Path, folder: Path, *, progress: bool) -> LlamaHyperparams:
-    """Convert `gguf_path` into the (existing, empty) directory `folder`."""
+def write_hf_folder(
+    gguf_path: Path,
+    folder: Path,
+    *,
+    progress: bool,
+    generation: Mapping[str, bool | float | int] = BUNDLED_GENERATION,
+) -> LlamaHyperparams:
+    """Convert `gguf_path` into the (existing, empty) directory `folder`; `generation` is
+    the recommended sampling to record (transformers `GenerationConfig` keywords)."""
     reader = open_gguf(gguf_path)
     params = read_llama_hyperparams(reader)
     LlamaConfig(**params.llama_config_kwargs()).save_pretrained(str(folder))
@@ -80,6 +91,7 @@ def write_hf_folder(gguf_path: Path, folder: Path, *, progress: bool) -> LlamaHy
         bos_token_id=params.bos_token_id,
         eos_token_id=params.eos_token_id,
         pad_token_id=params.pad_token_id,
+        **generation,
     ).save_pretrained(str(folder))
     write_tokenizer(reader, folder)
     _write_weights(reader, params, folder, progress)

@@ -36,6 +36,7 @@ from farmesh_ws.logcontext import bind_log_context
 from farmesh_ws.mesh.base import MeshBackend
 from farmesh_ws.mesh.status import MeshStatusCache
 from farmesh_ws.metrics import Metrics, MetricsObserver
+from farmesh_ws.models.generation import Sampling
 from farmesh_ws.state import MemoryStateStore
 from farmesh_ws.state.registry import SessionRegistry
 
@@ -58,6 +59,7 @@ class GatewayServer:
         observers: Sequence[Observer] = (),
         health_checks: Mapping[str, HealthCheck] | None = None,
         registry: SessionRegistry | None = None,
+        generation: Mapping[str, Sampling] | None = None,
     ) -> None:
         self.settings = settings
         self.metrics = metrics
@@ -76,6 +78,7 @@ class GatewayServer:
             metrics=metrics,
             health_checks=checks,
             connections=lambda: len(self._connections),
+            generation=generation,
         )
         self._server: Server | None = None
         self._connections: set[ServerConnection] = set()

@@ -18,12 +18,14 @@ import pytest
 from farmesh_ws.home import farmesh_home
 from farmesh_ws.models import BUNDLED_MODEL_ID, dht_prefix_for
 from farmesh_ws.models.bundled import (
+    CONVERTER_VERSION,
     MARKER_FILE,
     prepare_bundled_model,
     prepare_model_folder,
     read_marker,
 )
 from farmesh_ws.models.errors import ModelPreparationError
+from farmesh_ws.models.generation import recommended_sampling
 from farmesh_ws.models.gguf_source import GGUFSource, locate_bundled_gguf
 from farmesh_ws.models.gguf_weights import FloatArray, hf_name, unpermute_rope_rows
 from farmesh_ws.models.hf_folder import write_hf_folder
@@ -88,6 +90,31 @@ def test_folder_has_expected_files_and_ids(model_folder: Path, golden: dict[str,
     assert not (model_folder / "model.safetensors.index.json").exists()
 
 
+@TRANSFORMERS_ON_NEW_TORCH
+def test_folder_recommends_the_model_cards_sampling(model_folder: Path) -> None:
+    """The model card's usage example samples with temperature 0.2 and top_p 0.9; the folder
+    records that, and /models announces what transformers itself reads from it."""
+    from transformers import GenerationConfig
+
+    generation = json.loads((model_folder / "generation_config.json").read_text())
+    assert generation["do_sample"] is True
+    assert (generation["temperature"], generation["top_p"]) == (0.2, 0.9)
+    marker = read_marker(model_folder)
+    assert marker is not None
+    assert marker["converter_version"] == CONVERTER_VERSION
+
+    config = GenerationConfig.from_pretrained(str(model_folder))
+    assert config.do_sample is True
+    announced = recommended_sampling(model_folder)
+    assert announced == {"temperature": 0.2, "top_p": 0.9, "top_k": 50}
+    assert announced == {
+        "temperature": config.temperature,
+        "top_p": config.top_p,
+        "top_k": config.top_k,
+    }
+    assert config.repetition_penalty == 1.0
+
+
 def test_weights_are_float32_hf_names_without_lm_head(model_folder: Path) -> None:
     from safetensors import safe_open
 
@@ -131,6 +158,9 @@ def test_greedy_continuations(model: Any, golden: dict[str, Any]) -> None:
                     prompt,
                     attention_mask=torch.ones_like(prompt),
                     do_sample=False,
+                    # The folder recommends sampling; neutral values keep greedy unwarned.
+                    temperature=1.0,
+                    top_p=1.0,
                     max_new_tokens=48,
                 )
             assert output[0, prompt.shape[1] :].tolist() == turn["greedy_48_ids"]
