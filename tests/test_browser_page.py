@@ -1,15 +1,25 @@
 """The browser chat page (farmesh_ws/static) in headless Chromium, on the real local swarm."""
 
 import asyncio
+import contextlib
+import json
 import re
 import threading
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from decimal import Decimal
 from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
-from playwright.async_api import Browser, Locator, Page, Playwright, async_playwright, expect
+from playwright.async_api import (
+    Browser,
+    Locator,
+    Page,
+    Playwright,
+    WebSocket,
+    async_playwright,
+    expect,
+)
 
 from farmesh_ws.transport.ws import GatewayServer
 from tests.helpers import PRICE, PROMPT_PRICE, start_gateway
@@ -59,6 +69,13 @@ class BrowserThread:
 
 @pytest.fixture
 async def chromium() -> AsyncIterator[BrowserThread]:
+    async with running_chromium() as runner:
+        yield runner
+
+
+@contextlib.asynccontextmanager
+async def running_chromium() -> AsyncIterator[BrowserThread]:
+    """Headless Chromium on its own thread (the `chromium` fixture of the browser tests)."""
     runner = BrowserThread()
 
     async def launch() -> tuple[Playwright, Browser]:
@@ -74,23 +91,40 @@ async def chromium() -> AsyncIterator[BrowserThread]:
         await playwright.stop()
 
     try:
-        playwright, runner.browser = await runner.run(launch())
+        playwright, browser = await runner.run(launch())
+        runner.browser = browser
         try:
             yield runner
         finally:
-            await runner.run(close(playwright, runner.browser))
+            await runner.run(close(playwright, browser))
     finally:
         runner.stop()
 
 
-async def open_page(browser: Browser, port: int, problems: list[str]) -> Page:
-    """Load the page and wait for its chat session; collect page errors into `problems`."""
+async def open_page(
+    browser: Browser,
+    port: int,
+    problems: list[str],
+    *,
+    sent: list[dict[str, Any]] | None = None,
+    before_load: Callable[[Page], Awaitable[None]] | None = None,
+) -> Page:
+    """Load the page and wait for its chat session; collect page errors into `problems` and
+    the JSON frames the page sends into `sent`."""
     page = await browser.new_page(viewport={"width": 1000, "height": 900})
     page.on("pageerror", lambda error: problems.append(f"pageerror: {error}"))
     page.on(
         "console",
         lambda msg: problems.append(f"console: {msg.text}") if msg.type == "error" else None,
     )
+    if sent is not None:
+
+        def watch(ws: WebSocket) -> None:
+            ws.on("framesent", lambda payload: sent.append(json.loads(payload)))
+
+        page.on("websocket", watch)
+    if before_load is not None:
+        await before_load(page)
     await page.goto(f"http://127.0.0.1:{port}/")
     await expect(page.get_by_test_id("conn-status")).to_have_attribute("data-state", "open")
     await expect(page.get_by_test_id("session-model")).to_have_text("SmolLM2-135M-Instruct")
@@ -113,7 +147,7 @@ async def send_turn(page: Page, text: str, *, enter: bool = False) -> Locator:
     return turn
 
 
-async def finished_reply(turn: Locator, state: str = "done") -> str:
+async def finished_reply(turn: Locator, state: str | re.Pattern[str] = "done") -> str:
     """Wait for the turn's usage and contribution; return the reply's exact text."""
     await expect(turn).to_have_attribute("data-state", state, timeout=TURN_TIMEOUT_MS)
     await expect(turn.get_by_test_id("usage")).to_be_visible()
@@ -169,6 +203,10 @@ async def screenshot(page: Page, paths: list[Path]) -> None:
         await page.screenshot(path=str(path))
 
 
+def turns_sent(sent: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [frame for frame in sent if frame["type"] == "turn"]
+
+
 async def test_chat_page_two_turns_contribution_and_stop(
     gateway: GatewayServer, golden: dict[str, Any], chromium: BrowserThread, tmp_path: Path
 ) -> None:
@@ -176,15 +214,20 @@ async def test_chat_page_two_turns_contribution_and_stop(
     screenshots = [ARTIFACTS / "browser-page.png", tmp_path / "browser-page.png"]
     ARTIFACTS.mkdir(exist_ok=True)
     problems: list[str] = []
+    sent: list[dict[str, Any]] = []
 
     async def scenario() -> None:
         assert chromium.browser is not None
-        page = await open_page(chromium.browser, gateway.port, problems)
+        page = await open_page(chromium.browser, gateway.port, problems, sent=sent)
         error = page.get_by_test_id("error")
         await expect(page.get_by_test_id("session-price")).to_have_text("0.0001")
         await expect(page.get_by_test_id("stop")).to_be_disabled()
 
+        # Temperature 0 (greedy) in the page: the replies are the golden greedy ones.
+        await page.get_by_test_id("temperature").fill("0")
+        await expect(page.get_by_test_id("sampling-source")).to_have_text("(edited)")
         first = await send_turn(page, turn1["new_messages"][0]["content"])
+        assert turns_sent(sent)[-1]["temperature"] == 0
         assert await finished_reply(first) == turn1["greedy_48_text"].removesuffix("<|im_end|>")
         usage1 = await usage_of(first)
         assert usage1["cached_tokens"] == 0
@@ -228,6 +271,7 @@ async def test_chat_page_two_turns_contribution_and_stop(
     await chromium.run(scenario())
     assert all(path.stat().st_size > 0 for path in screenshots)
     assert problems == []
+    assert all(frame["temperature"] == 0 for frame in turns_sent(sent))
 
 
 async def test_chat_page_shows_disconnect_and_reconnects(

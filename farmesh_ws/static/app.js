@@ -9,12 +9,28 @@ const ui = {
   errorMessage: $("error-message"), disconnect: $("disconnect"),
   disconnectText: $("disconnect-text"), reconnect: $("reconnect"), log: $("log"),
   form: $("composer"), input: $("input"), send: $("send"), stop: $("stop"),
+  samplingSource: $("sampling-source"), samplingReset: $("sampling-reset"),
+  maxNewTokens: $("max-new-tokens"),
+};
+
+// Sampling controls, pre-filled with the model's recommended settings (`generation` in
+// /models) and sent as the session's default in `open` and with every turn, so an edit
+// applies from the next turn on. Without a recommendation they show the protocol's defaults
+// (greedy decoding).
+const SAMPLING_DEFAULTS = { temperature: 0, top_p: 1, top_k: 0, repetition_penalty: 1 };
+const samplingInputs = {
+  temperature: $("temperature"), top_p: $("top-p"), top_k: $("top-k"),
+  repetition_penalty: $("repetition-penalty"),
 };
 
 const state = {
   ws: null, open: false, model: null, running: null, seq: 0,
   turns: new Map(), // request_id -> turn view
   numBlocks: new Map(), // model_id -> num_blocks (from /models)
+  generation: new Map(), // model_id -> recommended sampling (from /models)
+  firstModel: null, // the first model /models lists
+  samplingFrom: null, // the model whose recommendation fills the controls
+  samplingEdited: false,
 };
 
 // Build an element; string children become text nodes (never parsed as HTML).
@@ -58,10 +74,44 @@ async function loadModels() {
   try {
     const reply = await fetch("/models", { cache: "no-store" });
     const body = await reply.json();
-    for (const model of body.models ?? []) state.numBlocks.set(model.model_id, model.num_blocks);
+    for (const model of body.models ?? []) {
+      state.numBlocks.set(model.model_id, model.num_blocks);
+      state.generation.set(model.model_id, model.generation ?? {});
+      state.firstModel ??= model.model_id;
+    }
   } catch {
-    // The contribution view falls back to the highest end_block it sees.
+    // The contribution view falls back to the highest end_block it sees; the sampling
+    // controls keep the protocol's defaults.
   }
+  if (!state.samplingEdited) fillSampling(state.model ?? state.firstModel);
+}
+
+function fillSampling(modelId) {
+  const recommended = state.generation.get(modelId) ?? {};
+  for (const [name, input] of Object.entries(samplingInputs)) {
+    const value = recommended[name];
+    input.value = String(typeof value === "number" ? value : SAMPLING_DEFAULTS[name]);
+    if (!input.checkValidity()) input.step = "any"; // e.g. 0.125 against step 0.01
+  }
+  state.samplingFrom = modelId;
+  state.samplingEdited = false;
+  showSamplingSource();
+}
+
+function showSamplingSource() {
+  const known = Object.keys(state.generation.get(state.samplingFrom) ?? {}).length > 0;
+  ui.samplingSource.textContent = state.samplingEdited ? "(edited)"
+    : known ? `(recommended for ${state.samplingFrom})` : "(protocol defaults)";
+}
+
+// The controls' valid values as protocol v1 sampling fields (protocol.md §3.2).
+function currentSampling() {
+  const sampling = {};
+  const inputs = { ...samplingInputs, max_new_tokens: ui.maxNewTokens };
+  for (const [name, input] of Object.entries(inputs)) {
+    if (input.value !== "" && input.checkValidity()) sampling[name] = Number(input.value);
+  }
+  return sampling;
 }
 
 function connect() {
@@ -69,7 +119,9 @@ function connect() {
   const ws = new WebSocket(`${scheme}//${location.host}/ws`);
   state.ws = ws;
   setStatus("connecting", "connecting…");
-  ws.addEventListener("open", () => ws.send(JSON.stringify({ type: "open" })));
+  ws.addEventListener("open", () => {
+    ws.send(JSON.stringify({ type: "open", sampling: currentSampling() }));
+  });
   ws.addEventListener("message", (event) => {
     let message;
     try {
@@ -100,6 +152,8 @@ const handlers = {
     state.open = true;
     state.model = m.model;
     ui.model.textContent = m.model;
+    // /models may list another model first; its turns then carry this one's settings.
+    if (!state.samplingEdited && state.samplingFrom !== m.model) fillSampling(m.model);
     ui.maxLength.textContent = String(m.max_length);
     ui.position.textContent = "0";
     ui.price.textContent = m.price_per_token_far;
@@ -167,7 +221,7 @@ function startTurn(text) {
   state.running = id;
   ui.log.append(view);
   scrollDown();
-  state.ws.send(JSON.stringify({ type: "turn", request_id: id, text }));
+  state.ws.send(JSON.stringify({ type: "turn", request_id: id, text, ...currentSampling() }));
   updateButtons();
 }
 
@@ -256,6 +310,15 @@ ui.reconnect.addEventListener("click", async () => {
   await loadModels();
   connect();
 });
+
+for (const input of [...Object.values(samplingInputs), ui.maxNewTokens]) {
+  input.addEventListener("input", () => {
+    state.samplingEdited = true;
+    showSamplingSource();
+  });
+}
+
+ui.samplingReset.addEventListener("click", () => fillSampling(state.model ?? state.firstModel));
 
 ui.error.querySelector("#error-dismiss").addEventListener("click", () => {
   ui.error.hidden = true;
