@@ -6,11 +6,12 @@
     The capital of France is Paris.
     [8 tokens, 31.0 tok/s, TTFT 95 ms, prompt 31 (+0 cached), cost 0.00142 $FAR]
 
-The reply streams as it arrives and each turn ends with one usage line. ``/reset`` starts a
-new chat session (on a new connection: closing a session closes its connection, protocol.md
-§3.5); ``/quit`` or the end of the input exits with 0. Ctrl-C during a reply cancels that
-reply and keeps the session; Ctrl-C at the prompt (or a second one during a reply) exits with
-130. A failed connect or a lost connection exits with 1; a server error ends only its turn.
+The reply streams as it arrives and each turn ends with one usage line. Turns sample as ``/models``
+recommends unless ``temperature`` / ``top_p`` are given (0: greedy). ``/reset`` starts a new chat
+session (on a new connection: closing a session closes its connection, protocol.md §3.5); ``/quit``
+or the end of the input exits with 0. Ctrl-C during a reply cancels that reply and keeps the
+session; Ctrl-C at the prompt (or a second one during a reply) exits with 130. A failed connect or
+a lost connection exits with 1; a server error ends only its turn.
 
 Writing to the given ``stdout`` is this module's job; it prints nothing else.
 """
@@ -36,6 +37,7 @@ from farmesh_ws.client import (
     ReplyStream,
     TokenEvent,
 )
+from farmesh_ws.models import generation
 
 PROMPT: Final = "you> "
 EXIT_OK: Final = 0
@@ -51,6 +53,8 @@ def run_chat(
     *,
     max_new_tokens: int,
     system_prompt: str | None = None,
+    temperature: float | None = None,
+    top_p: float | None = None,
     stdin: TextIO | None = None,
     stdout: TextIO | None = None,
     timeout: float = DEFAULT_TIMEOUT_S,
@@ -61,6 +65,7 @@ def run_chat(
         url,
         max_new_tokens=max_new_tokens,
         system_prompt=system_prompt,
+        overrides={"temperature": temperature, "top_p": top_p},
         stdin=stdin if stdin is not None else sys.stdin,
         stdout=stdout if stdout is not None else sys.stdout,
         timeout=timeout,
@@ -113,6 +118,7 @@ class _Terminal:
         *,
         max_new_tokens: int,
         system_prompt: str | None,
+        overrides: dict[str, float | None],
         stdin: TextIO,
         stdout: TextIO,
         timeout: float,
@@ -120,6 +126,8 @@ class _Terminal:
         self._url = url
         self._max_new_tokens = max_new_tokens
         self._system_prompt = system_prompt
+        self._overrides = overrides
+        self._sampling: generation.Sampling = {}
         self._stdin = stdin
         self._out = stdout
         self._timeout = timeout
@@ -165,12 +173,17 @@ class _Terminal:
             self.line(_describe(exc))
             return EXIT_ERROR
         info = chat.info
+        self._sampling, problem = await asyncio.to_thread(
+            generation.chat_sampling, self._url, info.model, self._timeout, **self._overrides
+        )
+        if problem is not None:
+            self.line(f"note: no recommended sampling ({problem})")
         prices = f"{info.price_per_token_far:f} $FAR per generated token"
         if info.price_per_prompt_token_far:
             prices += f" + {info.price_per_prompt_token_far:f} per prompt token"
         self.line(
-            f"connected to {self._url}: {info.model}, max_length {info.max_length}, {prices}; "
-            f"{COMMANDS}"
+            f"connected to {self._url}: {info.model}, max_length {info.max_length}, {prices}, "
+            f"sampling {generation.describe_sampling(self._sampling)}; {COMMANDS}"
         )
         while True:
             self.write(PROMPT)
@@ -230,7 +243,7 @@ class _Terminal:
     async def _turn(self, text: str) -> int | None:
         assert self._chat is not None
         try:
-            stream = self._chat.send(text, max_new_tokens=self._max_new_tokens)
+            stream = self._chat.send(text, max_new_tokens=self._max_new_tokens, **self._sampling)
         except FarmeshClientError as exc:
             self.line(_describe(exc))
             return None

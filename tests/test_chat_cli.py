@@ -15,9 +15,12 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any, TextIO
 
+import pytest
+
 from farmesh_ws.chat_cli import run_chat
+from farmesh_ws.models.generation import describe_sampling, recommended_sampling
 from farmesh_ws.transport.ws import GatewayServer
-from tests.helpers import PRICE, PROMPT_PRICE, start_gateway, ws_url
+from tests.helpers import PRICE, PROMPT_PRICE, record_sampling, start_gateway, ws_url
 
 REPO = Path(__file__).resolve().parents[1]
 END_OF_TURN = "<|im_end|>"
@@ -52,14 +55,16 @@ async def test_two_turns_reset_and_quit(gateway: GatewayServer, golden: dict[str
     stdout = io.StringIO()
 
     code = await asyncio.to_thread(
-        run_chat, ws_url(gateway), max_new_tokens=48, system_prompt=None, stdin=stdin, stdout=stdout
-    )
+        run_chat, ws_url(gateway), max_new_tokens=48, system_prompt=None, temperature=0.0,
+        stdin=stdin, stdout=stdout,
+    )  # fmt: skip
 
     output = stdout.getvalue()
     assert code == 0, output
     lines = output.splitlines()
     assert lines[0].startswith(f"connected to {ws_url(gateway)}: SmolLM2-135M-Instruct")
     assert "0.0001 $FAR per generated token" in lines[0]
+    assert lines[0].endswith(", sampling greedy; /reset starts a new session, /quit exits")
     # Input is not echoed (a terminal does that), so each reply follows its prompt.
     assert lines[1:] == [
         f"you> {answer1}",
@@ -80,6 +85,45 @@ async def test_two_turns_reset_and_quit(gateway: GatewayServer, golden: dict[str
     assert second["cached"] == history - 1
     assert after_reset == first  # a new session: nothing cached
     assert stdin.readline() == "not read\n"
+
+
+async def test_sampling_is_the_recommended_one_unless_overridden(
+    gateway: GatewayServer, bundled_model_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """By default every turn samples as the prepared folder recommends (read through
+    /models); --top-p replaces one value and --temperature 0 is plain greedy decoding."""
+    recommended = recommended_sampling(bundled_model_path)
+    assert recommended.get("temperature", 0) > 0, recommended
+    seen = record_sampling(monkeypatch)
+
+    async def chat(**overrides: Any) -> str:
+        stdout = io.StringIO()
+        code = await asyncio.to_thread(
+            run_chat, ws_url(gateway), max_new_tokens=4, stdin=io.StringIO("Say hi.\nBye.\n"),
+            stdout=stdout, **overrides,
+        )  # fmt: skip
+        assert code == 0, stdout.getvalue()
+        return stdout.getvalue().splitlines()[0]
+
+    assert f"sampling {describe_sampling(recommended)};" in await chat()
+    assert len(seen) == 2  # both turns
+    for used in seen:
+        assert used.temperature == recommended["temperature"]
+        assert used.top_p == recommended.get("top_p", 1.0)
+        assert used.top_k == recommended.get("top_k", 0)
+        assert used.repetition_penalty == recommended.get("repetition_penalty", 1.0)
+        assert used.max_new_tokens == 4
+
+    seen.clear()
+    assert "sampling greedy;" in await chat(temperature=0.0)
+    assert [(used.temperature, used.top_p, used.top_k) for used in seen] == [(0.0, 1.0, 0)] * 2
+
+    seen.clear()
+    first_line = await chat(top_p=0.5, temperature=None)
+    assert f"sampling temperature {recommended['temperature']:g}, top_p 0.5" in first_line
+    assert [(used.temperature, used.top_p) for used in seen] == [
+        (recommended["temperature"], 0.5)
+    ] * 2
 
 
 async def test_server_errors_are_one_line_and_the_chat_goes_on(gateway: GatewayServer) -> None:
@@ -156,12 +200,12 @@ async def wait_until(condition: Any, within: float = 60) -> None:
 class ChatProcess:
     """`run_chat` in its own process, with pipes for stdin and stdout, so SIGINT reaches it
     as Ctrl-C would. Its output is collected by a thread (replies have no newline until
-    they end)."""
+    they end). Greedy, so replies are the same on every run."""
 
     def __init__(self, url: str, max_new_tokens: int, stderr: Any) -> None:
         code = (
             "import sys; from farmesh_ws.chat_cli import run_chat; "
-            "sys.exit(run_chat(sys.argv[1], max_new_tokens=int(sys.argv[2])))"
+            "sys.exit(run_chat(sys.argv[1], max_new_tokens=int(sys.argv[2]), temperature=0))"
         )
         self.process = subprocess.Popen(
             [sys.executable, "-c", code, url, str(max_new_tokens)],
