@@ -88,6 +88,18 @@ def _build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--url", default="ws://127.0.0.1:8100/ws", help="the gateway's WebSocket URL")
     chat.add_argument("--max-new-tokens", type=int, default=256, help="tokens per reply at most")
     chat.add_argument("--system-prompt", default=None, help="system prompt of the session")
+    chat.add_argument(
+        "--temperature",
+        type=float,
+        default=None,
+        help="sampling temperature, 0 = greedy (default: the model's recommendation in /models)",
+    )
+    chat.add_argument(
+        "--top-p",
+        type=float,
+        default=None,
+        help="nucleus sampling top_p (default: the model's recommendation in /models)",
+    )
     chat.set_defaults(handler=_chat)
 
     ledger = commands.add_parser("ledger", help="query the usage and payment ledger")
@@ -142,7 +154,13 @@ def _serve(args: argparse.Namespace) -> int:
 def _chat(args: argparse.Namespace) -> int:
     from farmesh_ws.chat_cli import run_chat
 
-    return run_chat(args.url, max_new_tokens=args.max_new_tokens, system_prompt=args.system_prompt)
+    return run_chat(
+        args.url,
+        max_new_tokens=args.max_new_tokens,
+        system_prompt=args.system_prompt,
+        temperature=args.temperature,
+        top_p=args.top_p,
+    )
 
 
 def _ledger(args: argparse.Namespace) -> int:

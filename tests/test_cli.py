@@ -100,6 +100,15 @@ def test_swarm_command_prints_peers_and_stops_cleanly_on_ctrl_c(
     _stop_and_check_nothing_is_left(command.process, signal.SIGINT)
 
 
+def test_chat_takes_sampling_overrides() -> None:
+    from farmesh_ws.cli import _build_parser
+
+    args = _build_parser().parse_args(["chat", "--temperature", "0", "--top-p", "0.5"])
+    assert (args.temperature, args.top_p) == (0.0, 0.5)
+    defaults = _build_parser().parse_args(["chat"])
+    assert (defaults.temperature, defaults.top_p) == (None, None)  # the model's recommendation
+
+
 def test_serve_refuses_a_default_model_it_does_not_serve(tmp_path: Path) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "farmesh_ws", "serve", "--port", "0"],

@@ -211,6 +211,7 @@ class GatewayServer:
         while True:
             if errors_in_a_row >= self.settings.max_consecutive_errors:
                 logger.info("closing after %d invalid messages in a row", errors_in_a_row)
+                await session.aclose()  # stop its request now, not after the close handshake
                 await connection.close(CloseCode.POLICY_VIOLATION, "too many invalid messages")
                 return
             try:
