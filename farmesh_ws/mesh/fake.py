@@ -258,7 +258,6 @@ class FakeTurn:
             error=error,
         )
 
-
     async def _pass_gate(self, gate: asyncio.Semaphore) -> None:
         """Acquire ``gate``, or return as soon as the turn is cancelled."""
         acquire = asyncio.ensure_future(gate.acquire())
