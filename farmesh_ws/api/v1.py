@@ -139,14 +139,11 @@ class V1Session:
         conversation = self.conversation
         if conversation is None:
             raise NoSession("send an 'open' message first")
-        sampling = _overrides(message).over(conversation.sampling)
         spec = RequestSpec(
             request_id=message.request_id,
             kind="turn",
             text=message.text,
-            sampling=sampling.resolve(
-                default_max_new_tokens=self._engine.settings.default_max_new_tokens
-            ),
+            sampling=_overrides(message).over(conversation.sampling),
             conversation=conversation,
             max_cost_far=_amount(message.max_cost_far),
         )
@@ -155,17 +152,14 @@ class V1Session:
     # §3.3
     async def _generate(self, message: p.Generate) -> None:
         self._check_open()
-        sampling = SamplingOverrides(
-            temperature=message.temperature,
-            top_p=message.top_p,
-            max_new_tokens=message.max_tokens,
-        )
         spec = RequestSpec(
             request_id=message.request_id,
             kind="generate",
             text=message.prompt,
-            sampling=sampling.resolve(
-                default_max_new_tokens=self._engine.settings.default_max_new_tokens
+            sampling=SamplingOverrides(
+                temperature=message.temperature,
+                top_p=message.top_p,
+                max_new_tokens=message.max_tokens,
             ),
             max_cost_far=_amount(message.max_cost_far),
             model_id=message.model_id,

@@ -22,7 +22,7 @@ from typing import Protocol
 from farmesh_ws.config import Settings
 from farmesh_ws.core.money import far_text
 from farmesh_ws.core.settlement import Settlement
-from farmesh_ws.core.types import ChatMessage, SamplingParams, TokenEvent
+from farmesh_ws.core.types import ChatMessage, SamplingOverrides, SamplingParams, TokenEvent
 from farmesh_ws.engine.conversation import Client, Conversation
 from farmesh_ws.engine.events import Observer, RequestContext, RequestStarted
 from farmesh_ws.engine.limits import check_max_new_tokens, check_text, open_mesh_session
@@ -49,15 +49,16 @@ class RequestSpec:
 
     ``text``: the user's text (a chat turn, a one-shot prompt, or raw v2 ``inputs``; checked
     against ``max_text_chars``). ``token_ids``: raw tokens to send as they are (v2); when None,
-    ``text`` is one chat turn under the model's template. ``conversation`` None: a one-shot
-    request on a fresh mesh session of ``model_id``, closed afterwards. ``wallet``: the wallet a
-    one-shot request names (a conversation's wallet is its own).
+    ``text`` is one chat turn under the model's template. ``sampling``: complete, or overrides
+    whose gaps take the defaults (greedy, ``default_max_new_tokens``). ``conversation`` None: a
+    one-shot request on a fresh mesh session of ``model_id``, closed afterwards. ``wallet``: the
+    wallet a one-shot request names (a conversation's wallet is its own).
     """
 
     request_id: str
     kind: str
     text: str
-    sampling: SamplingParams
+    sampling: SamplingParams | SamplingOverrides
     conversation: Conversation | None = None
     token_ids: tuple[int, ...] | None = None
     max_cost_far: Decimal | None = None
@@ -111,7 +112,11 @@ class RequestRunner:
                 f"request_id {spec.request_id!r} was already used on this connection"
             )
         check_text(self._settings, spec.text, "text" if spec.token_ids is None else "inputs")
-        check_max_new_tokens(self._settings, spec.sampling.max_new_tokens)
+        sampling = spec.sampling
+        if isinstance(sampling, SamplingOverrides):
+            default = self._settings.default_max_new_tokens
+            sampling = sampling.resolve(default_max_new_tokens=default)
+        check_max_new_tokens(self._settings, sampling.max_new_tokens)
         mesh = conversation.mesh if conversation is not None else await self._open_one_shot(spec)
         try:
             token_ids = self._tokens(spec, mesh)
@@ -123,7 +128,7 @@ class RequestRunner:
             if conversation is None:
                 await mesh.aclose()
             raise
-        return self._start(client, spec, mesh, token_ids, budget)
+        return self._start(client, spec, mesh, token_ids, sampling, budget)
 
     def launch(self, active: ActiveRequest, sink: RequestSink) -> None:
         """Run a one-step request (a chat turn or one-shot) in its own task, into ``sink``."""
@@ -215,6 +220,7 @@ class RequestRunner:
         spec: RequestSpec,
         mesh: MeshSession,
         token_ids: list[int],
+        sampling: SamplingParams,
         budget: Decimal | None,
     ) -> ActiveRequest:
         conversation = spec.conversation
@@ -232,7 +238,7 @@ class RequestRunner:
             conversation=conversation,
             mesh=mesh,
             token_ids=token_ids,
-            sampling=spec.sampling,
+            sampling=sampling,
             budget_far=budget,
             prices=self._settings.prices,
             observer=self._observer,
