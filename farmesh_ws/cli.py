@@ -111,6 +111,20 @@ def _build_parser() -> argparse.ArgumentParser:
     ledger.add_argument("--json", action="store_true", help="one JSON object per line")
     ledger.add_argument("--limit", type=int, default=20, help="sessions to show")
     ledger.set_defaults(handler=_ledger)
+
+    keys = commands.add_parser("keys", help="manage API keys (bound to a wallet, stored hashed)")
+    key_commands = keys.add_subparsers(
+        title="keys commands", dest="action", metavar="{create,list,revoke}", required=True
+    )
+    create = key_commands.add_parser("create", help="create a key; it is printed once only")
+    create.add_argument("--wallet", required=True, help="the wallet it bills to, e.g. 0x...")
+    create.add_argument("--name", default=None, help="a label for the key")
+    listing = key_commands.add_parser("list", help="keys and their status (never the secrets)")
+    listing.add_argument("--wallet", default=None, help="only this wallet's keys")
+    listing.add_argument("--json", action="store_true", help="one JSON object per line")
+    revoke = key_commands.add_parser("revoke", help="revoke a key: it stops authenticating")
+    revoke.add_argument("key_id", metavar="KEY_ID", help="the key id, fk_ and 16 hex digits")
+    keys.set_defaults(handler=_keys)
     return parser
 
 
@@ -186,6 +200,34 @@ def _ledger(args: argparse.Namespace) -> int:
                 out=sys.stdout,
             )
         )
+    except LedgerUnavailable as exc:
+        sys.stderr.write(f"farmesh-ws: {exc}\n")
+        return 1
+    return 0
+
+
+def _keys(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from farmesh_ws.config import ConfigError, load_settings
+    from farmesh_ws.ledger.keys import KeyRequestError
+    from farmesh_ws.ledger.keys_command import run_keys_command
+    from farmesh_ws.ledger.store import LedgerUnavailable
+
+    try:
+        settings = load_settings()
+    except ConfigError as exc:
+        sys.stderr.write(f"farmesh-ws: configuration error: {exc}\n")
+        return 2
+    try:
+        asyncio.run(
+            run_keys_command(
+                settings.database_url, farmesh_home(), args, out=sys.stdout, err=sys.stderr
+            )
+        )
+    except KeyRequestError as exc:
+        sys.stderr.write(f"farmesh-ws: {exc}\n")
+        return 2
     except LedgerUnavailable as exc:
         sys.stderr.write(f"farmesh-ws: {exc}\n")
         return 1

@@ -25,15 +25,15 @@ async def print_report(
             rows = await ledger.recent_sessions(limit)
     finally:
         await ledger.aclose()
-    records = [{key: _plain(key, value) for key, value in asdict(row).items()} for row in rows]
+    records = [{key: plain_value(key, value) for key, value in asdict(row).items()} for row in rows]
     if as_json:
         for record in records:
             out.write(json.dumps(record) + "\n")
     else:
-        out.write(_table(records) if records else "(no records)\n")
+        out.write(text_table(records) if records else "(no records)\n")
 
 
-def _plain(key: str, value: object) -> object:
+def plain_value(key: str, value: object) -> object:
     """Money as its exact decimal string, times as ISO 8601 UTC, the rest as it is."""
     if isinstance(value, Decimal):
         return far_text(value)
@@ -42,7 +42,7 @@ def _plain(key: str, value: object) -> object:
     return value
 
 
-def _table(records: list[dict[str, object]]) -> str:
+def text_table(records: list[dict[str, object]]) -> str:
     headers = list(records[0])
     cells = [[("" if r[h] is None else str(r[h])) for h in headers] for r in records]
     widths = [max(len(h), *(len(row[i]) for row in cells)) for i, h in enumerate(headers)]

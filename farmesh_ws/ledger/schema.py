@@ -2,8 +2,9 @@
 
 Money columns are ``*_far_e8`` BIGINTs: exact integer counts of 10⁻⁸ $FAR (see money.py).
 Times are Unix seconds. The views are the contract with the Payment Tracker (README, "Ledger").
-A migration runs in one transaction and records its version, so a restarted or second process
-applies nothing twice.
+Version 2 adds ``api_keys`` (README, "API keys"). Migrations are append-only: a database at any
+version upgrades in place by applying the later ones. A migration runs in one transaction and
+records its version, so a restarted or second process applies nothing twice.
 """
 
 from typing import Any
@@ -77,6 +78,22 @@ MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
                        SUM(cost_far_e8) AS spent_far_e8
                 FROM turns
                 GROUP BY COALESCE(wallet, '')""",
+        ),
+    ),
+    (
+        2,
+        (
+            # API keys (keys.py): the public key id, the SHA-256 (hex) of the secret, never the
+            # key; revoked_at is NULL while the key is active. The primary key is the lookup.
+            """CREATE TABLE IF NOT EXISTS api_keys (
+                key_id TEXT PRIMARY KEY,
+                secret_sha256 TEXT NOT NULL CHECK (length(secret_sha256) = 64),
+                wallet TEXT NOT NULL,
+                name TEXT,
+                created_at DOUBLE PRECISION NOT NULL,
+                revoked_at DOUBLE PRECISION
+            )""",
+            "CREATE INDEX IF NOT EXISTS api_keys_wallet ON api_keys (wallet)",
         ),
     ),
 )

@@ -92,6 +92,11 @@ class Ledger:
         self._database = Database(url)
 
     @property
+    def database(self) -> Database:
+        """The ``databases`` handle, for ledger modules that own tables (``keys.py``)."""
+        return self._database
+
+    @property
     def dialect(self) -> str:
         return "postgresql" if self.url.startswith("postgresql") else "sqlite"
 

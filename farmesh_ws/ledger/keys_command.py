@@ -1,0 +1,56 @@
+"""`farmesh-ws keys create|list|revoke`: API keys from the command line (see keys.py).
+
+``create`` writes the key alone on stdout (so ``KEY=$(farmesh-ws keys create ...)`` captures
+just the key) and a one-line warning on stderr. ``list`` prints a table or JSON lines, never a
+secret. Refused requests raise :class:`~farmesh_ws.ledger.keys.KeyRequestError` (exit 2 in the
+CLI), an unreachable database :class:`~farmesh_ws.ledger.store.LedgerUnavailable` (exit 1).
+"""
+
+import argparse
+import json
+from pathlib import Path
+from typing import TextIO
+
+from farmesh_ws.ledger.keys import KeyInfo, create_key, list_keys, revoke_key
+from farmesh_ws.ledger.report import plain_value, text_table
+from farmesh_ws.ledger.store import Ledger, database_url
+
+
+async def run_keys_command(
+    configured_url: str, home: Path, args: argparse.Namespace, *, out: TextIO, err: TextIO
+) -> None:
+    """Run ``args.action`` (create, list or revoke) against the configured ledger database."""
+    ledger = Ledger(database_url(configured_url, home))
+    await ledger.connect()
+    try:
+        if args.action == "create":
+            key_id, key = await create_key(ledger, args.wallet, args.name)
+            out.write(f"{key}\n")
+            err.write(
+                f"farmesh-ws: key {key_id} for wallet {args.wallet} created; it is shown once"
+                " and cannot be shown again, store it now\n"
+            )
+        elif args.action == "list":
+            records = [_record(info) for info in await list_keys(ledger, args.wallet)]
+            if args.json:
+                out.writelines(json.dumps(record) + "\n" for record in records)
+            else:
+                out.write(text_table(records) if records else "(no keys)\n")
+        else:
+            info = await revoke_key(ledger, args.key_id)
+            revoked_at = plain_value("revoked_at", info.revoked_at)
+            out.write(f"revoked {info.key_id} (wallet {info.wallet}) at {revoked_at}\n")
+    finally:
+        await ledger.aclose()
+
+
+def _record(info: KeyInfo) -> dict[str, object]:
+    """One listed key: ids, status and ISO 8601 UTC times (``revoked_at`` None while active)."""
+    return {
+        "key_id": info.key_id,
+        "wallet": info.wallet,
+        "name": info.name,
+        "status": "active" if info.revoked_at is None else "revoked",
+        "created_at": plain_value("created_at", info.created_at),
+        "revoked_at": plain_value("revoked_at", info.revoked_at),
+    }
