@@ -13,6 +13,7 @@ from typing import Any
 
 from farmesh_ws.core.money import Prices
 from farmesh_ws.models import BUNDLED_MODEL_ID
+from farmesh_ws.transport.origin import parse_origin
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
@@ -181,4 +182,9 @@ def _validated(settings: Settings) -> Settings:
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
+    for origin in settings.allowed_origins:
+        try:
+            parse_origin(origin)
+        except ValueError as exc:
+            raise ConfigError(f"allowed_origins: {exc}") from None
     return replace(settings, log_level=settings.log_level.upper())

@@ -3,9 +3,9 @@
 WebSocket sessions live at ``/ws`` (protocol v1, :mod:`farmesh_ws.api.v1`) and
 ``/api/v2/generate`` (chat.petals.dev, :mod:`farmesh_ws.api.petals_v2`); ``/health``,
 ``/mesh/status``, ``/models`` and ``/metrics`` answer plain GETs (:mod:`farmesh_ws.api.status`),
-``/`` the browser page. This layer owns sockets only: connection limits, frame size, idle
-timeout, the per-connection reader, close codes (protocol.md §6) and shutdown; every request
-rule is the engine's.
+``/`` the browser page. This layer owns sockets only: browser origins (:mod:`.origin`),
+connection limits, frame size, idle timeout, the per-connection reader, close codes
+(protocol.md §6), shutdown and HTTP response headers; every request rule is the engine's.
 """
 
 import asyncio
@@ -24,7 +24,6 @@ from websockets.exceptions import ConnectionClosed
 from websockets.frames import CloseCode
 from websockets.http11 import Request, Response
 
-from farmesh_ws import __version__
 from farmesh_ws import protocol as p
 from farmesh_ws.api.petals_v2.handler import PetalsV2Connection
 from farmesh_ws.api.status import HealthCheck, StatusRoutes
@@ -39,11 +38,16 @@ from farmesh_ws.metrics import Metrics, MetricsObserver
 from farmesh_ws.models.generation import Sampling
 from farmesh_ws.state import MemoryStateStore
 from farmesh_ws.state.registry import SessionRegistry
+from farmesh_ws.transport.origin import origin_allowed, parse_origin
 
 logger = logging.getLogger(__name__)
 
 WEBSOCKET_PATH: Final = "/ws"
 PETALS_V2_PATH: Final = "/api/v2/generate"
+
+# RFC 9110 §10.2.4: a detailed Server value helps attackers match known holes; /health has the
+# version for those who need it.
+SERVER_HEADER: Final = "farmesh-ws"
 
 
 class GatewayServer:
@@ -83,6 +87,7 @@ class GatewayServer:
         self._server: Server | None = None
         self._connections: set[ServerConnection] = set()
         self._shutting_down = False
+        self._allowed_origins = frozenset(parse_origin(o) for o in settings.allowed_origins)
         self._routes: dict[str, Callable[[], Awaitable[Response]]] = {
             "/health": self._json_route(self.status.health),
             "/mesh/status": self._mesh_status,
@@ -104,17 +109,13 @@ class GatewayServer:
 
     async def start(self) -> None:
         self.registry.start()
-        origins: list[Any] | None = None
-        if self.settings.allowed_origins:
-            origins = [*self.settings.allowed_origins, None]
         self._server = await serve(
             self._handle,
             self.settings.host,
             self.settings.port,
             process_request=self._process_request,
             max_size=self.settings.max_frame_bytes,
-            origins=origins,
-            server_header=f"farmesh-ws/{__version__}",
+            server_header=SERVER_HEADER,
         )
 
     async def shutdown(self) -> None:
@@ -145,6 +146,10 @@ class GatewayServer:
             return _static_file("index.html" if path == "/" else path.removeprefix("/static/"))
         if path not in (WEBSOCKET_PATH, PETALS_V2_PATH):
             return _json_response(HTTPStatus.NOT_FOUND, {"error": "not_found", "path": path})
+        origins = request.headers.get_all("Origin")
+        if not origin_allowed(origins, request.headers.get_all("Host"), self._allowed_origins):
+            logger.info("refused a WebSocket handshake from origin %r", origins)
+            return _json_response(HTTPStatus.FORBIDDEN, {"error": "origin_not_allowed"})
         if self._shutting_down:
             return _json_response(HTTPStatus.SERVICE_UNAVAILABLE, {"error": "shutting_down"})
         if len(self._connections) >= self.settings.max_connections:
@@ -162,12 +167,8 @@ class GatewayServer:
         return _json_response(HTTPStatus.OK, await self.status.mesh_status())
 
     async def _metrics(self) -> Response:
-        return Response(
-            HTTPStatus.OK.value,
-            HTTPStatus.OK.phrase,
-            Headers([("Content-Type", "text/plain; version=0.0.4; charset=utf-8")]),
-            self.status.metrics(),
-        )
+        content_type = "text/plain; version=0.0.4; charset=utf-8"
+        return _response(HTTPStatus.OK, content_type, self.status.metrics())
 
     # WebSocket (protocol.md §2-§7)
     async def _handle(self, connection: ServerConnection) -> None:
@@ -242,6 +243,14 @@ def _sender(connection: ServerConnection) -> Callable[[p.ServerMessage], Awaitab
     return send
 
 
+# The page's Content Security Policy (W3C CSP Level 3): its own scripts, styles and images
+# (and the data: favicon), fetches and WebSockets to itself only ('self' matches ws:/wss: to the
+# same host and port: CSP3 "Does url match expression in origin with redirect count?"), no
+# <base>, forms to itself, and no framing by any page (frame-ancestors, against clickjacking).
+PAGE_CSP: Final = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+    "connect-src 'self'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
+)
 _STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
 _STATIC_TYPES = {
     ".html": "text/html; charset=utf-8",
@@ -258,18 +267,23 @@ def _static_file(name: str) -> Response:
     content_type = _STATIC_TYPES.get(path.suffix)
     if "/" in name or name.startswith(".") or content_type is None or not path.is_file():
         return _json_response(HTTPStatus.NOT_FOUND, {"error": "not_found", "path": f"/{name}"})
-    return Response(
-        HTTPStatus.OK.value,
-        HTTPStatus.OK.phrase,
-        Headers([("Content-Type", content_type), ("Cache-Control", "no-cache")]),
-        path.read_bytes(),
-    )
+    page_headers = [("Cache-Control", "no-cache"), ("Content-Security-Policy", PAGE_CSP)]
+    return _response(HTTPStatus.OK, content_type, path.read_bytes(), page_headers)
 
 
 def _json_response(status: HTTPStatus, body: dict[str, Any]) -> Response:
+    no_store = [("Cache-Control", "no-store")]
+    return _response(status, "application/json", json.dumps(body).encode(), no_store)
+
+
+def _response(
+    status: HTTPStatus, content_type: str, body: bytes, headers: Sequence[tuple[str, str]] = ()
+) -> Response:
+    """Every body we serve is only what its Content-Type says: no MIME sniffing (WHATWG Fetch,
+    "X-Content-Type-Options header")."""
     return Response(
         status.value,
         status.phrase,
-        Headers([("Content-Type", "application/json"), ("Cache-Control", "no-store")]),
-        json.dumps(body).encode(),
+        Headers([("Content-Type", content_type), ("X-Content-Type-Options", "nosniff"), *headers]),
+        body,
     )
