@@ -10,6 +10,7 @@ connection limits, frame size, idle timeout, the per-connection reader, close co
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import uuid
@@ -138,6 +139,20 @@ class GatewayServer:
     async def _process_request(
         self, connection: ServerConnection, request: Request
     ) -> Response | None:
+        """GET (and HEAD, the same without a body; RFC 9110 §9.3.2) only: 405 otherwise."""
+        if request.method not in ("GET", "HEAD"):
+            refused = _json_response(HTTPStatus.METHOD_NOT_ALLOWED, {"error": "method_not_allowed"})
+            refused.headers["Allow"] = "GET, HEAD"
+            return refused
+        response = await self._route(request)
+        if request.method == "HEAD":
+            if response is None:  # a handshake needs GET (RFC 6455 §4.1)
+                response = _json_response(HTTPStatus.METHOD_NOT_ALLOWED, {})
+                response.headers["Allow"] = "GET"
+            return dataclasses.replace(response, body=b"")
+        return response
+
+    async def _route(self, request: Request) -> Response | None:
         path = request.path.split("?", 1)[0]
         route = self._routes.get(path)
         if route is not None:
