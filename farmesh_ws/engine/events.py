@@ -9,6 +9,7 @@ writes a small checkpoint file about once a second).
 from collections.abc import Sequence
 from dataclasses import dataclass
 from decimal import Decimal
+from typing import NamedTuple
 
 from farmesh_ws.core.settlement import Settlement
 from farmesh_ws.core.types import TurnDone
@@ -35,10 +36,10 @@ class RequestStarted:
     context: RequestContext
 
 
-@dataclass(frozen=True, slots=True)
-class TokensDelivered:
+class TokensDelivered(NamedTuple):
     """Tokens reached the client: ``delivered`` so far, costing ``cost_far`` so far;
-    ``inter_token_s`` is the time per token since the previous delivery (None for the first)."""
+    ``inter_token_s`` is the time per token since the previous delivery (None for the first).
+    A named tuple, not a frozen dataclass: one is made per token, and it builds 3x faster."""
 
     context: RequestContext
     delivered: int
