@@ -55,8 +55,9 @@ def record_sampling(monkeypatch: pytest.MonkeyPatch) -> list[SamplingParams]:
     admit = RequestRunner.admit
 
     async def recording_admit(self: RequestRunner, client: Any, spec: RequestSpec) -> Any:
-        seen.append(spec.sampling)
-        return await admit(self, client, spec)
+        active = await admit(self, client, spec)
+        seen.append(active.sampling)
+        return active
 
     monkeypatch.setattr(RequestRunner, "admit", recording_admit)
     return seen
