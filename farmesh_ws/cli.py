@@ -5,10 +5,10 @@ import logging
 import signal
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from farmesh_ws.transport.ws import GatewayServer
@@ -178,40 +178,39 @@ def _chat(args: argparse.Namespace) -> int:
 
 
 def _ledger(args: argparse.Namespace) -> int:
-    import asyncio
-
-    from farmesh_ws.config import ConfigError, load_settings
     from farmesh_ws.ledger.report import print_report
-    from farmesh_ws.ledger.store import LedgerUnavailable
 
-    try:
-        settings = load_settings()
-    except ConfigError as exc:
-        sys.stderr.write(f"farmesh-ws: configuration error: {exc}\n")
-        return 2
-    try:
-        asyncio.run(
-            print_report(
-                settings.database_url,
-                farmesh_home(),
-                args.report,
-                as_json=args.json,
-                limit=args.limit,
-                out=sys.stdout,
-            )
+    def report(database_url: str) -> Coroutine[Any, Any, None]:
+        return print_report(
+            database_url,
+            farmesh_home(),
+            args.report,
+            as_json=args.json,
+            limit=args.limit,
+            out=sys.stdout,
         )
-    except LedgerUnavailable as exc:
-        sys.stderr.write(f"farmesh-ws: {exc}\n")
-        return 1
-    return 0
+
+    return _run_on_ledger(report, refused=())
 
 
 def _keys(args: argparse.Namespace) -> int:
+    from farmesh_ws.ledger.keys import KeyRequestError
+    from farmesh_ws.ledger.keys_command import run_keys_command
+
+    def command(database_url: str) -> Coroutine[Any, Any, None]:
+        return run_keys_command(database_url, farmesh_home(), args, out=sys.stdout, err=sys.stderr)
+
+    return _run_on_ledger(command, refused=(KeyRequestError,))
+
+
+def _run_on_ledger(
+    command: Callable[[str], Coroutine[Any, Any, None]], *, refused: tuple[type[Exception], ...]
+) -> int:
+    """Run a ledger command on the configured database: exit 2 for a configuration error or a
+    ``refused`` request, 1 when the database is unreachable, else 0 (one line on stderr)."""
     import asyncio
 
     from farmesh_ws.config import ConfigError, load_settings
-    from farmesh_ws.ledger.keys import KeyRequestError
-    from farmesh_ws.ledger.keys_command import run_keys_command
     from farmesh_ws.ledger.store import LedgerUnavailable
 
     try:
@@ -220,12 +219,8 @@ def _keys(args: argparse.Namespace) -> int:
         sys.stderr.write(f"farmesh-ws: configuration error: {exc}\n")
         return 2
     try:
-        asyncio.run(
-            run_keys_command(
-                settings.database_url, farmesh_home(), args, out=sys.stdout, err=sys.stderr
-            )
-        )
-    except KeyRequestError as exc:
+        asyncio.run(command(settings.database_url))
+    except refused as exc:
         sys.stderr.write(f"farmesh-ws: {exc}\n")
         return 2
     except LedgerUnavailable as exc:
