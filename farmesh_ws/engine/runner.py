@@ -96,12 +96,12 @@ class RequestRunner:
     async def admit(self, client: Client, spec: RequestSpec) -> ActiveRequest:
         """Check every rule; return the started request or raise its error."""
         conversation = spec.conversation
+        if client.running is not None and client.running.settled:
+            await client.running.ended.wait()  # only its last frames are still going out
         if self._stopping():
             raise ShuttingDown("the server is shutting down; retry on another server")
         if conversation is not None and conversation.closed:
             raise SessionClosed("the session is closed")
-        if client.running is not None and client.running.settled:
-            await client.running.ended.wait()  # only its last frames are still going out
         if client.running is not None:
             raise Busy(
                 f"request {client.running.request_id!r} is still running; wait for its done "
