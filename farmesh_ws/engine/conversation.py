@@ -4,7 +4,7 @@ A :class:`Client` is whoever sends requests over one connection (rules per conne
 request at a time, ``request_id`` unique). A :class:`Conversation` is one chat session: a
 persistent mesh session plus what its requests need (system prompt, sampling defaults,
 budget, spend). It belongs to the :class:`~farmesh_ws.engine.sessions.SessionManager`, not to
-the socket: the client that drives it is attached and can be detached.
+the socket; a request's output goes to the sink it was launched with, not to the conversation.
 """
 
 from dataclasses import dataclass, field

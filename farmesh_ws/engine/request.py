@@ -140,11 +140,6 @@ class ActiveRequest:
         return self._billed
 
     @property
-    def prompt_tokens(self) -> int:
-        """New prompt tokens sent so far, the running step's included."""
-        return self._prompt
-
-    @property
     def cost_far(self) -> Decimal:
         """What the request costs so far (protocol.md §7); computed once per token."""
         return self._cost

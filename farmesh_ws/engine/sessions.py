@@ -3,7 +3,7 @@
 :class:`SessionManager` opens conversations (checking the model and the limits, opening the
 mesh session under ``open_timeout_s``), registers them in the shared
 :class:`~farmesh_ws.state.registry.SessionRegistry` (``active_sessions`` across processes) and
-closes them. It owns conversations, not sockets: a surface attaches its client to one.
+closes them. It owns conversations, not sockets: a surface holds a reference while it drives one.
 """
 
 import logging
@@ -37,9 +37,6 @@ class SessionManager:
     def count(self) -> int:
         """Conversations open in this process."""
         return len(self._live)
-
-    def get(self, session_id: str) -> Conversation | None:
-        return self._live.get(session_id)
 
     async def open(
         self,
