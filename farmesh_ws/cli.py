@@ -82,6 +82,18 @@ def _build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--local-servers", type=int, default=None, help="servers of the embedded swarm"
     )
+    serve.add_argument(
+        "--auth",
+        choices=("required", "optional", "off"),
+        default=None,
+        help="FARMESH_AUTH (default: optional on 127.0.0.1, required on other addresses)",
+    )
+    serve.add_argument(
+        "--insecure-no-auth",
+        action="store_true",
+        default=None,
+        help="allow --auth optional/off on a non-loopback address (anyone there can use it)",
+    )
     serve.set_defaults(handler=_serve)
 
     chat = commands.add_parser("chat", help="chat with a running gateway in the terminal")
@@ -132,7 +144,7 @@ def _serve(args: argparse.Namespace) -> int:
     import asyncio
 
     from farmesh_ws.config import ConfigError, load_settings, parse_decimal, parse_list
-    from farmesh_ws.gateway import check_servable
+    from farmesh_ws.gateway import check_exposure, check_servable
 
     try:
         settings = load_settings().with_overrides(
@@ -144,8 +156,11 @@ def _serve(args: argparse.Namespace) -> int:
             ),
             dht_bootstrap=parse_list(args.bootstrap) if args.bootstrap else None,
             local_servers=args.local_servers,
+            auth=args.auth,
+            insecure_no_auth=args.insecure_no_auth,
         )
         check_servable(settings)
+        check_exposure(settings)
     except (ConfigError, ValueError) as exc:
         sys.stderr.write(f"farmesh-ws: configuration error: {exc}\n")
         return 2

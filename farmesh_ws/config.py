@@ -5,6 +5,7 @@ variable (``FARMESH_<NAME>`` unless a seed name is listed). A bad value raises
 :class:`ConfigError` with one readable line; the CLI prints it and exits with code 2.
 """
 
+import ipaddress
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
@@ -26,6 +27,22 @@ _SEED_ENV_NAMES = {
     "redis_url": ("REDIS_URL",),
     "log_level": ("LOG_LEVEL",),
 }
+
+
+AUTH_MODES = ("required", "optional", "off")
+BALANCE_MODES = ("prepaid", "off")
+_CAPS = (
+    "max_connections_per_address",
+    "max_pending_auth_per_address",
+    "max_connections_per_principal",
+    "max_requests_per_principal",
+    "max_sessions_per_principal",
+    "max_reserved_tokens_per_principal",
+    "anonymous_max_connections",
+    "anonymous_max_requests",
+    "anonymous_max_sessions",
+    "anonymous_max_reserved_tokens",
+)
 
 
 class ConfigError(ValueError):
@@ -65,11 +82,47 @@ class Settings:
     mesh_max_retries: int = 2
     mesh_request_timeout_s: float = 30.0
     mesh_connect_timeout_s: float = 5.0
+    # Identity and admission (README "Authentication and limits").
+    auth: str = ""
+    insecure_no_auth: bool = False
+    auth_timeout_s: float = 10.0
+    address_hash_key: str = field(default="", repr=False)
+    siwe_domain: str = ""
+    siwe_chain_id: int = 1
+    siwe_nonce_ttl_s: float = 300.0
+    siwe_session_ttl_s: float = 3600.0
+    balances: str = "prepaid"
+    balance_hold_ttl_s: float = 3600.0
+    max_connections_per_address: int = 64
+    max_pending_auth_per_address: int = 8
+    max_connections_per_principal: int = 32
+    max_requests_per_principal: int = 8
+    max_sessions_per_principal: int = 16
+    max_reserved_tokens_per_principal: int = 8192
+    anonymous_max_connections: int = 8
+    anonymous_max_requests: int = 2
+    anonymous_max_sessions: int = 4
+    anonymous_max_reserved_tokens: int = 4096
+    anonymous_requests_per_minute: float = 30.0
+    anonymous_tokens_per_day: int = 50000
 
     @property
     def embedded_mesh(self) -> bool:
         """True when no bootstrap is configured: start the local swarm."""
         return not self.dht_bootstrap
+
+    @property
+    def loopback_bind(self) -> bool:
+        """True when ``host`` accepts connections from this machine only."""
+        return is_loopback(self.host)
+
+    @property
+    def auth_mode(self) -> str:
+        """``required``, ``optional`` or ``off``: ``auth`` if set, else ``optional`` on a
+        loopback bind (the quick start) and ``required`` on any other."""
+        if self.auth:
+            return self.auth
+        return "optional" if self.loopback_bind else "required"
 
     @property
     def prices(self) -> Prices:
@@ -95,6 +148,26 @@ def parse_list(text: str) -> tuple[str, ...]:
     return tuple(item for item in (part.strip() for part in text.replace(",", " ").split()) if item)
 
 
+def is_loopback(host: str) -> bool:
+    """``localhost`` or a loopback IP address (127.0.0.0/8, ::1); ``0.0.0.0`` and ``""``
+    (every interface) are not."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _parse_bool(text: str) -> bool:
+    lowered = text.lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"{text!r} is not a boolean (true/false, 1/0, yes/no, on/off)")
+
+
 def _parse_int(text: str) -> int:
     try:
         return int(text)
@@ -113,6 +186,7 @@ def _parse_float(text: str) -> float:
 
 
 _PARSERS: dict[Any, Callable[[str], Any]] = {
+    bool: _parse_bool,
     int: _parse_int,
     float: _parse_float,
     str: str,
@@ -178,6 +252,19 @@ def _validated(settings: Settings) -> Settings:
         (settings.mesh_max_retries >= 1, "mesh_max_retries must be at least 1"),
         (settings.mesh_request_timeout_s > 0, "mesh_request_timeout_s must be positive"),
         (settings.mesh_connect_timeout_s > 0, "mesh_connect_timeout_s must be positive"),
+        (settings.auth in (*AUTH_MODES, ""), f"auth must be one of {AUTH_MODES}"),
+        (settings.balances in BALANCE_MODES, f"balances must be one of {BALANCE_MODES}"),
+        (settings.auth_timeout_s > 0, "auth_timeout_s must be positive"),
+        (settings.balance_hold_ttl_s > 0, "balance_hold_ttl_s must be positive"),
+        (settings.siwe_chain_id >= 1, "siwe_chain_id must be at least 1"),
+        (settings.siwe_nonce_ttl_s > 0, "siwe_nonce_ttl_s must be positive"),
+        (settings.siwe_session_ttl_s > 0, "siwe_session_ttl_s must be positive"),
+        (
+            settings.anonymous_requests_per_minute > 0,
+            "anonymous_requests_per_minute must be positive",
+        ),
+        (settings.anonymous_tokens_per_day >= 0, "anonymous_tokens_per_day must not be negative"),
+        *((getattr(settings, name) >= 1, f"{name} must be at least 1") for name in _CAPS),
     ]
     for ok, message in checks:
         if not ok:

@@ -14,6 +14,11 @@ follows its ``error`` frame (``None``: the connection stays open)::
     │   ├── DuplicateRequestId    duplicate_request_id
     │   ├── UnknownRequest        unknown_request     ``cancel`` of an id that is not running
     │   └── ShuttingDown          shutting_down       retryable: the server is stopping
+    ├── Unauthorized              unauthorized        no, bad or expired credentials
+    ├── AuthUnavailable           auth_unavailable    retryable: credentials cannot be checked now
+    ├── WalletMismatch            wallet_mismatch     ``user_wallet`` is not the principal's wallet
+    ├── QuotaExceeded             quota_exceeded      retryable: a cap of the principal or the mesh
+    ├── InsufficientBalance       insufficient_balance  the prepaid balance cannot pay
     ├── RateLimited               rate_limited        retryable
     ├── BudgetExceeded            budget_exceeded     ``max_cost_far`` reached
     ├── IdleTimeout               idle_timeout        chat.petals.dev v2 only: no request in time
@@ -99,11 +104,54 @@ class ShuttingDown(RequestRefused):
     retryable = True
 
 
-class RateLimited(_ClientError):
-    """Too many requests for one wallet (or connection); the message says when to retry."""
+class Unauthorized(_ClientError):
+    """No credentials where they are required, or a key or token that is unknown, revoked,
+    expired or malformed. The message never repeats the credential."""
+
+    code = "unauthorized"
+
+
+class AuthUnavailable(_ClientError):
+    """The credential store (ledger database, state store) cannot answer right now."""
+
+    code = "auth_unavailable"
+    retryable = True
+
+
+class WalletMismatch(_ClientError):
+    """A message names a ``user_wallet`` the authenticated principal may not bill."""
+
+    code = "wallet_mismatch"
+
+
+class _RetryLater(_ClientError):
+    """A refusal that ends by itself; ``retry_after_s`` says when (None: when something else
+    ends, e.g. another request or session of the same principal)."""
+
+    retryable = True
+
+    def __init__(self, message: str, *, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class QuotaExceeded(_RetryLater):
+    """A cap of the principal (connections, requests, sessions, reserved context tokens, free
+    tokens) or of the mesh (attention cache left) would be exceeded."""
+
+    code = "quota_exceeded"
+
+
+class InsufficientBalance(_ClientError):
+    """The wallet's prepaid balance does not cover the prompt plus one token."""
+
+    code = "insufficient_balance"
+
+
+class RateLimited(_RetryLater):
+    """Too many requests for one principal; ``retry_after_s`` says when to retry."""
 
     code = "rate_limited"
-    retryable = True
 
 
 class BudgetExceeded(_ClientError):

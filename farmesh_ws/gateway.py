@@ -58,10 +58,25 @@ def check_servable(settings: Settings) -> None:
         )
 
 
+def check_exposure(settings: Settings) -> None:
+    """Refuse to serve a non-loopback address without required authentication unless the
+    operator said ``--insecure-no-auth`` (FARMESH_INSECURE_NO_AUTH): anyone who can reach the
+    port could bill and exhaust the mesh. Raises :class:`~farmesh_ws.config.ConfigError`."""
+    mode = settings.auth_mode
+    if settings.loopback_bind or mode == "required" or settings.insecure_no_auth:
+        return
+    raise ConfigError(
+        f"refusing to serve {settings.host} with auth {mode}: anyone who reaches this address "
+        "could use the mesh without credentials; use --auth required (the default off "
+        "loopback), or --insecure-no-auth if something else in front checks identity"
+    )
+
+
 @contextlib.asynccontextmanager
 async def running_gateway(settings: Settings, *, progress: bool = True) -> AsyncIterator[Gateway]:
     """Start everything; on exit, shut it all down (gracefully first)."""
     check_servable(settings)
+    check_exposure(settings)
     home = farmesh_home()
     model_path = await asyncio.to_thread(prepare_bundled_model, home, progress=progress)
     dht_prefix = dht_prefix_for(BUNDLED_MODEL_ID)

@@ -93,13 +93,36 @@ class Ping(_ClientMessage, tag="ping", frozen=True):
     data: Annotated[str, Meta(max_length=128)] | None = None
 
 
-ClientMessage = Open | Turn | Generate | Cancel | Close | Ping
+class SiweProof(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """An EIP-4361 message and its EIP-191 signature (0x + 130 hex digits)."""
+
+    message: Annotated[str, Meta(min_length=1, max_length=4096)]
+    signature: Annotated[str, Meta(pattern=r"^0x[0-9a-fA-F]{130}\Z")]
+
+
+class Auth(_ClientMessage, tag="auth", frozen=True):
+    """§2.1: exactly one of ``token`` (an API key or session token) and ``siwe``."""
+
+    token: Annotated[str, Meta(min_length=1, max_length=256)] | None = None
+    siwe: SiweProof | None = None
+
+
+ClientMessage = Auth | Open | Turn | Generate | Cancel | Close | Ping
 
 
 class _ServerMessage(
     msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, tag_field="type"
 ):
     pass
+
+
+class Authenticated(_ServerMessage, tag="authenticated", frozen=True):
+    """§2.1. ``token`` and ``expires_at`` (Unix s) only after a Sign-In with Ethereum."""
+
+    principal: str
+    wallet: str | None = None
+    token: str | None = None
+    expires_at: float | None = None
 
 
 class Opened(_ServerMessage, tag="opened", frozen=True):
@@ -166,9 +189,10 @@ class Error(_ServerMessage, tag="error", frozen=True):
     message: str
     retryable: bool  # no default: omit_defaults would drop ``false`` (§4.6 shows it)
     request_id: str | None = None
+    retry_after_s: float | None = None
 
 
-ServerMessage = Opened | Token | Done | ContributionReport | Pong | Closed | Error
+ServerMessage = Authenticated | Opened | Token | Done | ContributionReport | Pong | Closed | Error
 
 _decoder: Final = msgspec.json.Decoder(ClientMessage)
 _encoder: Final = msgspec.json.Encoder()

@@ -19,7 +19,11 @@ from farmesh_ws.core.types import TurnDone
 class RequestContext:
     """Who asked for a request and when (``started_at``: Unix time, s). ``session_id`` is the
     conversation's (a one-shot ``generate`` gets its own); ``kind`` is ``turn``,
-    ``generate`` or ``petals_v2``."""
+    ``generate`` or ``petals_v2``. ``wallet`` is the billed wallet, ``principal_id`` who
+    proved it (:attr:`~farmesh_ws.core.principal.Principal.principal_id`), ``address_hash``
+    the client's hashed address; ``held_far`` the prepaid hold taken on ``wallet``'s balance
+    (None: balances off or nothing to hold), settled by the ledger when the request ends
+    under the hold id ``session_id:request_id``."""
 
     session_id: str
     request_id: str
@@ -27,6 +31,13 @@ class RequestContext:
     wallet: str | None
     model_id: str
     started_at: float
+    principal_id: str = "open"
+    address_hash: str = ""
+    held_far: Decimal | None = None
+
+    @property
+    def hold_id(self) -> str:
+        return f"{self.session_id}:{self.request_id}"
 
 
 @dataclass(frozen=True, slots=True)
