@@ -1,4 +1,5 @@
-"""The state gateway processes share: live sessions, wallet counters, rate-limit buckets.
+"""The state gateway processes share: live sessions, wallet counters, rate-limit buckets,
+and short-lived values (sign-in nonces, session tokens).
 
 One interface, two stores: :mod:`.memory` keeps it in this process (one gateway), and
 :mod:`.redis_store` in a Redis shared by every gateway process (ARCHITECTURE.md §3
@@ -74,6 +75,19 @@ class StateStore(Protocol):
         self, bucket: str, *, rate_per_s: float, burst: int, cost: int = 1
     ) -> RateDecision:
         """Token bucket: starts full with ``burst`` tokens, refills at ``rate_per_s``."""
+        ...
+
+    async def put_value(self, key: str, value: str, ttl_s: float) -> None:
+        """Keep ``value`` under ``key`` for ``ttl_s`` seconds, replacing what was there."""
+        ...
+
+    async def get_value(self, key: str) -> str | None:
+        """The live value under ``key``, or None (never stored, expired or taken)."""
+        ...
+
+    async def take_value(self, key: str) -> str | None:
+        """Get and delete in one step: of any number of takers, in any process sharing the
+        store, exactly one gets a stored value and the others None (single-use values)."""
         ...
 
     async def ping(self) -> float | None:

@@ -4,7 +4,7 @@ Every call runs without awaiting, so each is atomic between asyncio tasks. Time 
 monotonic clock (injectable for tests). Sessions expire through a heap of deadlines that may
 hold stale entries (from touches and unregisters); it is rebuilt once they outnumber the live
 sessions, so each operation is O(log n) amortised. A full bucket is the same as no bucket, so
-full ones are swept once the table has doubled since the last sweep.
+full ones are swept once the table has doubled since the last sweep; expired values likewise.
 """
 
 import heapq
@@ -21,12 +21,18 @@ from farmesh_ws.state.base import (
     check_usage,
 )
 
-_MIN_BUCKET_SWEEP = 1024
+_MIN_SWEEP = 1024
 
 
 @dataclass(slots=True)
 class _Session:
     info: SessionInfo
+    deadline: float
+
+
+@dataclass(frozen=True, slots=True)
+class _Value:
+    value: str
     deadline: float
 
 
@@ -44,7 +50,9 @@ class MemoryStateStore:
         self._deadlines: list[tuple[float, str]] = []
         self._wallets: dict[str, WalletUsage] = {}
         self._buckets: dict[str, _Bucket] = {}
-        self._sweep_buckets_at = _MIN_BUCKET_SWEEP
+        self._sweep_buckets_at = _MIN_SWEEP
+        self._values: dict[str, _Value] = {}
+        self._sweep_values_at = _MIN_SWEEP
 
     @property
     def degraded(self) -> bool:
@@ -128,8 +136,34 @@ class MemoryStateStore:
         self._buckets[bucket] = _Bucket(tokens, now, now + (burst - tokens) / rate_per_s)
         if len(self._buckets) >= self._sweep_buckets_at:
             self._buckets = {k: b for k, b in self._buckets.items() if b.full_at > now}
-            self._sweep_buckets_at = max(_MIN_BUCKET_SWEEP, 2 * len(self._buckets))
+            self._sweep_buckets_at = max(_MIN_SWEEP, 2 * len(self._buckets))
         return decision
+
+    async def put_value(self, key: str, value: str, ttl_s: float) -> None:
+        check_ttl(ttl_s)
+        now = self._clock()
+        self._values[key] = _Value(value, now + ttl_s)
+        if len(self._values) >= self._sweep_values_at:
+            self._values = {k: v for k, v in self._values.items() if v.deadline > now}
+            self._sweep_values_at = max(_MIN_SWEEP, 2 * len(self._values))
+
+    async def get_value(self, key: str) -> str | None:
+        stored = self._values.get(key)
+        if stored is None or stored.deadline <= self._clock():
+            return None
+        return stored.value
+
+    async def take_value(self, key: str) -> str | None:
+        stored = self._values.pop(key, None)
+        if stored is None or stored.deadline <= self._clock():
+            return None
+        return stored.value
+
+    def pop_values(self) -> list[tuple[str, str, float]]:
+        """Take every live value as (key, value, seconds left), to hand them over to Redis."""
+        now = self._clock()
+        values, self._values = self._values, {}
+        return [(k, v.value, v.deadline - now) for k, v in values.items() if v.deadline > now]
 
     async def ping(self) -> float | None:
         return 0.0

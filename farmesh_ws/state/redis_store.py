@@ -9,6 +9,10 @@ Key layout (``P`` is the key prefix, default ``farmesh:``):
 - ``P wallet:<wallet>``: hash ``tokens``, ``cost_far_e8`` (integers, both HINCRBY in one MULTI).
 - ``P bucket:<name>``: hash ``tokens``, ``at_ms``. One Lua script refills and takes, so takes
   from every process are atomic; the key expires once the bucket would be full (absent = full).
+- ``P value:<key>``: a string with its own expiry (SET PX); taken with GETDEL, so of concurrent
+  takers in any process exactly one gets it.
+
+The Lua scripts are in :mod:`.redis_scripts`.
 
 Deadlines and refills read the Redis clock (TIME inside the scripts), so skewed hosts agree.
 
@@ -19,12 +23,16 @@ a password), one warning is logged, and calls are answered by an in-process
 :class:`MemoryStateStore` without waiting on Redis. A background task pings Redis every
 ``reconnect_interval_s`` (``ping`` and ``healthy`` probe too). Once it answers, the store
 re-registers the sessions live in this process, deletes those unregistered meanwhile, adds the
-wallet usage counted meanwhile (one MULTI), and only then leaves degraded mode; writes that
-arrive during this resync wait for it, so none is lost or reordered.
+wallet usage counted meanwhile, copies the values put meanwhile (one MULTI), and only then leaves
+degraded mode; writes, and reads of values, that arrive during this resync wait for it, so none
+is lost or reordered.
 
 While degraded, ``active_sessions`` and ``session_location`` see only this process's sessions,
 ``wallet_usage`` only what this process counted since Redis failed, and rate limits hold per
 process. Usage is counted at least once: an increment whose reply was lost may count twice.
+A value is never in Redis and in this process at once, so it is taken once at most: one put
+while degraded lives here until the resync moves it; a put whose Redis call fails is dropped
+(Redis may or may not hold it), and a take whose reply was lost returns None.
 Sessions registered here are always mirrored locally: a resync needs them, and a touch
 re-creates a session missing from Redis (a restart that lost its data without a call failing).
 """
@@ -49,9 +57,11 @@ from farmesh_ws.state.base import (
     SessionInfo,
     WalletUsage,
     check_bucket,
+    check_ttl,
     check_usage,
 )
 from farmesh_ws.state.memory import MemoryStateStore
+from farmesh_ws.state.redis_scripts import COUNT_SESSIONS, TAKE_TOKENS, UPSERT_SESSION
 
 logger = logging.getLogger(__name__)
 
@@ -59,56 +69,6 @@ T = TypeVar("T")
 
 # OSError covers refused connections and the TimeoutError of asyncio.timeout.
 _FAILURES = (RedisError, OSError)
-
-_NOW_MS = "local clock = redis.call('TIME')\n"
-
-_UPSERT_SESSION = (
-    _NOW_MS
-    + """
-local now_ms = clock[1] * 1000 + math.floor(clock[2] / 1000)
-local deadline = string.format('%d', now_ms + ARGV[2])
-redis.call('HSET', KEYS[1], 'process_id', ARGV[3], 'wallet', ARGV[4], 'model_id', ARGV[5])
-redis.call('PEXPIREAT', KEYS[1], deadline)
-redis.call('ZADD', KEYS[2], deadline, ARGV[1])
-redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', '(' .. string.format('%d', now_ms))
-return 1
-"""
-)
-
-_COUNT_SESSIONS = (
-    _NOW_MS
-    + """
-local now_ms = clock[1] * 1000 + math.floor(clock[2] / 1000)
-return redis.call('ZCOUNT', KEYS[1], string.format('%d', now_ms), '+inf')
-"""
-)
-
-_TAKE_TOKENS = (
-    _NOW_MS
-    + """
-local now_ms = clock[1] * 1000 + clock[2] / 1000
-local rate_per_ms = tonumber(ARGV[1]) / 1000
-local burst = tonumber(ARGV[2])
-local cost = tonumber(ARGV[3])
-local state = redis.call('HMGET', KEYS[1], 'tokens', 'at_ms')
-local tokens = burst
-if state[1] then
-  local elapsed_ms = math.max(0, now_ms - tonumber(state[2]))
-  tokens = math.min(burst, tonumber(state[1]) + elapsed_ms * rate_per_ms)
-end
-local allowed, wait_ms = 0, 0
-if tokens >= cost then
-  tokens = tokens - cost
-  allowed = 1
-else
-  wait_ms = (cost - tokens) / rate_per_ms
-end
-redis.call('HSET', KEYS[1], 'tokens', string.format('%.17g', tokens),
-           'at_ms', string.format('%.17g', now_ms))
-redis.call('PEXPIRE', KEYS[1], string.format('%d', math.ceil((burst - tokens) / rate_per_ms) + 1))
-return {allowed, string.format('%.17g', wait_ms)}
-"""
-)
 
 
 class _Unavailable(enum.Enum):
@@ -131,9 +91,9 @@ class RedisStateStore:
         self._sessions_key = f"{key_prefix}sessions"
         self._timeout_s = timeout_s
         self._reconnect_interval_s = reconnect_interval_s
-        self._upsert_session = client.register_script(_UPSERT_SESSION)
-        self._count_sessions = client.register_script(_COUNT_SESSIONS)
-        self._take_tokens = client.register_script(_TAKE_TOKENS)
+        self._upsert_session = client.register_script(UPSERT_SESSION)
+        self._count_sessions = client.register_script(COUNT_SESSIONS)
+        self._take_tokens = client.register_script(TAKE_TOKENS)
         self._local = MemoryStateStore()
         self._unregistered: set[str] = set()  # while degraded; deleted from Redis on resync
         self._degraded_reason: str | None = None
@@ -254,6 +214,31 @@ class RedisStateStore:
                 return RateDecision(allowed=bool(allowed), retry_after_s=float(wait_ms) / 1000)
         return await self._local.take_tokens(bucket, rate_per_s=rate_per_s, burst=burst, cost=cost)
 
+    async def put_value(self, key: str, value: str, ttl_s: float) -> None:
+        check_ttl(ttl_s)
+        await self._resynced.wait()
+        if self.degraded:
+            await self._local.put_value(key, value, ttl_s)
+        else:
+            px = max(1, math.ceil(ttl_s * 1000))
+            await self._try(self._redis.set(self._value_key(key), value, px=px))
+
+    async def get_value(self, key: str) -> str | None:
+        await self._resynced.wait()
+        if not self.degraded:
+            raw = await self._try(self._redis.get(self._value_key(key)))
+            if not isinstance(raw, _Unavailable):
+                return None if raw is None else _text(raw)
+        return await self._local.get_value(key)
+
+    async def take_value(self, key: str) -> str | None:
+        await self._resynced.wait()
+        if not self.degraded:
+            raw = await self._try(self._redis.getdel(self._value_key(key)))
+            if not isinstance(raw, _Unavailable):
+                return None if raw is None else _text(raw)
+        return await self._local.take_value(key)
+
     async def ping(self) -> float | None:
         started = time.monotonic()
         if isinstance(await self._try(self._redis.ping()), _Unavailable):
@@ -318,13 +303,16 @@ class RedisStateStore:
             sessions = self._local.live_sessions()
             unregistered, self._unregistered = self._unregistered, set()
             usage = self._local.pop_wallet_usage()
-            pushed = await self._try(self._push(sessions, unregistered, usage))
+            values = self._local.pop_values()
+            pushed = await self._try(self._push(sessions, unregistered, usage, values))
             if isinstance(pushed, _Unavailable):
                 self._unregistered |= unregistered
                 for wallet, counted in usage.items():
                     await self._local.add_wallet_usage(
                         wallet, tokens=counted.tokens, cost_far_e8=counted.cost_far_e8
                     )
+                for key, value, left_s in values:
+                    await self._local.put_value(key, value, left_s)
             elif self._failures == failures:
                 self._degraded_reason = None
                 logger.info("Shared state back in Redis (%d sessions re-registered)", len(sessions))
@@ -336,6 +324,7 @@ class RedisStateStore:
         sessions: list[tuple[str, SessionInfo, float]],
         unregistered: set[str],
         usage: dict[str, WalletUsage],
+        values: list[tuple[str, str, float]],
     ) -> None:
         async with self._redis.pipeline(transaction=True) as pipe:
             for session_id in unregistered:
@@ -344,6 +333,8 @@ class RedisStateStore:
                 await self._upsert(pipe, session_id, info, left_s)
             for wallet, counted in usage.items():
                 self._queue_usage(pipe, wallet, counted)
+            for key, value, left_s in values:
+                pipe.set(self._value_key(key), value, px=max(1, math.ceil(left_s * 1000)))
             await pipe.execute()
 
     def _upsert(self, client: Redis, session_id: str, info: SessionInfo, ttl_s: float) -> Any:
@@ -377,6 +368,9 @@ class RedisStateStore:
 
     def _wallet_key(self, wallet: str) -> str:
         return f"{self._prefix}wallet:{wallet}"
+
+    def _value_key(self, key: str) -> str:
+        return f"{self._prefix}value:{key}"
 
 
 def _text(raw: bytes | str) -> str:

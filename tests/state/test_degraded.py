@@ -125,3 +125,51 @@ async def test_starts_degraded_without_redis() -> None:
         assert not await store.healthy()
     finally:
         await store.aclose()
+
+
+async def test_values_while_down_are_handed_over(server: ThrowawayRedis) -> None:
+    store = await open_fast(server.url)
+    try:
+        await store.put_value("before", "lost with the server", 60)
+        await server.kill()
+
+        await store.put_value("failing", "dropped", 60)  # this call finds Redis down
+        assert store.degraded
+        assert await store.get_value("failing") is None
+        await store.put_value("taken", "t", 60)
+        await store.put_value("kept", "k", 60)
+        assert await store.take_value("taken") == "t"
+        assert await store.take_value("taken") is None
+        assert await store.get_value("kept") == "k"
+
+        await server.start()  # empty
+        await recovered(store)
+        peer = await open_fast(server.url)
+        try:
+            assert await peer.get_value("before") is None
+            assert await peer.get_value("taken") is None
+            assert await peer.take_value("kept") == "k"
+            assert await store.take_value("kept") is None  # moved, not copied
+        finally:
+            await peer.aclose()
+    finally:
+        await store.aclose()
+
+
+async def test_a_value_taken_during_a_stall_is_not_taken_again(server: ThrowawayRedis) -> None:
+    """A take whose reply is lost may have deleted the value: it answers None, never twice."""
+    store = await open_fast(server.url)
+    peer = await open_fast(server.url)
+    admin = server.client()
+    try:
+        await store.put_value("nonce", "issued", 60)
+        await admin.client_pause(1000, all=False)  # writes stall; GETDEL is a write
+        assert await store.take_value("nonce") is None
+        assert store.degraded
+        await recovered(store)
+        taken = [await peer.take_value("nonce"), await store.take_value("nonce")]
+        assert taken.count("issued") <= 1
+    finally:
+        await admin.aclose()
+        await peer.aclose()
+        await store.aclose()
