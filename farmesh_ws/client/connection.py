@@ -9,29 +9,29 @@ import uuid
 from collections.abc import Generator, Mapping
 from decimal import Decimal, InvalidOperation
 from types import TracebackType
-from typing import Any, Final, Self
+from typing import TYPE_CHECKING, Any, Final, Self
 
 import msgspec
 from websockets.asyncio.client import ClientConnection
-from websockets.asyncio.client import connect as _ws_connect
-from websockets.exceptions import ConnectionClosed, WebSocketException
+from websockets.exceptions import ConnectionClosed
 
-from farmesh_ws import __version__
 from farmesh_ws import protocol as p
-from farmesh_ws.client import wire
-from farmesh_ws.client.errors import (
-    ConnectFailed,
-    ConnectionLost,
-    FarmeshClientError,
-    RequestTimeout,
-)
-from farmesh_ws.client.events import ChatInfo, ContributionEvent, DoneEvent, TokenEvent
+from farmesh_ws.client import signin, wire
+from farmesh_ws.client.errors import ConnectionLost, FarmeshClientError, RequestTimeout
+from farmesh_ws.client.events import ChatInfo, ContributionEvent, DoneEvent, Identity, TokenEvent
+from farmesh_ws.client.handshake import open_websocket
 from farmesh_ws.client.stream import Chat, ReplyStream, StreamItem
+
+if TYPE_CHECKING:
+    from eth_account.signers.local import LocalAccount
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT_S: Final = 60.0
 """Seconds any single wait on the server may take: the handshake, a reply, the next frame."""
+
+SIGN_IN_VALID_FOR_S: Final = 3600.0
+"""How long a Sign-In with Ethereum message is valid by default (its ``Expiration Time``)."""
 
 Sampling = p.Sampling
 """Default sampling of a chat session (``open_chat(sampling=...)``); a mapping works too."""
@@ -53,6 +53,10 @@ class FarmeshClient:
         self.timeout = timeout
         self.chat: Chat | None = None
         """The chat session opened on this connection, if any."""
+        self.identity: Identity | None = None
+        """Who the gateway said this connection is, after :meth:`authenticate` or
+        :meth:`sign_in_with_ethereum` (a credential given to :meth:`connect` is checked
+        at the handshake, which answers nothing)."""
         self._ws = connection
         self._streams: dict[str, ReplyStream] = {}
         self._used_request_ids: set[str] = set()
@@ -66,10 +70,14 @@ class FarmeshClient:
         self._reader = asyncio.create_task(self._read_loop(), name="farmesh-client-reader")
 
     @classmethod
-    def connect(cls, url: str, *, timeout: float = DEFAULT_TIMEOUT_S) -> "_Connecting":
+    def connect(
+        cls, url: str, *, timeout: float = DEFAULT_TIMEOUT_S, token: str | None = None
+    ) -> "_Connecting":
         """Connect to ``url`` (``ws://HOST:PORT/ws``): ``await`` the result for a client, or
-        use it in ``async with``, which closes the client at the end."""
-        return _Connecting(url, timeout)
+        use it in ``async with``, which closes the client at the end. ``token`` (an API key
+        ``fmk_…`` or a session token ``fms_…``) is sent as ``Authorization: Bearer`` in the
+        handshake (protocol.md §2.1); a refused one raises :class:`Unauthorized`."""
+        return _Connecting(url, timeout, token)
 
     @property
     def closed(self) -> bool:
@@ -83,6 +91,33 @@ class FarmeshClient:
     async def wait_closed(self) -> None:
         """Wait until the connection is closed, by either side."""
         await self._closed.wait()
+
+    async def authenticate(self, token: str) -> Identity:
+        """Authenticate this connection with an API key or session token sent as the
+        ``auth`` message (protocol.md §2.1). Raises :class:`Unauthorized` for a credential
+        the gateway does not accept (the connection stays open for another try)."""
+        return await self._authenticate(p.Auth(token=token))
+
+    async def sign_in_with_ethereum(
+        self, account: "LocalAccount", *, valid_for_s: float = SIGN_IN_VALID_FOR_S
+    ) -> Identity:
+        """Sign in with an eth-account key (EIP-4361, protocol.md §2.1): a nonce from the
+        gateway's ``GET /auth/nonce``, a message for ``account.address`` valid for
+        ``valid_for_s`` seconds, signed as ``personal_sign`` does, sent as ``auth``. The
+        returned identity's ``token`` (until ``expires_at``) authenticates later
+        connections without signing again: ``connect(url, token=identity.token)``."""
+        proof = await signin.signed_sign_in(
+            self.url, account, timeout_s=self.timeout, valid_for_s=valid_for_s
+        )
+        return await self._authenticate(p.Auth(siwe=proof))
+
+    async def _authenticate(self, message: p.Auth) -> Identity:
+        answer = await self._control_request(message)
+        if not isinstance(answer, p.Authenticated):
+            kind = str(type(answer).__struct_config__.tag)
+            raise FarmeshClientError("protocol_error", f"expected 'authenticated', got {kind!r}")
+        self.identity = Identity(answer.principal, answer.wallet, answer.token, answer.expires_at)
+        return self.identity
 
     async def open_chat(
         self,
@@ -204,9 +239,10 @@ class FarmeshClient:
                 f"could not send within {self.timeout:g} s", request_id=request_id
             ) from None
 
-    async def _control_request(self, message: p.Open | p.Close) -> p.ServerMessage:
-        """Send a message answered without a request_id (``opened``/``closed``, or an
-        ``error`` without one) and return the answer; error frames are raised."""
+    async def _control_request(self, message: p.Auth | p.Open | p.Close) -> p.ServerMessage:
+        """Send a message answered without a request_id (``authenticated``, ``opened``,
+        ``closed``, or an ``error`` without one) and return the answer; error frames are
+        raised."""
         async with self._control_lock:
             reply: asyncio.Future[p.ServerMessage] = asyncio.get_running_loop().create_future()
             self._control = reply
@@ -282,7 +318,7 @@ class FarmeshClient:
             pong = self._pongs.get(item.data or "")
             if pong is not None and not pong.done():
                 pong.set_result(None)
-        elif isinstance(item, p.Opened | p.Closed):
+        elif isinstance(item, p.Authenticated | p.Opened | p.Closed):
             if self._control is not None and not self._control.done():
                 self._control.set_result(item)
         elif isinstance(item, p.Error | FarmeshClientError):
@@ -294,7 +330,7 @@ class FarmeshClient:
 
     def _route_error(self, error: p.Error | FarmeshClientError) -> None:
         """An error goes to its request; one without a request_id answers the pending
-        ``open``/``close`` or else concerns every running request."""
+        ``auth``/``open``/``close`` or else concerns every running request."""
         if error.request_id is not None:
             stream = self._streams.get(error.request_id)
             if stream is not None:
@@ -328,9 +364,10 @@ class FarmeshClient:
 class _Connecting:
     """What :meth:`FarmeshClient.connect` returns: awaitable, and an async context manager."""
 
-    def __init__(self, url: str, timeout: float) -> None:
+    def __init__(self, url: str, timeout: float, token: str | None) -> None:
         self._url = url
         self._timeout = timeout
+        self._token = token
         self._client: FarmeshClient | None = None
 
     def __await__(self) -> Generator[Any, None, FarmeshClient]:
@@ -350,20 +387,12 @@ class _Connecting:
             await self._client.aclose()
 
     async def _connect(self) -> FarmeshClient:
-        try:
-            connection = await _ws_connect(
-                self._url,
-                open_timeout=self._timeout,
-                close_timeout=min(self._timeout, 10.0),
-                user_agent_header=f"farmesh-ws-client/{__version__}",
-            )
-        except TimeoutError:
-            raise ConnectFailed(f"{self._url} did not answer within {self._timeout:g} s") from None
-        except (OSError, WebSocketException) as exc:
-            raise ConnectFailed(f"cannot connect to {self._url}: {exc}") from None
+        connection = await open_websocket(self._url, timeout_s=self._timeout, token=self._token)
         return FarmeshClient(connection, url=self._url, timeout=self._timeout)
 
 
-def connect(url: str, *, timeout: float = DEFAULT_TIMEOUT_S) -> _Connecting:
+def connect(
+    url: str, *, timeout: float = DEFAULT_TIMEOUT_S, token: str | None = None
+) -> _Connecting:
     """``FarmeshClient.connect(url)``: ``await`` it, or use it in ``async with``."""
-    return FarmeshClient.connect(url, timeout=timeout)
+    return FarmeshClient.connect(url, timeout=timeout, token=token)

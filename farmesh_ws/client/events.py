@@ -4,7 +4,7 @@ Frozen dataclasses with money as ``Decimal``; :mod:`farmesh_ws.client.wire` buil
 server frames.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Literal
 
@@ -113,3 +113,16 @@ class ChatInfo:
     price_per_token_far: Decimal
     price_per_prompt_token_far: Decimal
     protocol_version: int
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """Who the gateway says this connection is (``authenticated``, protocol.md §2.1):
+    ``principal`` (``key:fk_…``, ``wallet:0x…``), the ``wallet`` it bills. After a Sign-In
+    with Ethereum, ``token`` is the session token that authenticates later connections
+    until ``expires_at`` (Unix seconds); keep it as secret as a key."""
+
+    principal: str
+    wallet: str | None
+    token: str | None = field(default=None, repr=False)  # never printed
+    expires_at: float | None = None
