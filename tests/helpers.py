@@ -34,7 +34,10 @@ async def start_gateway(
     backend: Any, *, generation: dict[str, Sampling] | None = None, **overrides: Any
 ) -> GatewayServer:
     """A gateway on ``backend``; ``generation`` defaults to :func:`bundled_generation`, as
-    ``farmesh-ws serve`` passes it; ``overrides`` are :class:`Settings` fields."""
+    ``farmesh-ws serve`` passes it; ``overrides`` are :class:`Settings` fields (``auth``
+    defaults to ``off``: these tests name the wallets they bill; tests/test_identity.py
+    covers the other modes)."""
+    overrides.setdefault("auth", "off")
     settings = replace(
         Settings(port=0, price_per_token_far=PRICE, price_per_prompt_token_far=PROMPT_PRICE),
         **overrides,

@@ -390,7 +390,9 @@ async def ledger_gateway(
     status = MeshStatusCache(backend.model_ids, backend.coverage, refresh_s=60)
     await status.refresh()
     server = GatewayServer(
-        Settings(port=0, price_per_token_far=PRICE, price_per_prompt_token_far=PROMPT_PRICE),
+        Settings(
+            port=0, price_per_token_far=PRICE, price_per_prompt_token_far=PROMPT_PRICE, auth="off"
+        ),
         backend,
         status,
         Metrics(),

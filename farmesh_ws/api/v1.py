@@ -10,6 +10,8 @@ from collections.abc import Awaitable, Callable
 from decimal import Decimal
 
 from farmesh_ws import protocol as p
+from farmesh_ws.auth.connection import ConnectionIdentity
+from farmesh_ws.auth.credentials import SignIn
 from farmesh_ws.core.money import far_text
 from farmesh_ws.core.settlement import Settlement
 from farmesh_ws.core.types import SamplingOverrides, TokenEvent
@@ -20,7 +22,10 @@ from farmesh_ws.engine.runner import RequestSpec
 from farmesh_ws.errors import (
     AlreadyOpen,
     FarmeshError,
+    InvalidRequest,
     NoSession,
+    QuotaExceeded,
+    RateLimited,
     SessionClosed,
     UnknownRequest,
 )
@@ -32,12 +37,17 @@ Send = Callable[[p.ServerMessage], Awaitable[None]]
 
 class V1Session:
     """One connection's protocol v1 session (§2): at most one conversation, one request at a
-    time. ``send`` delivers a frame (and drops it once the socket is closed)."""
+    time. ``send`` delivers a frame (and drops it once the socket is closed); ``identity``
+    is the connection's principal (§2.1)."""
 
-    def __init__(self, engine: Engine, send: Send, *, client_key: str) -> None:
+    def __init__(
+        self, engine: Engine, send: Send, *, client_key: str, identity: ConnectionIdentity
+    ) -> None:
         self._engine = engine
         self._send = send
-        self.client = Client(client_key)
+        self._client_key = client_key
+        self.identity = identity
+        self.client: Client | None = None
         self.conversation: Conversation | None = None
         self.closed = False
 
@@ -47,7 +57,7 @@ class V1Session:
 
     @property
     def busy(self) -> bool:
-        return self.client.busy
+        return self.client is not None and self.client.busy
 
     async def handle_frame(self, frame: str | bytes) -> bool:
         """Decode and act on one frame; False if it was answered with an ``error`` frame."""
@@ -67,6 +77,8 @@ class V1Session:
         """Act on one decoded message; raises :class:`FarmeshError` for an ``error`` frame."""
         if isinstance(message, p.Ping):
             await self._send(p.Pong(data=message.data))
+        elif isinstance(message, p.Auth):
+            await self._auth(message)
         elif isinstance(message, p.Open):
             await self._open(message)
         elif isinstance(message, p.Turn):
@@ -84,7 +96,7 @@ class V1Session:
         if self.closed:
             return
         self.closed = True
-        running = self.client.running
+        running = self.client.running if self.client is not None else None
         try:
             if running is not None:
                 running.cancel()
@@ -93,6 +105,7 @@ class V1Session:
         finally:
             if self.conversation is not None:
                 await self._engine.sessions.close(self.conversation)
+            self.identity.close()
 
     async def send_error(self, error: FarmeshError, request_id: str | None) -> None:
         self._engine.error_sent(error.code)
@@ -102,16 +115,48 @@ class V1Session:
                 message=error.message,
                 retryable=error.retryable,
                 request_id=request_id,
+                retry_after_s=error.retry_after_s if isinstance(error, _RETRY_LATER) else None,
             )
         )
+
+    # §2.1
+    async def _auth(self, message: p.Auth) -> None:
+        self._check_open()
+        if self.conversation is not None or self.busy:
+            raise InvalidRequest("authenticate before opening a session or sending requests")
+        siwe = message.siwe
+        result = await self.identity.authenticate(
+            token=message.token,
+            message=None if siwe is None else siwe.message,
+            signature=None if siwe is None else siwe.signature,
+        )
+        principal = result.principal if isinstance(result, SignIn) else result
+        if self.client is not None:
+            self.client.principal = principal
+        await self._send(
+            p.Authenticated(
+                principal=principal.principal_id,
+                wallet=principal.wallet,
+                token=result.token if isinstance(result, SignIn) else None,
+                expires_at=result.expires_at if isinstance(result, SignIn) else None,
+            )
+        )
+
+    def _requester(self) -> Client:
+        """The connection's requester, once it has a principal (§2.1)."""
+        if self.client is None:
+            self.client = Client(self._client_key, self.identity.require())
+        return self.client
 
     # §3.1
     async def _open(self, message: p.Open) -> None:
         if self.conversation is not None:
             raise AlreadyOpen("this connection already has a chat session")
         self._check_open()
+        principal = self._requester().principal
         conversation = await self._engine.sessions.open(
             kind="chat",
+            principal=principal,
             wallet=message.user_wallet,
             model_id=message.model,
             max_length=message.max_length,
@@ -120,7 +165,6 @@ class V1Session:
             budget_far=_amount(message.max_cost_far),
         )
         self.conversation = conversation
-        self.client.wallet = message.user_wallet
         settings = self._engine.settings
         await self._send(
             p.Opened(
@@ -168,12 +212,12 @@ class V1Session:
         await self._launch(spec)
 
     async def _launch(self, spec: RequestSpec) -> None:
-        active = await self._engine.runner.admit(self.client, spec)
+        active = await self._engine.runner.admit(self._requester(), spec)
         self._engine.runner.launch(active, self)
 
     # §3.4
     def _cancel(self, request_id: str) -> None:
-        running = self.client.running
+        running = self.client.running if self.client is not None else None
         if running is None or running.request_id != request_id:
             raise UnknownRequest(f"no running request {request_id!r}")
         running.cancel()
@@ -259,6 +303,9 @@ def _overrides(message: p.Sampling | p.Turn) -> SamplingOverrides:
         max_new_tokens=message.max_new_tokens,
         stop=None if message.stop is None else tuple(message.stop),
     )
+
+
+_RETRY_LATER = (RateLimited, QuotaExceeded)
 
 
 def _amount(text: str | None) -> Decimal | None:

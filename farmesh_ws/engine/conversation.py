@@ -11,7 +11,9 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import TYPE_CHECKING
 
+from farmesh_ws.core.principal import Principal
 from farmesh_ws.core.types import ChatMessage, SamplingOverrides
+from farmesh_ws.engine.quotas import Reservation
 from farmesh_ws.mesh.base import MeshSession
 
 if TYPE_CHECKING:
@@ -20,11 +22,11 @@ if TYPE_CHECKING:
 
 @dataclass(slots=True)
 class Client:
-    """One connection's requester. ``client_key`` identifies it for limits when it names no
-    wallet; ``wallet`` is the wallet it bills (a claim until identity is proven)."""
+    """One connection's requester: ``principal`` is who it proved to be (its caps and rate
+    limit, the wallet it may bill); ``client_key`` names the connection in logs."""
 
     client_key: str
-    wallet: str | None = None
+    principal: Principal
     running: "ActiveRequest | None" = None
     request_ids: set[str] = field(default_factory=set)
 
@@ -36,13 +38,17 @@ class Client:
 @dataclass(slots=True)
 class Conversation:
     """One chat session over one mesh session. ``kind``: ``chat`` (protocol v1) or
-    ``petals_v2``; ``budget_far``: the session's ``max_cost_far`` (None: no limit)."""
+    ``petals_v2``; ``wallet``: the wallet it bills; ``principal``: who opened it;
+    ``reservation``: its ``max_length`` held against the principal's and the mesh's caps;
+    ``budget_far``: the session's ``max_cost_far`` (None: no limit)."""
 
     session_id: str
     kind: str
     wallet: str | None
+    principal: Principal
     model_id: str
     mesh: MeshSession
+    reservation: Reservation
     system_prompt: str | None = None
     sampling: SamplingOverrides = field(default_factory=SamplingOverrides)
     budget_far: Decimal | None = None

@@ -8,9 +8,12 @@ behind it. Shutdown (protocol.md §2): :meth:`Engine.drain` refuses new sessions
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 
 from farmesh_ws.config import Settings
+from farmesh_ws.engine.allowances import BalanceHolds, FreeTokens
 from farmesh_ws.engine.events import ErrorSent, Observer
+from farmesh_ws.engine.quotas import MeshCapacity, Quotas
 from farmesh_ws.engine.request import ActiveRequest
 from farmesh_ws.engine.runner import RequestRunner
 from farmesh_ws.engine.sessions import SessionManager
@@ -21,7 +24,9 @@ logger = logging.getLogger(__name__)
 
 
 class Engine:
-    """Owns the session manager and the runner; ``observer`` hears every request event."""
+    """Owns the session manager, the runner and the caps; ``observer`` hears every request
+    event; ``capacity`` reads the mesh's free attention cache per model (None: not checked);
+    ``holds`` takes prepaid holds (None: no balances, as with ``balances = off``)."""
 
     def __init__(
         self,
@@ -30,17 +35,26 @@ class Engine:
         backend: MeshBackend,
         registry: SessionRegistry,
         observer: Observer,
+        capacity: Callable[[str], MeshCapacity] | None = None,
+        holds: BalanceHolds | None = None,
     ) -> None:
         self.settings = settings
         self.backend = backend
         self.observer = observer
-        self.sessions = SessionManager(settings=settings, backend=backend, registry=registry)
+        self.quotas = Quotas(settings, capacity)
+        self.free_tokens = FreeTokens(registry.store, settings.anonymous_tokens_per_day)
+        self.sessions = SessionManager(
+            settings=settings, backend=backend, registry=registry, quotas=self.quotas
+        )
         self.runner = RequestRunner(
             settings=settings,
             backend=backend,
             store=registry.store,
             observer=observer,
             stopping=lambda: self.sessions.stopping,
+            quotas=self.quotas,
+            free_tokens=self.free_tokens,
+            holds=holds,
         )
 
     def error_sent(self, code: str) -> None:

@@ -35,13 +35,18 @@ def check_max_length(settings: Settings, value: int) -> None:
         raise InvalidRequest(f"max_length {value} is above the limit {settings.max_length_limit}")
 
 
+def check_model(backend: MeshBackend, model_id: str) -> None:
+    """The mesh serves ``model_id``; raises :class:`ModelNotFound`."""
+    if model_id not in backend.model_ids:
+        raise ModelNotFound(f"model {model_id[:MAX_MODEL_NAME_CHARS]!r} is not served here")
+
+
 async def open_mesh_session(
     backend: MeshBackend, model_id: str, max_length: int, settings: Settings
 ) -> MeshSession:
     """Open a mesh session of a served model under ``open_timeout_s``; raises
     :class:`ModelNotFound`, :class:`InvalidRequest` or :class:`MeshTimeout`."""
-    if model_id not in backend.model_ids:
-        raise ModelNotFound(f"model {model_id[:MAX_MODEL_NAME_CHARS]!r} is not served here")
+    check_model(backend, model_id)
     check_max_length(settings, max_length)
     opening = backend.open_session(model_id, max_length=max_length)
     try:

@@ -3,11 +3,15 @@
 Admission (:meth:`RequestRunner.admit`) checks, in order and before anything reaches the
 mesh: the server is not stopping, the session is open, the client is not busy, the
 ``request_id`` is new, the text and ``max_new_tokens`` are within the configured limits, the
-model is served (one-shot requests open their own mesh session), the turn fits the session's
-remaining ``max_length`` (context room), the budget pays for at least one token, and last
-the client's rate limit. A refused request raises a :class:`~farmesh_ws.errors.FarmeshError`
-and leaves no trace (nothing sent to the mesh, billed or recorded; protocol.md §3.2).
-An admitted request always settles (:meth:`~farmesh_ws.engine.request.ActiveRequest.finish`).
+billed wallet is the principal's own (``wallet_mismatch``), the principal has a request slot
+(``quota_exceeded``), the model is served (a one-shot request opens its own mesh session and
+reserves prompt + ``max_new_tokens`` of context), the turn fits the session's remaining
+``max_length`` (context room), the budget pays for at least one token, the anonymous free
+quota has room, then the principal's rate limit, and last the prepaid hold on the wallet's
+balance (:mod:`~farmesh_ws.engine.allowances`). A refused request raises a
+:class:`~farmesh_ws.errors.FarmeshError` and leaves no trace (nothing sent to the mesh,
+billed or recorded; protocol.md §3.2). An admitted request always settles
+(:meth:`~farmesh_ws.engine.request.ActiveRequest.finish`).
 """
 
 import asyncio
@@ -15,7 +19,7 @@ import logging
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from decimal import Decimal
 from typing import Protocol
 
@@ -23,9 +27,16 @@ from farmesh_ws.config import Settings
 from farmesh_ws.core.money import far_text
 from farmesh_ws.core.settlement import Settlement
 from farmesh_ws.core.types import ChatMessage, SamplingOverrides, SamplingParams, TokenEvent
+from farmesh_ws.engine.allowances import BalanceHolds, FreeTokens
 from farmesh_ws.engine.conversation import Client, Conversation
 from farmesh_ws.engine.events import Observer, RequestContext, RequestStarted
-from farmesh_ws.engine.limits import check_max_new_tokens, check_text, open_mesh_session
+from farmesh_ws.engine.limits import (
+    check_max_length,
+    check_max_new_tokens,
+    check_text,
+    open_mesh_session,
+)
+from farmesh_ws.engine.quotas import Quotas, Reservation
 from farmesh_ws.engine.request import ActiveRequest
 from farmesh_ws.errors import (
     BudgetExceeded,
@@ -52,7 +63,8 @@ class RequestSpec:
     ``text`` is one chat turn under the model's template. ``sampling``: complete, or overrides
     whose gaps take the defaults (greedy, ``default_max_new_tokens``). ``conversation`` None: a
     one-shot request on a fresh mesh session of ``model_id``, closed afterwards. ``wallet``: the
-    wallet a one-shot request names (a conversation's wallet is its own).
+    wallet a one-shot request names, a claim checked against the principal (a conversation's
+    wallet is its own).
     """
 
     request_id: str
@@ -85,12 +97,18 @@ class RequestRunner:
         store: StateStore,
         observer: Observer,
         stopping: Callable[[], bool],
+        quotas: Quotas,
+        free_tokens: FreeTokens,
+        holds: BalanceHolds | None = None,
     ) -> None:
         self._settings = settings
         self._backend = backend
         self._store = store
         self._observer = observer
         self._stopping = stopping
+        self._quotas = quotas
+        self._free = free_tokens
+        self._holds = holds if settings.balances == "prepaid" else None
         self.active: set[ActiveRequest] = set()
 
     async def admit(self, client: Client, spec: RequestSpec) -> ActiveRequest:
@@ -117,18 +135,51 @@ class RequestRunner:
             default = self._settings.default_max_new_tokens
             sampling = sampling.resolve(default_max_new_tokens=default)
         check_max_new_tokens(self._settings, sampling.max_new_tokens)
+        principal = client.principal
+        if conversation is None:
+            wallet = principal.billed_wallet(spec.wallet)
+        else:
+            wallet = conversation.wallet
+        self._quotas.begin_request(principal)
+        try:
+            return await self._admit_on_mesh(client, spec, sampling, wallet)
+        except BaseException:
+            self._quotas.end_request(principal)
+            raise
+
+    async def _admit_on_mesh(
+        self, client: Client, spec: RequestSpec, sampling: SamplingParams, wallet: str | None
+    ) -> ActiveRequest:
+        conversation = spec.conversation
+        reservation: Reservation | None = None
         mesh = conversation.mesh if conversation is not None else await self._open_one_shot(spec)
+        hold: Decimal | None = None
         try:
             token_ids = self._tokens(spec, mesh)
+            if conversation is None:
+                reservation = self._reserve_one_shot(client, mesh, len(token_ids), sampling)
             budget = self._budget(spec, conversation, len(token_ids))
-            await self._take_rate_token(client, self._wallet(client, spec))
+            if self._free.applies(client.principal):
+                allowance = await self._free.allowance(client.principal, len(token_ids))
+                if allowance < sampling.max_new_tokens:
+                    sampling = replace(sampling, max_new_tokens=allowance)
+            await self._take_rate_token(client)
+            context = self._context(client, spec, mesh, wallet)
+            hold = await self._hold(context, len(token_ids), sampling)
+            if hold is not None:
+                budget = hold if budget is None else min(budget, hold)
+                context = replace(context, held_far=hold)
             if self._stopping():  # shutdown began while this request was being admitted
                 raise ShuttingDown("the server is shutting down; retry on another server")
         except BaseException:
+            if hold is not None and self._holds is not None:
+                await self._holds.release(context.hold_id)
+            if reservation is not None:
+                self._quotas.release(reservation, session=False)
             if conversation is None:
                 await mesh.aclose()
             raise
-        return self._start(client, spec, mesh, token_ids, sampling, budget)
+        return self._start(client, spec, context, mesh, token_ids, sampling, budget, reservation)
 
     def launch(self, active: ActiveRequest, sink: RequestSink) -> None:
         """Run a one-step request (a chat turn or one-shot) in its own task, into ``sink``."""
@@ -158,9 +209,35 @@ class RequestRunner:
             active.release()
 
     async def _open_one_shot(self, spec: RequestSpec) -> MeshSession:
+        """A mesh session of up to ``max_length_limit`` tokens; :meth:`_reserve_one_shot`
+        lowers it to what the request needs before its first step."""
         model_id = spec.model_id or self._settings.default_model_id
         return await open_mesh_session(
-            self._backend, model_id, self._settings.default_max_length, self._settings
+            self._backend, model_id, self._settings.max_length_limit, self._settings
+        )
+
+    def _reserve_one_shot(
+        self, client: Client, mesh: MeshSession, prompt_tokens: int, sampling: SamplingParams
+    ) -> Reservation:
+        """A one-shot request holds prompt + ``max_new_tokens`` of context, not a session's."""
+        needed = prompt_tokens + sampling.max_new_tokens
+        check_max_length(self._settings, needed)
+        reservation = self._quotas.reserve(client.principal, mesh.model_id, needed, session=False)
+        mesh.limit_length(needed)
+        return reservation
+
+    async def _hold(
+        self, context: RequestContext, prompt_tokens: int, sampling: SamplingParams
+    ) -> Decimal | None:
+        """The prepaid hold for a wallet's request (None: balances off or no wallet)."""
+        if self._holds is None or context.wallet is None:
+            return None
+        prices = self._settings.prices
+        return await self._holds.take(
+            wallet=context.wallet,
+            hold_id=context.hold_id,
+            minimum=prices.cost(prompt_tokens, 1),
+            maximum=prices.cost(prompt_tokens, sampling.max_new_tokens),
         )
 
     def _tokens(self, spec: RequestSpec, mesh: MeshSession) -> list[int]:
@@ -197,41 +274,66 @@ class RequestRunner:
             )
         return budget
 
-    @staticmethod
-    def _wallet(client: Client, spec: RequestSpec) -> str | None:
-        if spec.conversation is not None:
-            return spec.conversation.wallet
-        return spec.wallet or client.wallet
-
-    async def _take_rate_token(self, client: Client, wallet: str | None) -> None:
-        """Requests per wallet, or per connection without one, shared across processes."""
-        key = f"wallet:{wallet}" if wallet else client.client_key
+    async def _take_rate_token(self, client: Client) -> None:
+        """Requests per principal (anonymous: per client address), shared across processes."""
+        principal = client.principal
+        settings = self._settings
+        per_minute = (
+            settings.anonymous_requests_per_minute
+            if principal.anonymous
+            else settings.requests_per_minute
+        )
         decision = await self._store.take_tokens(
-            f"requests:{key}",
-            rate_per_s=self._settings.requests_per_minute / 60,
-            burst=self._settings.requests_burst,
+            f"requests:{principal.quota_key}",
+            rate_per_s=per_minute / 60,
+            burst=settings.requests_burst,
         )
         if not decision.allowed:
-            raise RateLimited(f"too many requests; retry in {decision.retry_after_s:.1f} s")
+            wait = round(decision.retry_after_s, 1)
+            raise RateLimited(f"too many requests; retry in {wait:.1f} s", retry_after_s=wait)
+
+    def _context(
+        self, client: Client, spec: RequestSpec, mesh: MeshSession, wallet: str | None
+    ) -> RequestContext:
+        conversation = spec.conversation
+        return RequestContext(
+            session_id=conversation.session_id if conversation is not None else uuid.uuid4().hex,
+            request_id=spec.request_id,
+            kind=spec.kind,
+            wallet=wallet,
+            model_id=mesh.model_id,
+            started_at=time.time(),
+            principal_id=client.principal.principal_id,
+            address_hash=client.principal.address_hash,
+        )
 
     def _start(
         self,
         client: Client,
         spec: RequestSpec,
+        context: RequestContext,
         mesh: MeshSession,
         token_ids: list[int],
         sampling: SamplingParams,
         budget: Decimal | None,
+        reservation: Reservation | None,
     ) -> ActiveRequest:
         conversation = spec.conversation
-        context = RequestContext(
-            session_id=conversation.session_id if conversation is not None else uuid.uuid4().hex,
-            request_id=spec.request_id,
-            kind=spec.kind,
-            wallet=self._wallet(client, spec),
-            model_id=mesh.model_id,
-            started_at=time.time(),
-        )
+        if conversation is not None:
+            conversation.reservation.allocated()
+        elif reservation is not None:
+            reservation.allocated()
+
+        def on_end(active: ActiveRequest) -> None:
+            if active not in self.active:
+                return
+            self.active.discard(active)
+            self._quotas.end_request(client.principal)
+            if reservation is not None:
+                self._quotas.release(reservation, session=False)
+            if self._free.applies(client.principal) and active.result is not None:
+                self._free.spent(client.principal, active.result.prompt_tokens + active.generated)
+
         active = ActiveRequest(
             context=context,
             client=client,
@@ -243,7 +345,7 @@ class RequestRunner:
             prices=self._settings.prices,
             observer=self._observer,
             one_shot=conversation is None,
-            on_end=self.active.discard,
+            on_end=on_end,
         )
         client.running = active
         client.request_ids.add(spec.request_id)

@@ -11,9 +11,17 @@ import uuid
 from decimal import Decimal
 
 from farmesh_ws.config import Settings
+from farmesh_ws.core.principal import Principal
 from farmesh_ws.core.types import SamplingOverrides
 from farmesh_ws.engine.conversation import Conversation
-from farmesh_ws.engine.limits import check_max_new_tokens, check_text, open_mesh_session
+from farmesh_ws.engine.limits import (
+    check_max_length,
+    check_max_new_tokens,
+    check_model,
+    check_text,
+    open_mesh_session,
+)
+from farmesh_ws.engine.quotas import Quotas
 from farmesh_ws.errors import ShuttingDown
 from farmesh_ws.mesh.base import MeshBackend
 from farmesh_ws.state.registry import SessionRegistry
@@ -25,11 +33,17 @@ class SessionManager:
     """Opens, tracks and closes conversations."""
 
     def __init__(
-        self, *, settings: Settings, backend: MeshBackend, registry: SessionRegistry
+        self,
+        *,
+        settings: Settings,
+        backend: MeshBackend,
+        registry: SessionRegistry,
+        quotas: Quotas,
     ) -> None:
         self._settings = settings
         self._backend = backend
         self.registry = registry
+        self._quotas = quotas
         self._live: dict[str, Conversation] = {}
         self.stopping = False
 
@@ -42,40 +56,53 @@ class SessionManager:
         self,
         *,
         kind: str,
-        wallet: str | None,
+        principal: Principal,
+        wallet: str | None = None,
         model_id: str | None = None,
         max_length: int | None = None,
         system_prompt: str | None = None,
         sampling: SamplingOverrides | None = None,
         budget_far: Decimal | None = None,
     ) -> Conversation:
-        """Open a conversation; raises ``ModelNotFound``, ``InvalidRequest``,
-        ``ShuttingDown`` or ``MeshTimeout`` (nothing is opened then)."""
+        """Open a conversation for ``principal``, billing ``wallet`` (a claim: None bills the
+        principal's own). Raises ``WalletMismatch``, ``ModelNotFound``, ``InvalidRequest``,
+        ``QuotaExceeded``, ``ShuttingDown`` or ``MeshTimeout`` (nothing is opened then)."""
         settings = self._settings
         if self.stopping:
             raise ShuttingDown("the server is shutting down; retry on another server")
+        billed = principal.billed_wallet(wallet)
         model_id = model_id or settings.default_model_id
         max_length = max_length or settings.default_max_length
         if system_prompt is not None:
             check_text(settings, system_prompt, "system_prompt")
         sampling = sampling or SamplingOverrides()
         check_max_new_tokens(settings, sampling.max_new_tokens)
-        mesh = await open_mesh_session(self._backend, model_id, max_length, settings)
+        check_model(self._backend, model_id)
+        check_max_length(settings, max_length)
+        reservation = self._quotas.reserve(principal, model_id, max_length, session=True)
+        try:
+            mesh = await open_mesh_session(self._backend, model_id, max_length, settings)
+        except BaseException:
+            self._quotas.release(reservation, session=True)
+            raise
         if self.stopping:  # shutdown began while the mesh session was opening
+            self._quotas.release(reservation, session=True)
             await mesh.aclose()
             raise ShuttingDown("the server is shutting down; retry on another server")
         conversation = Conversation(
             session_id=uuid.uuid4().hex,
             kind=kind,
-            wallet=wallet,
+            wallet=billed,
+            principal=principal,
             model_id=model_id,
             mesh=mesh,
+            reservation=reservation,
             system_prompt=system_prompt,
             sampling=sampling,
             budget_far=budget_far,
         )
         self._live[conversation.session_id] = conversation
-        await self.registry.register(conversation.session_id, wallet=wallet, model_id=model_id)
+        await self.registry.register(conversation.session_id, wallet=billed, model_id=model_id)
         return conversation
 
     async def close(self, conversation: Conversation) -> None:
@@ -85,6 +112,7 @@ class SessionManager:
             return
         conversation.closed = True
         self._live.pop(conversation.session_id, None)
+        self._quotas.release(conversation.reservation, session=True)
         try:
             await conversation.mesh.aclose()
         finally:

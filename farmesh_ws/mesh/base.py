@@ -54,6 +54,13 @@ class MeshSession(Protocol):
     @property
     def pending_tokens(self) -> int: ...
 
+    def limit_length(self, max_length: int) -> None:
+        """Lower ``max_length`` before the first step: servers allocate the attention cache
+        for ``max_length`` tokens when the first step arrives, so a one-shot request that knows
+        its prompt reserves only what it needs. Raises RuntimeError after the first step and
+        ValueError for a length above the current one or below 1."""
+        ...
+
     def encode_turn(self, messages: Sequence[ChatMessage]) -> list[int]: ...
 
     def encode(self, text: str) -> list[int]: ...

@@ -64,6 +64,9 @@ class FakeBackend:
     close_gate: asyncio.Event | None = None
     open_started: asyncio.Event = field(default_factory=asyncio.Event)
     fail_after: int | None = None
+    cache_tokens: int | None = None
+    """Attention cache of each scripted server, in tokens of one session; None: not reported.
+    As on Petals, a session takes its ``max_length`` when its first step runs."""
     sessions: list["FakeSession"] = field(default_factory=list)
 
     async def open_session(self, model_id: str, *, max_length: int) -> "FakeSession":
@@ -80,8 +83,12 @@ class FakeBackend:
 
     async def coverage(self, model_id: str) -> ModelCoverage:
         """Every block served by the scripted peers (for the status cache)."""
+        left = None
+        if self.cache_tokens is not None:
+            used = sum(s.max_length for s in self.sessions if s.position and not s.closed)
+            left = self.cache_tokens - used
         servers = tuple(
-            ServerSpan(peer, peer, start, end, "ONLINE", 1.0, None)
+            ServerSpan(peer, peer, start, end, "ONLINE", 1.0, left)
             for peer, start, end in self.spans
         )
         return ModelCoverage(model_id, max(end for _, _, end in self.spans), servers, ())
@@ -112,6 +119,13 @@ class FakeSession:
     @property
     def max_length(self) -> int:
         return self._max_length
+
+    def limit_length(self, max_length: int) -> None:
+        if self.position or self.pending_tokens:
+            raise RuntimeError("max_length can only be lowered before the first step")
+        if not 1 <= max_length <= self._max_length:
+            raise ValueError(f"max_length must be between 1 and {self._max_length}")
+        self._max_length = max_length
 
     @property
     def position(self) -> int:

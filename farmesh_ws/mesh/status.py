@@ -26,6 +26,10 @@ class ModelStatus:
     missing_blocks: tuple[int, ...]
     status: str
     checked_at: float
+    cache_tokens_left: int | None = None
+    """What one more session could reserve on the best route: for each block, the most any
+    online server holding it has left (Petals' ``cache_tokens_left``), the least over blocks;
+    None while unknown or when a server does not report it."""
 
 
 def status_of(model_id: str, coverage: ModelCoverage, checked_at: float) -> ModelStatus:
@@ -37,8 +41,27 @@ def status_of(model_id: str, coverage: ModelCoverage, checked_at: float) -> Mode
     else:
         status = "offline"
     return ModelStatus(
-        model_id, coverage.num_blocks, nodes, coverage.missing_blocks, status, checked_at
+        model_id,
+        coverage.num_blocks,
+        nodes,
+        coverage.missing_blocks,
+        status,
+        checked_at,
+        route_cache_tokens_left(coverage),
     )
+
+
+def route_cache_tokens_left(coverage: ModelCoverage) -> int | None:
+    """See :attr:`ModelStatus.cache_tokens_left`; 0 when some block has no online server."""
+    online = [span for span in coverage.servers if span.state == "ONLINE"]
+    if coverage.num_blocks <= 0 or any(s.cache_tokens_left is None for s in online):
+        return None
+    best = [0] * coverage.num_blocks
+    for span in online:
+        left = span.cache_tokens_left or 0
+        for block in range(max(span.start, 0), min(span.end, coverage.num_blocks)):
+            best[block] = max(best[block], left)
+    return min(best)
 
 
 class MeshStatusCache:

@@ -123,6 +123,13 @@ class SyntheticSession:
     def max_length(self) -> int:
         return self._max_length
 
+    def limit_length(self, max_length: int) -> None:
+        if self.position or self.pending_tokens:
+            raise RuntimeError("max_length can only be lowered before the first step")
+        if not 1 <= max_length <= self._max_length:
+            raise ValueError(f"max_length must be between 1 and {self._max_length}")
+        self._max_length = max_length
+
     @property
     def position(self) -> int:
         return self._position

@@ -29,9 +29,12 @@ from farmesh_ws import protocol as p
 from farmesh_ws.api.petals_v2.handler import PetalsV2Connection
 from farmesh_ws.api.status import HealthCheck, StatusRoutes
 from farmesh_ws.api.v1 import V1Session
+from farmesh_ws.auth.credentials import Authenticator
 from farmesh_ws.config import Settings
+from farmesh_ws.engine.allowances import BalanceHolds
 from farmesh_ws.engine.engine import Engine
 from farmesh_ws.engine.events import FanOut, Observer
+from farmesh_ws.engine.quotas import MeshCapacity
 from farmesh_ws.logcontext import bind_log_context
 from farmesh_ws.mesh.base import MeshBackend
 from farmesh_ws.mesh.status import MeshStatusCache
@@ -39,12 +42,15 @@ from farmesh_ws.metrics import Metrics, MetricsObserver
 from farmesh_ws.models.generation import Sampling
 from farmesh_ws.state import MemoryStateStore
 from farmesh_ws.state.registry import SessionRegistry
+from farmesh_ws.transport.handshake import HandshakeGate, Refusal
+from farmesh_ws.transport.nonce import NonceIssuer, nonce_route
 from farmesh_ws.transport.origin import origin_allowed, parse_origin
 
 logger = logging.getLogger(__name__)
 
 WEBSOCKET_PATH: Final = "/ws"
 PETALS_V2_PATH: Final = "/api/v2/generate"
+NONCE_PATH: Final = "/auth/nonce"
 
 # RFC 9110 §10.2.4: a detailed Server value helps attackers match known holes; /health has the
 # version for those who need it.
@@ -65,15 +71,28 @@ class GatewayServer:
         health_checks: Mapping[str, HealthCheck] | None = None,
         registry: SessionRegistry | None = None,
         generation: Mapping[str, Sampling] | None = None,
+        authenticator: Authenticator | None = None,
+        nonces: NonceIssuer | None = None,
+        holds: BalanceHolds | None = None,
     ) -> None:
         self.settings = settings
         self.metrics = metrics
         self.registry = registry or SessionRegistry(MemoryStateStore())
+
+        def capacity(model_id: str) -> MeshCapacity:
+            latest = status.get(model_id)
+            return MeshCapacity(latest.cache_tokens_left, latest.checked_at)
+
         self.engine = Engine(
             settings=settings,
             backend=backend,
             registry=self.registry,
             observer=FanOut([MetricsObserver(metrics), *observers]),
+            capacity=capacity,
+            holds=holds,
+        )
+        self.gate = HandshakeGate(
+            settings, authenticator or Authenticator(settings), self.engine.quotas
         )
         checks: dict[str, HealthCheck] = {"state": lambda: self.registry.store.degraded_reason}
         checks.update(health_checks or {})
@@ -95,6 +114,7 @@ class GatewayServer:
             "/models": self._json_route(self.status.models),
             "/metrics": self._metrics,
         }
+        self._nonces = nonces
 
     @property
     def port(self) -> int:
@@ -144,7 +164,7 @@ class GatewayServer:
             refused = _json_response(HTTPStatus.METHOD_NOT_ALLOWED, {"error": "method_not_allowed"})
             refused.headers["Allow"] = "GET, HEAD"
             return refused
-        response = await self._route(request)
+        response = await self._route(connection, request)
         if request.method == "HEAD":
             if response is None:  # a handshake needs GET (RFC 6455 §4.1)
                 response = _json_response(HTTPStatus.METHOD_NOT_ALLOWED, {})
@@ -152,11 +172,14 @@ class GatewayServer:
             return dataclasses.replace(response, body=b"")
         return response
 
-    async def _route(self, request: Request) -> Response | None:
+    async def _route(self, connection: ServerConnection, request: Request) -> Response | None:
         path = request.path.split("?", 1)[0]
         route = self._routes.get(path)
         if route is not None:
             return await route()
+        if path == NONCE_PATH:
+            status, body = await nonce_route(self._nonces, request, self.settings)
+            return _json_response(status, body)
         if path == "/" or path.startswith("/static/"):
             return _static_file("index.html" if path == "/" else path.removeprefix("/static/"))
         if path not in (WEBSOCKET_PATH, PETALS_V2_PATH):
@@ -169,7 +192,8 @@ class GatewayServer:
             return _json_response(HTTPStatus.SERVICE_UNAVAILABLE, {"error": "shutting_down"})
         if len(self._connections) >= self.settings.max_connections:
             return _json_response(HTTPStatus.SERVICE_UNAVAILABLE, {"error": "too_many_connections"})
-        return None
+        refusal = await self.gate.check(connection, request)
+        return None if refusal is None else _refusal_response(refusal)
 
     @staticmethod
     def _json_route(body: Callable[[], dict[str, Any]]) -> Callable[[], Awaitable[Response]]:
@@ -195,19 +219,26 @@ class GatewayServer:
         self.metrics.connections_active.inc()
         logger.debug("connected from %s", connection.remote_address)
         try:
+            identity = self.gate.identity(connection)
             request = connection.request
             if request is not None and request.path.startswith(PETALS_V2_PATH):
-                await PetalsV2Connection(connection, self.engine, client_key=client_key).run()
+                await PetalsV2Connection(
+                    connection, self.engine, client_key=client_key, identity=identity
+                ).run()
             else:
-                await self._serve_v1(connection, client_key)
+                await self._serve_v1(
+                    connection,
+                    V1Session(
+                        self.engine, _sender(connection), client_key=client_key, identity=identity
+                    ),
+                )
         finally:
             self._connections.discard(connection)
             self.metrics.connections_active.dec()
             logger.debug("closed (%s)", connection.close_code)
 
-    async def _serve_v1(self, connection: ServerConnection, client_key: str) -> None:
+    async def _serve_v1(self, connection: ServerConnection, session: V1Session) -> None:
         send = _sender(connection)
-        session = V1Session(self.engine, send, client_key=client_key)
         try:
             await self._read_loop(connection, session)
         except ConnectionClosed:
@@ -224,16 +255,27 @@ class GatewayServer:
 
     async def _read_loop(self, connection: ServerConnection, session: V1Session) -> None:
         errors_in_a_row = 0
+        auth_deadline = asyncio.get_running_loop().time() + self.settings.auth_timeout_s
         while True:
+            if session.identity.principal is None:
+                wait_s = auth_deadline - asyncio.get_running_loop().time()
+                if wait_s <= 0:
+                    logger.info(
+                        "not authenticated in %.0f s; closing", self.settings.auth_timeout_s
+                    )
+                    await connection.close(CloseCode.POLICY_VIOLATION, "authentication timeout")
+                    return
+            else:
+                wait_s = self.settings.idle_timeout_s
             if errors_in_a_row >= self.settings.max_consecutive_errors:
                 logger.info("closing after %d invalid messages in a row", errors_in_a_row)
                 await session.aclose()  # stop its request now, not after the close handshake
                 await connection.close(CloseCode.POLICY_VIOLATION, "too many invalid messages")
                 return
             try:
-                frame = await asyncio.wait_for(connection.recv(), self.settings.idle_timeout_s)
+                frame = await asyncio.wait_for(connection.recv(), wait_s)
             except TimeoutError:
-                if session.busy:
+                if session.busy or session.identity.principal is None:
                     continue
                 logger.info("idle for %.0f s; closing", self.settings.idle_timeout_s)
                 await connection.close(CloseCode.NORMAL_CLOSURE, "idle timeout")
@@ -284,6 +326,13 @@ def _static_file(name: str) -> Response:
         return _json_response(HTTPStatus.NOT_FOUND, {"error": "not_found", "path": f"/{name}"})
     page_headers = [("Cache-Control", "no-cache"), ("Content-Security-Policy", PAGE_CSP)]
     return _response(HTTPStatus.OK, content_type, path.read_bytes(), page_headers)
+
+
+def _refusal_response(refusal: Refusal) -> Response:
+    response = _json_response(refusal.status, {"error": refusal.code, "message": refusal.message})
+    for name, value in refusal.headers:
+        response.headers[name] = value
+    return response
 
 
 def _json_response(status: HTTPStatus, body: dict[str, Any]) -> Response:

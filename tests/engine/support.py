@@ -9,7 +9,10 @@ import msgspec
 
 from farmesh_ws import protocol as p
 from farmesh_ws.api.v1 import V1Session
+from farmesh_ws.auth.connection import ConnectionIdentity
+from farmesh_ws.auth.credentials import Authenticator
 from farmesh_ws.config import Settings
+from farmesh_ws.core.principal import Principal
 from farmesh_ws.engine.engine import Engine
 from farmesh_ws.engine.events import Observer, RequestEvent, RequestFinished, RequestStarted
 from farmesh_ws.mesh.fake import FAKE_MODEL_ID, FakeBackend
@@ -52,7 +55,7 @@ class Harness:
 
     async def finish_running(self) -> None:
         """Wait until the running request, if any, has sent its last frame."""
-        running = self.session.client.running
+        running = self.session.client.running if self.session.client else None
         if running is not None and running.task is not None:
             await running.task
 
@@ -64,22 +67,41 @@ class Harness:
         return frames
 
 
-def harness(backend: FakeBackend | None = None, **overrides: Any) -> Harness:
+def harness(
+    backend: FakeBackend | None = None,
+    *,
+    principal: Principal | None = None,
+    address: str = "127.0.0.1",
+    engine: Engine | None = None,
+    **overrides: Any,
+) -> Harness:
+    """A v1 session on ``engine`` (a new one by default) for ``principal`` (default: what a
+    client without credentials gets; ``auth`` defaults to ``off``, where a ``user_wallet``
+    claim is billed as named, as the wire-rule tests expect)."""
+    overrides.setdefault("auth", "off")
     settings = Settings(default_model_id=FAKE_MODEL_ID, price_per_token_far=PRICE, **overrides)
     backend = backend or FakeBackend()
     recorder = Recorder()
-    engine = Engine(
+    engine = engine or Engine(
         settings=settings,
         backend=backend,
         registry=SessionRegistry(MemoryStateStore()),
         observer=recorder,
+    )
+    authenticator = Authenticator(settings)
+    if principal is None:
+        principal = authenticator.without_credentials(address)
+    if principal is not None:
+        engine.quotas.connect(principal)
+    identity = ConnectionIdentity(
+        authenticator, engine.quotas, principal=principal, address=address, domain="test"
     )
     frames: list[dict[str, Any]] = []
 
     async def send(message: p.ServerMessage) -> None:
         frames.append(msgspec.json.decode(p.encode_server_message(message)))
 
-    session = V1Session(engine, send, client_key="connection:test")
+    session = V1Session(engine, send, client_key="connection:test", identity=identity)
     return Harness(engine, backend, recorder, session, frames)
 
 

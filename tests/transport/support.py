@@ -1,11 +1,13 @@
 """A real gateway on port 0 over the scripted mesh: real sockets, no swarm."""
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
+from farmesh_ws.auth.credentials import Authenticator
 from farmesh_ws.config import Settings
 from farmesh_ws.engine.events import Observer
+from farmesh_ws.ledger.keys import KeyPrincipal
 from farmesh_ws.mesh.fake import FAKE_MODEL_ID, FakeBackend
 from farmesh_ws.mesh.status import MeshStatusCache
 from farmesh_ws.metrics import Metrics
@@ -13,11 +15,30 @@ from farmesh_ws.transport.ws import GatewayServer
 
 
 async def fake_gateway(
-    backend: FakeBackend, *, observers: Sequence[Observer] = (), **overrides: Any
+    backend: FakeBackend,
+    *,
+    observers: Sequence[Observer] = (),
+    keys: Mapping[str, KeyPrincipal] | None = None,
+    **overrides: Any,
 ) -> GatewayServer:
+    """A gateway on ``backend``; ``keys`` maps API keys to their principals (the ledger's key
+    store is tested on its own). ``auth`` defaults to ``off`` (wallet claims billed as named)."""
+    overrides.setdefault("auth", "off")
     settings = replace(Settings(port=0, default_model_id=FAKE_MODEL_ID), **overrides)
     status = MeshStatusCache(backend.model_ids, backend.coverage, refresh_s=60)
     await status.refresh()
-    server = GatewayServer(settings, backend, status, Metrics(), observers=observers)
+    known = dict(keys or {})
+
+    async def verify(presented_key: str) -> KeyPrincipal | None:
+        return known.get(presented_key)
+
+    server = GatewayServer(
+        settings,
+        backend,
+        status,
+        Metrics(),
+        observers=observers,
+        authenticator=Authenticator(settings, keys=verify),
+    )
     await server.start()
     return server

@@ -12,6 +12,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
 from farmesh_ws.engine.events import Observer, RequestEvent, RequestStarted
+from farmesh_ws.ledger.keys import KeyPrincipal
 from farmesh_ws.mesh.fake import FakeBackend
 from farmesh_ws.transport.ws import GatewayServer
 from tests.engine.support import release
@@ -37,9 +38,17 @@ async def backend() -> FakeBackend:
     return FakeBackend(reply="abc")
 
 
+ALICE = "fmk_alice"
+BOB = "fmk_bob"
+KEYS = {
+    ALICE: KeyPrincipal(key_id="fk_alice", wallet="w1", name=None),
+    BOB: KeyPrincipal(key_id="fk_bob", wallet="w2", name=None),
+}
+
+
 @pytest.fixture
 async def server(backend: FakeBackend) -> AsyncIterator[GatewayServer]:
-    gateway = await fake_gateway(backend, requests_burst=2, requests_per_minute=1.0)
+    gateway = await fake_gateway(backend, keys=KEYS, requests_burst=2, requests_per_minute=1.0)
     yield gateway
     await gateway.shutdown()
 
@@ -49,15 +58,24 @@ async def _recv(ws: ClientConnection) -> dict[str, Any]:
     return message
 
 
-async def _v1(server: GatewayServer, **open_fields: Any) -> ClientConnection:
-    ws = await connect(f"ws://127.0.0.1:{server.port}/ws")
+def _bearer(key: str | None) -> dict[str, str] | None:
+    return None if key is None else {"Authorization": f"Bearer {key}"}
+
+
+async def _v1(
+    server: GatewayServer, key: str | None = None, **open_fields: Any
+) -> ClientConnection:
+    ws = await connect(f"ws://127.0.0.1:{server.port}/ws", additional_headers=_bearer(key))
     await ws.send(json.dumps({"type": "open", **open_fields}))
     assert (await _recv(ws))["type"] == "opened"
     return ws
 
 
-async def _v2(server: GatewayServer, **open_fields: Any) -> ClientConnection:
-    ws = await connect(f"ws://127.0.0.1:{server.port}/api/v2/generate")
+async def _v2(
+    server: GatewayServer, key: str | None = None, **open_fields: Any
+) -> ClientConnection:
+    url = f"ws://127.0.0.1:{server.port}/api/v2/generate"
+    ws = await connect(url, additional_headers=_bearer(key))
     await ws.send(json.dumps({"type": "open_inference_session", "max_length": 512, **open_fields}))
     assert await _recv(ws) == {"ok": True}
     return ws
@@ -97,22 +115,23 @@ async def _metric(server: GatewayServer, line_start: str) -> float:
     raise AssertionError(f"no metric line starting {line_start!r}")
 
 
-async def test_the_rate_limit_holds_on_both_paths(server: GatewayServer) -> None:
-    ws = await _v1(server, user_wallet="w1")
+async def test_the_rate_limit_is_per_principal_on_both_paths(server: GatewayServer) -> None:
+    ws = await _v1(server, ALICE)
     assert (await _v1_turn(ws, "a"))[-1]["type"] == "contribution"
     assert (await _v1_turn(ws, "b"))[-1]["type"] == "contribution"
     refused = await _v1_turn(ws, "c")
     assert [(f["type"], f.get("code")) for f in refused] == [("error", "rate_limited")]
+    assert refused[0]["retry_after_s"] > 0
     await ws.close()
 
-    v2 = await _v2(server, user_wallet="w2")
+    v2 = await _v2(server, BOB)
     assert (await _v2_generate(v2))["ok"] is True
     assert (await _v2_generate(v2))["ok"] is True
     reply = await _v2_generate(v2)
     assert reply["ok"] is False
     assert reply["traceback"].startswith("rate_limited: ")
-    # the wallet's limit is shared: w1 is exhausted on v2 too
-    v2b = await _v2(server, user_wallet="w1")
+    # the key's limit is shared across paths: alice is exhausted on v2 too
+    v2b = await _v2(server, ALICE)
     assert (await _v2_generate(v2b))["traceback"].startswith("rate_limited: ")
 
 

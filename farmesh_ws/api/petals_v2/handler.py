@@ -20,9 +20,12 @@ from farmesh_ws.api.petals_v2.parse import (
     ONE_TOKEN_STOP_MESSAGE,
     GenerateRequest,
     decode_request,
+    parse_auth,
     parse_generate,
     parse_open,
 )
+from farmesh_ws.auth.connection import ConnectionIdentity
+from farmesh_ws.auth.credentials import SignIn
 from farmesh_ws.core.types import FinishReason
 from farmesh_ws.engine.conversation import Client, Conversation
 from farmesh_ws.engine.engine import Engine
@@ -34,6 +37,7 @@ from farmesh_ws.errors import (
     InvalidRequest,
     MeshError,
     ShuttingDown,
+    Unauthorized,
 )
 
 logger = logging.getLogger(__name__)
@@ -46,10 +50,19 @@ _INCOMPLETE_LOOKBACK_CHARS: Final = 10  # websocket_api.py L78: outputs[-10:]
 class PetalsV2Connection:
     """Serves one WebSocket connection on ``/api/v2/generate`` until it closes."""
 
-    def __init__(self, connection: ServerConnection, engine: Engine, *, client_key: str) -> None:
+    def __init__(
+        self,
+        connection: ServerConnection,
+        engine: Engine,
+        *,
+        client_key: str,
+        identity: ConnectionIdentity,
+    ) -> None:
         self._connection = connection
         self._engine = engine
-        self.client = Client(client_key)
+        self._client_key = client_key
+        self.identity = identity
+        self.client: Client | None = None
         self.conversation: Conversation | None = None
         self._session_tokens = 0  # tokens of the session, the pending generated one included
         self._replace_pending: int | None = None
@@ -77,20 +90,43 @@ class PetalsV2Connection:
             watcher.cancel()
             if self.conversation is not None:
                 await self._engine.sessions.close(self.conversation)
+            self.identity.close()
 
     def _on_connection_closed(self, _: "asyncio.Future[None]") -> None:
         """Stop a running step as soon as the client is gone (after the current token)."""
         self._closing = True
-        if self.client.running is not None:
+        if self.client is not None and self.client.running is not None:
             self.client.running.cancel()
 
-    async def _receive(self, expected_type: str) -> dict[str, Any]:
-        idle_s = self._engine.settings.idle_timeout_s
+    async def _receive(self, *expected_types: str) -> dict[str, Any]:
+        """The next request; the first one within ``auth_timeout_s`` while credentials are
+        owed (protocol.md §2.1), else within ``idle_timeout_s``."""
+        settings = self._engine.settings
+        owed = self.identity.principal is None
+        wait_s = settings.auth_timeout_s if owed else settings.idle_timeout_s
         try:
-            frame = await asyncio.wait_for(self._connection.recv(), idle_s)
+            frame = await asyncio.wait_for(self._connection.recv(), wait_s)
         except TimeoutError:
-            raise IdleTimeout(f"no request for {idle_s:g} s; closing the session") from None
-        return decode_request(frame, expected_type)
+            if owed:
+                raise Unauthorized(f"not authenticated within {wait_s:g} s") from None
+            raise IdleTimeout(f"no request for {wait_s:g} s; closing the session") from None
+        return decode_request(frame, *expected_types)
+
+    async def _authenticate(self, request: dict[str, Any]) -> None:
+        """protocol.md §2.1: an optional first ``auth`` message, answered in this API's style."""
+        auth = parse_auth(request)
+        result = await self.identity.authenticate(
+            token=auth.token, message=auth.message, signature=auth.signature
+        )
+        principal = result.principal if isinstance(result, SignIn) else result
+        answer: dict[str, Any] = {
+            "ok": True,
+            "principal": principal.principal_id,
+            "wallet": principal.wallet,
+        }
+        if isinstance(result, SignIn):
+            answer.update(token=result.token, expires_at=result.expires_at)
+        await self._send(answer)
 
     async def _send(self, payload: dict[str, Any]) -> None:
         await self._connection.send(json.dumps(payload))
@@ -101,21 +137,28 @@ class PetalsV2Connection:
         close_code = error.close_code or CloseCode.NORMAL_CLOSURE
         if isinstance(error, ShuttingDown):
             close_code = CloseCode.GOING_AWAY
+        elif isinstance(error, Unauthorized):
+            close_code = CloseCode.POLICY_VIOLATION
         with contextlib.suppress(ConnectionClosed):
             await self._send({"ok": False, "traceback": f"{error.code}: {error.message}"})
             reason = "idle timeout" if isinstance(error, IdleTimeout) else error.code
             await self._connection.close(close_code, reason)
 
     async def _open(self) -> Conversation:
-        opened = parse_open(await self._receive("open_inference_session"))
+        request = await self._receive("auth", "open_inference_session")
+        if request["type"] == "auth":
+            await self._authenticate(request)
+            request = await self._receive("open_inference_session")
+        opened = parse_open(request)
+        self.client = client = Client(self._client_key, self.identity.require())
         self.conversation = await self._engine.sessions.open(
             kind=TURN_KIND,
+            principal=client.principal,
             wallet=opened.user_wallet,
             model_id=opened.model,
             max_length=opened.max_length,
             budget_far=opened.max_cost_far,
         )
-        self.client.wallet = opened.user_wallet
         await self._send({"ok": True})
         return self.conversation
 
@@ -144,7 +187,10 @@ class PetalsV2Connection:
             token_ids=tuple(input_ids),
             max_cost_far=generate.max_cost_far,
         )
-        active = await self._engine.runner.admit(self.client, spec)
+        client = self.client
+        if client is None:
+            raise FarmeshError("generate before the session was opened")
+        active = await self._engine.runner.admit(client, spec)
         if self._closing:
             active.cancel()
         error: FarmeshError | None = None

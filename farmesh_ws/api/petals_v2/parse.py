@@ -12,6 +12,9 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any, Final
 
+import msgspec
+
+from farmesh_ws import protocol as p
 from farmesh_ws.core.types import SamplingParams
 from farmesh_ws.errors import InvalidRequest
 
@@ -50,8 +53,8 @@ class GenerateRequest:
     max_cost_far: Decimal | None
 
 
-def decode_request(frame: str | bytes, expected_type: str) -> dict[str, Any]:
-    """Parse one frame as a JSON object of ``expected_type``."""
+def decode_request(frame: str | bytes, *expected_types: str) -> dict[str, Any]:
+    """Parse one frame as a JSON object of one of ``expected_types``."""
     try:
         request = json.loads(frame)
     except (ValueError, RecursionError):
@@ -59,9 +62,33 @@ def decode_request(frame: str | bytes, expected_type: str) -> dict[str, Any]:
     if not isinstance(request, dict):
         raise InvalidRequest("a request must be a JSON object")
     kind = request.get("type")
-    if kind != expected_type:
-        raise InvalidRequest(f"expected a request of type {expected_type!r}, got {kind!r}")
+    if kind not in expected_types:
+        wanted = " or ".join(repr(name) for name in expected_types)
+        raise InvalidRequest(f"expected a request of type {wanted}, got {kind!r}")
     return request
+
+
+@dataclass(frozen=True, slots=True)
+class AuthRequest:
+    """protocol.md §2.1 on this path: a token, or a signed EIP-4361 message."""
+
+    token: str | None
+    message: str | None
+    signature: str | None
+
+
+def parse_auth(request: dict[str, Any]) -> AuthRequest:
+    """Decode an ``auth`` request with protocol v1's rules (shape and lengths)."""
+    try:
+        checked = msgspec.convert(request, p.Auth)
+    except msgspec.ValidationError as exc:
+        raise InvalidRequest(f"invalid auth request: {exc}") from None
+    siwe = checked.siwe
+    return AuthRequest(
+        token=checked.token,
+        message=None if siwe is None else siwe.message,
+        signature=None if siwe is None else siwe.signature,
+    )
 
 
 def parse_open(request: dict[str, Any]) -> OpenRequest:

@@ -1,0 +1,213 @@
+"""Caps per principal and the mesh's attention-cache reservations (protocol.md §9).
+
+Counted in this process, keyed by :attr:`~farmesh_ws.core.principal.Principal.quota_key` (the
+API key or signed wallet; the hashed client address for anonymous use): connections, running
+requests, open sessions, and reserved context tokens, the sum of ``max_length`` over the
+principal's sessions and one-shot requests (a one-shot reserves prompt + ``max_new_tokens``).
+
+Reservations are also held against the mesh. Petals servers allocate a session's attention
+cache for its whole ``max_length`` when its first step arrives and announce what is left as
+``cache_tokens_left`` (tokens of one session over all of a server's blocks). A new reservation
+fits when it is at most what the best route has left (:func:`capacity` of the latest status)
+minus what this process reserved that the servers had not yet counted at that time: sessions
+not stepped yet, or stepped after the status was read.
+
+Every refusal raises :class:`~farmesh_ws.errors.QuotaExceeded` and changes no counter.
+"""
+
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from farmesh_ws.config import Settings
+from farmesh_ws.core.principal import Principal
+from farmesh_ws.errors import QuotaExceeded
+
+
+@dataclass(frozen=True, slots=True)
+class Caps:
+    connections: int
+    requests: int
+    sessions: int
+    reserved_tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class MeshCapacity:
+    """``cache_tokens_left`` of a model's best route at ``checked_at`` (Unix s); None: unknown."""
+
+    cache_tokens_left: int | None
+    checked_at: float
+
+
+@dataclass(slots=True, eq=False)
+class Reservation:
+    """Context tokens held for one session (or one-shot request) until released."""
+
+    quota_key: str
+    model_id: str
+    tokens: int
+    allocated_at: float | None = None
+    released: bool = False
+
+    def allocated(self) -> None:
+        """Its first step is about to run: the servers allocate its cache now."""
+        if self.allocated_at is None:
+            self.allocated_at = time.time()
+
+
+@dataclass(slots=True)
+class _Usage:
+    connections: int = 0
+    requests: int = 0
+    sessions: int = 0
+    reserved_tokens: int = 0
+
+    def idle(self) -> bool:
+        return not (self.connections or self.requests or self.sessions or self.reserved_tokens)
+
+
+@dataclass(slots=True)
+class _Totals:
+    connections: int = 0
+    requests: int = 0
+    sessions: int = 0
+    reserved: Counter[str] = field(default_factory=Counter)
+
+
+class Quotas:
+    """Counters and caps; ``capacity(model_id)`` reads the mesh's latest status."""
+
+    def __init__(
+        self, settings: Settings, capacity: Callable[[str], MeshCapacity] | None = None
+    ) -> None:
+        self._settings = settings
+        self._capacity = capacity
+        self._usage: dict[str, _Usage] = {}
+        self._reservations: set[Reservation] = set()
+        self.totals = _Totals()
+
+    def caps(self, principal: Principal) -> Caps:
+        s = self._settings
+        if principal.anonymous:
+            return Caps(
+                s.anonymous_max_connections,
+                s.anonymous_max_requests,
+                s.anonymous_max_sessions,
+                s.anonymous_max_reserved_tokens,
+            )
+        return Caps(
+            s.max_connections_per_principal,
+            s.max_requests_per_principal,
+            s.max_sessions_per_principal,
+            s.max_reserved_tokens_per_principal,
+        )
+
+    def connect(self, principal: Principal) -> None:
+        usage = self._usage_of(principal)
+        cap = self.caps(principal).connections
+        self._check(usage.connections + 1 <= cap, principal, f"{cap} connections")
+        usage.connections += 1
+        self.totals.connections += 1
+
+    def disconnect(self, principal: Principal) -> None:
+        self._change(principal, connections=-1)
+        self.totals.connections -= 1
+
+    def begin_request(self, principal: Principal) -> None:
+        usage = self._usage_of(principal)
+        cap = self.caps(principal).requests
+        self._check(usage.requests + 1 <= cap, principal, f"{cap} running requests")
+        usage.requests += 1
+        self.totals.requests += 1
+
+    def end_request(self, principal: Principal) -> None:
+        self._change(principal, requests=-1)
+        self.totals.requests -= 1
+
+    def reserve(
+        self, principal: Principal, model_id: str, tokens: int, *, session: bool
+    ) -> Reservation:
+        """Hold ``tokens`` of context for a session (``session``: also counts one session)
+        or a one-shot request; raises QuotaExceeded if the principal or the mesh is full."""
+        usage = self._usage_of(principal)
+        caps = self.caps(principal)
+        if session:
+            self._check(
+                usage.sessions + 1 <= caps.sessions, principal, f"{caps.sessions} open sessions"
+            )
+        held = usage.reserved_tokens
+        self._check(
+            held + tokens <= caps.reserved_tokens,
+            principal,
+            f"{caps.reserved_tokens} reserved context tokens ({held} held, {tokens} asked)",
+        )
+        self._check_mesh(model_id, tokens)
+        reservation = Reservation(principal.quota_key, model_id, tokens)
+        self._reservations.add(reservation)
+        usage.reserved_tokens += tokens
+        self.totals.reserved[model_id] += tokens
+        if session:
+            usage.sessions += 1
+            self.totals.sessions += 1
+        return reservation
+
+    def release(self, reservation: Reservation, *, session: bool) -> None:
+        """Give the tokens back (idempotent)."""
+        if reservation.released:
+            return
+        reservation.released = True
+        self._reservations.discard(reservation)
+        self.totals.reserved[reservation.model_id] -= reservation.tokens
+        usage = self._usage.get(reservation.quota_key)
+        if usage is None:
+            return
+        usage.reserved_tokens -= reservation.tokens
+        if session:
+            usage.sessions -= 1
+            self.totals.sessions -= 1
+        if usage.idle():
+            del self._usage[reservation.quota_key]
+
+    def uncounted_tokens(self, model_id: str, checked_at: float) -> int:
+        """Reserved here but not yet in the servers' ``cache_tokens_left`` of ``checked_at``."""
+        return sum(
+            r.tokens
+            for r in self._reservations
+            if r.model_id == model_id and (r.allocated_at is None or r.allocated_at >= checked_at)
+        )
+
+    def _check_mesh(self, model_id: str, tokens: int) -> None:
+        if self._capacity is None:
+            return
+        capacity = self._capacity(model_id)
+        if capacity.cache_tokens_left is None:
+            return
+        free = capacity.cache_tokens_left - self.uncounted_tokens(model_id, capacity.checked_at)
+        if tokens > free:
+            raise QuotaExceeded(
+                f"the mesh has attention cache for {max(free, 0)} more tokens; this needs "
+                f"{tokens} (ask for a smaller max_length or retry when sessions close)"
+            )
+
+    def _usage_of(self, principal: Principal) -> _Usage:
+        return self._usage.setdefault(principal.quota_key, _Usage())
+
+    def _change(self, principal: Principal, **deltas: int) -> None:
+        usage = self._usage.get(principal.quota_key)
+        if usage is None:
+            return
+        for name, delta in deltas.items():
+            setattr(usage, name, getattr(usage, name) + delta)
+        if usage.idle():
+            del self._usage[principal.quota_key]
+
+    def _check(self, ok: bool, principal: Principal, what: str) -> None:
+        if ok:
+            return
+        usage = self._usage.get(principal.quota_key)
+        if usage is not None and usage.idle():
+            del self._usage[principal.quota_key]
+        who = "this client address" if principal.anonymous else principal.principal_id
+        raise QuotaExceeded(f"{who} may hold at most {what} at once")

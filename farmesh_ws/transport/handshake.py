@@ -1,0 +1,146 @@
+"""Who may open a WebSocket, decided at the HTTP handshake (protocol.md §2.1, §9).
+
+:class:`HandshakeGate` counts open connections per client address (``max_connections_per_address``)
+and connections still owing credentials (``max_pending_auth_per_address``), reads an
+``Authorization: Bearer`` credential into a principal, and takes the principal's connection slot.
+A refusal is an HTTP status and a JSON ``{"error": code}``: 401 ``unauthorized`` (with
+``WWW-Authenticate: Bearer``, RFC 6750 §3), 503 ``auth_unavailable``, 429 ``quota_exceeded``.
+"""
+
+import asyncio
+from collections import Counter
+from dataclasses import dataclass
+from http import HTTPStatus
+
+from websockets.asyncio.server import ServerConnection
+from websockets.http11 import Request
+
+from farmesh_ws.auth.connection import ConnectionIdentity
+from farmesh_ws.auth.credentials import Authenticator, bearer_token
+from farmesh_ws.config import Settings
+from farmesh_ws.core.principal import Principal
+from farmesh_ws.engine.quotas import Quotas
+from farmesh_ws.errors import AuthUnavailable, FarmeshError, QuotaExceeded, Unauthorized
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    status: HTTPStatus
+    code: str
+    message: str
+    headers: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Admitted:
+    """A handshake let through: its principal (None: credentials owed), address and host."""
+
+    principal: Principal | None
+    address: str
+    domain: str
+
+
+class HandshakeGate:
+    """Per-address counters and handshake credentials for one gateway process."""
+
+    def __init__(self, settings: Settings, authenticator: Authenticator, quotas: Quotas) -> None:
+        self._settings = settings
+        self.authenticator = authenticator
+        self._quotas = quotas
+        self._open: Counter[str] = Counter()
+        self._pending: Counter[str] = Counter()
+        self._admitted: dict[ServerConnection, Admitted] = {}
+        self._pending_connections: set[ServerConnection] = set()
+        self._handled: set[ServerConnection] = set()
+        self._watchers: set[asyncio.Task[None]] = set()
+
+    async def check(self, connection: ServerConnection, request: Request) -> Refusal | None:
+        """Admit a handshake or say why not; an admitted one is counted until it closes."""
+        address = _address(connection)
+        settings = self._settings
+        if self._open[address] >= settings.max_connections_per_address:
+            return Refusal(
+                HTTPStatus.TOO_MANY_REQUESTS,
+                "quota_exceeded",
+                f"at most {settings.max_connections_per_address} connections per address",
+            )
+        try:
+            token = bearer_token(request.headers.get("Authorization"))
+            if token is None:
+                principal = self.authenticator.without_credentials(address)
+            else:
+                principal = await self.authenticator.from_token(token, address)
+        except (Unauthorized, AuthUnavailable) as exc:
+            return _refusal(exc)
+        if principal is None:
+            if self._pending[address] >= settings.max_pending_auth_per_address:
+                return Refusal(
+                    HTTPStatus.TOO_MANY_REQUESTS,
+                    "quota_exceeded",
+                    f"at most {settings.max_pending_auth_per_address} unauthenticated "
+                    "connections per address",
+                )
+            self._pending[address] += 1
+            self._pending_connections.add(connection)
+        else:
+            try:
+                self._quotas.connect(principal)
+            except QuotaExceeded as exc:
+                return _refusal(exc)
+        self._open[address] += 1
+        domain = request.headers.get("Host") or ""
+        self._admitted[connection] = Admitted(principal, address, domain)
+        watcher = asyncio.create_task(self._forget_when_closed(connection))
+        self._watchers.add(watcher)
+        watcher.add_done_callback(self._watchers.discard)
+        return None
+
+    def identity(self, connection: ServerConnection) -> ConnectionIdentity:
+        """The identity of an admitted connection, for its handler, which owns the principal's
+        connection slot from now on (:meth:`ConnectionIdentity.close`)."""
+        admitted = self._admitted[connection]
+        self._handled.add(connection)
+        return ConnectionIdentity(
+            self.authenticator,
+            self._quotas,
+            principal=admitted.principal,
+            address=admitted.address,
+            domain=admitted.domain,
+            on_authenticated=lambda: self._done_pending(connection),
+        )
+
+    async def _forget_when_closed(self, connection: ServerConnection) -> None:
+        await connection.wait_closed()
+        self._done_pending(connection)
+        admitted = self._admitted.pop(connection)
+        if connection not in self._handled and admitted.principal is not None:
+            self._quotas.disconnect(admitted.principal)  # the handler never ran
+        self._handled.discard(connection)
+        self._open[admitted.address] -= 1
+        if self._open[admitted.address] <= 0:
+            del self._open[admitted.address]
+
+    def _done_pending(self, connection: ServerConnection) -> None:
+        """A connection that owed credentials authenticated or closed (counted once)."""
+        if connection not in self._pending_connections:
+            return
+        self._pending_connections.discard(connection)
+        address = self._admitted[connection].address
+        self._pending[address] -= 1
+        if self._pending[address] <= 0:
+            del self._pending[address]
+
+
+def _address(connection: ServerConnection) -> str:
+    remote = connection.remote_address
+    return str(remote[0]) if remote else "unknown"
+
+
+def _refusal(error: FarmeshError) -> Refusal:
+    if isinstance(error, Unauthorized):
+        return Refusal(
+            HTTPStatus.UNAUTHORIZED, error.code, error.message, (("WWW-Authenticate", "Bearer"),)
+        )
+    if isinstance(error, QuotaExceeded):
+        return Refusal(HTTPStatus.TOO_MANY_REQUESTS, error.code, error.message)
+    return Refusal(HTTPStatus.SERVICE_UNAVAILABLE, error.code, error.message)

@@ -1,0 +1,199 @@
+"""Caps and reservations (protocol.md §9) on every surface: a principal cannot hold more than
+its share, the mesh's free attention cache bounds every reservation, and each refusal is one
+``quota_exceeded`` before any mesh work. Real sockets over the scripted mesh."""
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import InvalidStatus
+
+from farmesh_ws.ledger.keys import KeyPrincipal
+from farmesh_ws.mesh.fake import FakeBackend
+from farmesh_ws.transport.ws import GatewayServer
+from tests.engine.support import release
+from tests.transport.support import fake_gateway
+
+KEY = "fmk_carol"
+KEYS = {KEY: KeyPrincipal(key_id="fk_carol", wallet="w-carol", name=None)}
+AUTH = {"Authorization": f"Bearer {KEY}"}
+
+
+async def _recv(ws: ClientConnection) -> dict[str, Any]:
+    message: dict[str, Any] = json.loads(await asyncio.wait_for(ws.recv(), 10))
+    return message
+
+
+async def _open_v1(
+    server: GatewayServer, max_length: int
+) -> tuple[ClientConnection, dict[str, Any]]:
+    ws = await connect(f"ws://127.0.0.1:{server.port}/ws", additional_headers=AUTH)
+    await ws.send(json.dumps({"type": "open", "max_length": max_length}))
+    return ws, await _recv(ws)
+
+
+async def _open_v2(
+    server: GatewayServer, max_length: int
+) -> tuple[ClientConnection, dict[str, Any]]:
+    url = f"ws://127.0.0.1:{server.port}/api/v2/generate"
+    ws = await connect(url, additional_headers=AUTH)
+    await ws.send(json.dumps({"type": "open_inference_session", "max_length": max_length}))
+    return ws, await _recv(ws)
+
+
+def _code(answer: dict[str, Any]) -> str:
+    if "ok" in answer:
+        return "ok" if answer["ok"] else str(answer["traceback"].split(":", 1)[0])
+    return "ok" if answer["type"] == "opened" else str(answer["code"])
+
+
+OPENERS = pytest.mark.parametrize("open_on", [_open_v1, _open_v2], ids=["v1", "v2"])
+
+
+@pytest.fixture
+async def backend() -> FakeBackend:
+    return FakeBackend(reply="abcdef")
+
+
+@pytest.fixture
+async def server(backend: FakeBackend) -> AsyncIterator[GatewayServer]:
+    gateway = await fake_gateway(
+        backend,
+        keys=KEYS,
+        auth="required",
+        max_sessions_per_principal=2,
+        max_reserved_tokens_per_principal=1000,
+        max_requests_per_principal=1,
+        max_connections_per_principal=4,
+    )
+    yield gateway
+    await gateway.shutdown()
+
+
+@OPENERS
+async def test_sessions_over_the_cap_are_refused_not_queued(
+    open_on: Any, server: GatewayServer, backend: FakeBackend
+) -> None:
+    held = [await open_on(server, 100), await open_on(server, 100)]
+    assert [_code(answer) for _, answer in held] == ["ok", "ok"]
+    third, answer = await open_on(server, 100)
+    assert _code(answer) == "quota_exceeded"
+    assert len(backend.sessions) == 2  # nothing reached the mesh for the third
+    for ws in (held[0][0], held[1][0], third):
+        await ws.close()
+
+
+async def test_a_closed_session_frees_its_slot(server: GatewayServer) -> None:
+    first, _ = await _open_v1(server, 100)
+    second, _ = await _open_v1(server, 100)
+    await first.send(json.dumps({"type": "close"}))
+    assert (await _recv(first))["type"] == "closed"
+    third, answer = await _open_v1(server, 100)
+    assert _code(answer) == "ok"
+    for ws in (first, second, third):
+        await ws.close()
+
+
+@OPENERS
+async def test_reserved_context_tokens_are_capped(open_on: Any, server: GatewayServer) -> None:
+    first, answer = await open_on(server, 600)
+    assert _code(answer) == "ok"
+    second, answer = await open_on(server, 600)  # 1200 > 1000
+    assert _code(answer) == "quota_exceeded"
+    third, answer = await open_on(server, 400)
+    assert _code(answer) == "ok"
+    for ws in (first, second, third):
+        await ws.close()
+
+
+async def test_a_one_shot_generate_reserves_its_prompt_and_max_tokens(
+    server: GatewayServer, backend: FakeBackend
+) -> None:
+    async with connect(f"ws://127.0.0.1:{server.port}/ws", additional_headers=AUTH) as ws:
+        request = {"type": "generate", "request_id": "g", "prompt": "hi", "max_tokens": 5}
+        await ws.send(json.dumps(request))
+        frames = [await _recv(ws)]
+        while frames[-1]["type"] != "done":
+            frames.append(await _recv(ws))
+    session = backend.sessions[0]
+    prompt_tokens = frames[-1]["usage"]["prompt_tokens"]
+    assert session.max_length == prompt_tokens + 5  # not the default 2048
+    assert server.engine.quotas.totals.reserved[session.model_id] == 0  # released at the end
+
+
+async def test_a_principal_runs_at_most_its_concurrent_requests(
+    server: GatewayServer, backend: FakeBackend
+) -> None:
+    backend.gate = asyncio.Semaphore(0)
+    first, _ = await _open_v1(server, 100)
+    second, _ = await _open_v1(server, 100)
+    await first.send(json.dumps({"type": "turn", "request_id": "a", "text": "hi"}))
+    release(backend.gate, 1)
+    assert (await _recv(first))["type"] == "token"  # "a" is running
+    await second.send(json.dumps({"type": "turn", "request_id": "b", "text": "hi"}))
+    refused = await _recv(second)
+    assert (refused["code"], refused["request_id"]) == ("quota_exceeded", "b")
+    release(backend.gate, 100)
+    while (await _recv(first))["type"] != "contribution":
+        pass
+    await second.send(json.dumps({"type": "turn", "request_id": "c", "text": "hi"}))
+    assert (await _recv(second))["type"] == "token"
+    for ws in (first, second):
+        await ws.close()
+
+
+async def test_connections_over_the_principal_cap_get_429(server: GatewayServer) -> None:
+    url = f"ws://127.0.0.1:{server.port}/ws"
+    held = [await connect(url, additional_headers=AUTH) for _ in range(4)]
+    with pytest.raises(InvalidStatus) as refused:
+        await connect(url, additional_headers=AUTH)
+    assert refused.value.response.status_code == 429
+    assert json.loads(refused.value.response.body)["error"] == "quota_exceeded"
+    for ws in held:
+        await ws.close()
+
+
+async def test_unauthenticated_connections_per_address_are_capped(backend: FakeBackend) -> None:
+    server = await fake_gateway(backend, keys=KEYS, auth="required", max_pending_auth_per_address=2)
+    url = f"ws://127.0.0.1:{server.port}/ws"
+    held = [await connect(url) for _ in range(2)]
+    with pytest.raises(InvalidStatus) as refused:
+        await connect(url)
+    assert refused.value.response.status_code == 429
+    await held[0].send(json.dumps({"type": "auth", "token": KEY}))
+    assert (await _recv(held[0]))["type"] == "authenticated"  # no longer pending
+    again = await connect(url)
+    for ws in (*held, again):
+        await ws.close()
+    await server.shutdown()
+
+
+async def test_connections_per_address_are_capped(backend: FakeBackend) -> None:
+    server = await fake_gateway(backend, max_connections_per_address=3)
+    url = f"ws://127.0.0.1:{server.port}/ws"
+    held = [await connect(url) for _ in range(3)]
+    with pytest.raises(InvalidStatus) as refused:
+        await connect(url)
+    assert refused.value.response.status_code == 429
+    for ws in held:
+        await ws.close()
+    await server.shutdown()
+
+
+@OPENERS
+async def test_the_mesh_free_cache_bounds_every_reservation(open_on: Any) -> None:
+    backend = FakeBackend(reply="abc", cache_tokens=1000)
+    server = await fake_gateway(backend, keys=KEYS, auth="required")
+    first, answer = await open_on(server, 600)
+    assert _code(answer) == "ok"
+    second, answer = await open_on(server, 600)  # 600 reserved, not yet stepped: 400 left
+    assert _code(answer) == "quota_exceeded"
+    assert len(backend.sessions) == 1
+    third, answer = await open_on(server, 400)
+    assert _code(answer) == "ok"
+    for ws in (first, second, third):
+        await ws.close()
+    await server.shutdown()
