@@ -51,6 +51,8 @@ class StatusRoutes:
             "mesh": None if mesh_online else "not every block is served"
         }
         problems.update({name: check() for name, check in self._health_checks.items()})
+        saturation = self._saturation()
+        problems["capacity"] = _saturated(saturation, self._settings)
         healthy = all(problem is None for problem in problems.values())
         return {
             "status": "healthy" if healthy else "degraded",
@@ -63,6 +65,25 @@ class StatusRoutes:
             "protocol_version": p.PROTOCOL_VERSION,
             "uptime_s": round(time.monotonic() - self._started_at, 3),
             "connections": self._connections(),
+            "saturation": saturation,
+        }
+
+    def _saturation(self) -> dict[str, Any]:
+        """What is in use against the limits that refuse new work (protocol.md §8)."""
+        quotas = self._engine.quotas
+        models = {}
+        for model in self._status.all():
+            left = model.cache_tokens_left
+            uncounted = quotas.uncounted_tokens(model.model_id, model.checked_at)
+            models[model.model_id] = {
+                "reserved_tokens": quotas.totals.reserved[model.model_id],
+                "cache_tokens_free": None if left is None else max(left - uncounted, 0),
+            }
+        return {
+            "connections": {"used": self._connections(), "limit": self._settings.max_connections},
+            "requests": quotas.totals.requests,
+            "sessions": quotas.totals.sessions,
+            "models": models,
         }
 
     async def mesh_status(self) -> dict[str, Any]:
@@ -99,3 +120,20 @@ class StatusRoutes:
     def metrics(self) -> bytes:
         self._metrics.sessions_active.set(self._engine.sessions.count)
         return self._metrics.render()
+
+
+def _saturated(saturation: dict[str, Any], settings: Settings) -> str | None:
+    """Why new work would be refused now, or None: every connection slot taken, or no model
+    with attention cache left for a session of ``default_max_length``."""
+    connections = saturation["connections"]
+    if connections["used"] >= connections["limit"]:
+        return f"all {connections['limit']} connection slots are taken"
+    full = [
+        model_id
+        for model_id, model in saturation["models"].items()
+        if model["cache_tokens_free"] is not None
+        and model["cache_tokens_free"] < settings.default_max_length
+    ]
+    if full:
+        return f"no attention cache left for a {settings.default_max_length}-token session"
+    return None

@@ -4,6 +4,7 @@ its share, the mesh's free attention cache bounds every reservation, and each re
 
 import asyncio
 import json
+import urllib.request
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -196,4 +197,33 @@ async def test_the_mesh_free_cache_bounds_every_reservation(open_on: Any) -> Non
     assert _code(answer) == "ok"
     for ws in (first, second, third):
         await ws.close()
+    await server.shutdown()
+
+
+def _health(server: GatewayServer) -> dict[str, Any]:
+    url = f"http://127.0.0.1:{server.port}/health"
+    with urllib.request.urlopen(url, timeout=10) as reply:
+        body: dict[str, Any] = json.loads(reply.read())
+        return body
+
+
+async def test_health_reports_saturation() -> None:
+    backend = FakeBackend(reply="abc", cache_tokens=1000)
+    server = await fake_gateway(backend, keys=KEYS, auth="required", default_max_length=600)
+    before = await asyncio.to_thread(_health, server)
+    assert before["status"] == "healthy"
+    assert before["saturation"]["models"] == {
+        backend.model_ids[0]: {"reserved_tokens": 0, "cache_tokens_free": 1000}
+    }
+    ws, answer = await _open_v1(server, 600)
+    assert _code(answer) == "ok"
+    after = await asyncio.to_thread(_health, server)
+    assert after["status"] == "degraded"
+    assert after["components"]["capacity"].startswith("degraded: no attention cache left")
+    assert after["saturation"]["sessions"] == 1
+    assert after["saturation"]["models"][backend.model_ids[0]] == {
+        "reserved_tokens": 600,
+        "cache_tokens_free": 400,
+    }
+    await ws.close()
     await server.shutdown()
