@@ -13,20 +13,24 @@ or the end of the input exits with 0. Ctrl-C during a reply cancels that reply a
 session; Ctrl-C at the prompt (or a second one during a reply) exits with 130. A failed connect or
 a lost connection exits with 1; a server error ends only its turn.
 
+A gateway that requires credentials (protocol.md §2.1) takes an API key (``--api-key``, default
+``$FARMESH_API_KEY``) or a Sign-In with Ethereum session token (``--token``), sent in the
+handshake; without one, its ``unauthorized`` comes with a hint on how to get a key.
+
 Writing to the given ``stdout`` is this module's job; it prints nothing else.
 """
 
+import argparse
 import asyncio
-import codecs
 import contextlib
 import os
 import signal
-import stat
 import sys
 import threading
 from collections.abc import Coroutine
 from typing import Any, Final, TextIO, TypeVar
 
+from farmesh_ws.chat_input import InputLines
 from farmesh_ws.client import (
     DEFAULT_TIMEOUT_S,
     Chat,
@@ -44,6 +48,10 @@ EXIT_OK: Final = 0
 EXIT_ERROR: Final = 1
 EXIT_INTERRUPTED: Final = 130
 COMMANDS: Final = "/reset starts a new session, /quit exits"
+API_KEY_ENV: Final = "FARMESH_API_KEY"
+UNAUTHORIZED_HINT: Final = (
+    "hint: this gateway requires an API key: farmesh-ws keys create --wallet 0x… and pass --api-key"
+)
 
 T = TypeVar("T")
 
@@ -58,11 +66,14 @@ def run_chat(
     stdin: TextIO | None = None,
     stdout: TextIO | None = None,
     timeout: float = DEFAULT_TIMEOUT_S,
+    token: str | None = None,
 ) -> int:
     """Chat with the gateway at ``url`` until ``/quit`` or the end of input; returns the exit
-    code. ``stdin``/``stdout`` default to the process's (looked up at call time)."""
+    code. ``stdin``/``stdout`` default to the process's (looked up at call time). ``token``
+    (an API key or session token) is sent in every connection's handshake."""
     terminal = _Terminal(
         url,
+        token=token,
         max_new_tokens=max_new_tokens,
         system_prompt=system_prompt,
         overrides={"temperature": temperature, "top_p": top_p},
@@ -75,6 +86,26 @@ def run_chat(
     except KeyboardInterrupt:  # only where no SIGINT handler could be installed
         terminal.line("interrupted")
         return EXIT_INTERRUPTED
+
+
+def add_credential_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--api-key`` (default ``$FARMESH_API_KEY``) and ``--token`` for ``farmesh-ws chat``;
+    :func:`credential_argument` picks the one to send."""
+    given = parser.add_mutually_exclusive_group()
+    given.add_argument(
+        "--api-key",
+        default=os.environ.get(API_KEY_ENV) or None,
+        help=f"an API key fmk_… (farmesh-ws keys create); default: ${API_KEY_ENV}",
+    )
+    given.add_argument(
+        "--token", default=None, help="a session token fms_… from Sign-In with Ethereum"
+    )
+
+
+def credential_argument(args: argparse.Namespace) -> str | None:
+    """The credential ``farmesh-ws chat`` sends: ``--token``, else ``--api-key``."""
+    token: str | None = args.token or args.api_key
+    return token
 
 
 def format_usage(done: DoneEvent) -> str:
@@ -94,8 +125,9 @@ def format_usage(done: DoneEvent) -> str:
     return "[" + ", ".join(parts) + "]"
 
 
-def _describe(error: FarmeshClientError) -> str:
-    """One line for a person: the server's message and its code, and what to do next."""
+def _describe(error: FarmeshClientError, *, sent_credential: bool) -> str:
+    """One line for a person: the server's message and its code, and what to do next; for
+    ``unauthorized`` without a credential, a second line on how to get one."""
     message = " ".join(error.message.split())
     if isinstance(error, ConnectionLost):
         return f"error: connection lost: {message}"
@@ -104,6 +136,10 @@ def _describe(error: FarmeshClientError) -> str:
     text = f"error: {message} ({error.code})"
     if error.code == "context_overflow":
         text += "; /reset starts a new session"
+    elif error.code == "unauthorized" and not sent_credential:
+        text += "\n" + UNAUTHORIZED_HINT
+    elif error.retry_after_s is not None:
+        text += f"; try again in {error.retry_after_s:g} s"
     elif error.retryable:
         text += "; try again"
     return text
@@ -116,6 +152,7 @@ class _Terminal:
         self,
         url: str,
         *,
+        token: str | None,
         max_new_tokens: int,
         system_prompt: str | None,
         overrides: dict[str, float | None],
@@ -124,6 +161,7 @@ class _Terminal:
         timeout: float,
     ) -> None:
         self._url = url
+        self._token = token
         self._max_new_tokens = max_new_tokens
         self._system_prompt = system_prompt
         self._overrides = overrides
@@ -137,7 +175,7 @@ class _Terminal:
         self._reply: ReplyStream | None = None
         self._interrupts = 0
         self._quit = asyncio.Event()
-        self._lines = _Lines(stdin)
+        self._lines = InputLines(stdin)
         self._background: set[asyncio.Task[None]] = set()
 
     def write(self, text: str) -> None:
@@ -150,6 +188,9 @@ class _Terminal:
         """``text`` on a line of its own."""
         self.end_line()
         self.write(text + "\n")
+
+    def report(self, error: FarmeshClientError) -> None:
+        self.line(_describe(error, sent_credential=self._token is not None))
 
     def end_line(self) -> None:
         if not self._at_line_start:
@@ -170,7 +211,7 @@ class _Terminal:
         try:
             chat = await self._open()
         except FarmeshClientError as exc:
-            self.line(_describe(exc))
+            self.report(exc)
             return EXIT_ERROR
         info = chat.info
         self._sampling, problem = await asyncio.to_thread(
@@ -206,7 +247,9 @@ class _Terminal:
                 return code
 
     async def _open(self) -> Chat:
-        self._client = await FarmeshClient.connect(self._url, timeout=self._timeout)
+        self._client = await FarmeshClient.connect(
+            self._url, timeout=self._timeout, token=self._token
+        )
         self._chat = await self._client.open_chat(system_prompt=self._system_prompt)
         return self._chat
 
@@ -217,7 +260,7 @@ class _Terminal:
         try:
             await self._open()
         except FarmeshClientError as exc:
-            self.line(_describe(exc))
+            self.report(exc)
             return EXIT_ERROR
         self.line("[new chat session]")
         return None
@@ -232,7 +275,7 @@ class _Terminal:
             self.end_line()
             return EXIT_INTERRUPTED
         if outcome is _OTHER:
-            self.line(_describe(self._client.close_error or self._client.lost_error()))
+            self.report(self._client.close_error or self._client.lost_error())
             return EXIT_ERROR
         if outcome is None:  # end of input
             self.end_line()
@@ -245,16 +288,16 @@ class _Terminal:
         try:
             stream = self._chat.send(text, max_new_tokens=self._max_new_tokens, **self._sampling)
         except FarmeshClientError as exc:
-            self.line(_describe(exc))
+            self.report(exc)
             return None
         self._reply, self._interrupts = stream, 0
         try:
             outcome = await self._first(self._stream(stream), None)
         except ConnectionLost as exc:
-            self.line(_describe(exc))
+            self.report(exc)
             return EXIT_ERROR
         except FarmeshClientError as exc:
-            self.line(_describe(exc))
+            self.report(exc)
             if exc.done is not None:
                 self.line(format_usage(exc.done))
             return None
@@ -335,65 +378,3 @@ class _Outcome:
 
 _QUIT: Final = _Outcome("QUIT")
 _OTHER: Final = _Outcome("OTHER")
-
-
-class _Lines:
-    """The input's lines without blocking the event loop, so frames and keepalive pings go
-    on while the user types: a terminal or pipe is watched with the loop's ``add_reader``;
-    a file or in-memory text is read directly, as reading it never blocks."""
-
-    def __init__(self, stdin: TextIO) -> None:
-        self._stdin = stdin
-        self._fd: int | None = None
-        self._checked = False
-        encoding = getattr(stdin, "encoding", None) or "utf-8"
-        self._decoder = codecs.getincrementaldecoder(encoding)(errors="replace")
-        self._buffer = ""
-        self._eof = False
-
-    async def readline(self) -> str | None:
-        """The next line with its newline, or None at the end of the input."""
-        loop = asyncio.get_running_loop()
-        if not self._checked:
-            self._fd, self._checked = _watchable_fd(self._stdin, loop), True
-        if self._fd is None:
-            return self._stdin.readline() or None
-        while "\n" not in self._buffer and not self._eof:
-            await _readable(loop, self._fd)
-            try:
-                data = os.read(self._fd, 65536)
-            except OSError:  # e.g. EIO: the terminal hung up
-                data = b""
-            self._buffer += self._decoder.decode(data, final=not data)
-            self._eof = not data
-        if not self._buffer:
-            return None
-        line, newline, self._buffer = self._buffer.partition("\n")
-        return line + newline
-
-
-async def _readable(loop: asyncio.AbstractEventLoop, fd: int) -> None:
-    ready: asyncio.Future[None] = loop.create_future()
-
-    def wake() -> None:
-        if not ready.done():
-            ready.set_result(None)
-
-    loop.add_reader(fd, wake)
-    try:
-        await ready
-    finally:
-        loop.remove_reader(fd)
-
-
-def _watchable_fd(stdin: TextIO, loop: asyncio.AbstractEventLoop) -> int | None:
-    """The input's file descriptor if the loop can watch it, else None (read directly)."""
-    try:
-        fd = stdin.fileno()
-        if stat.S_ISREG(os.fstat(fd).st_mode):
-            return None
-        loop.add_reader(fd, lambda: None)
-    except (AttributeError, OSError, ValueError, NotImplementedError):
-        return None
-    loop.remove_reader(fd)
-    return fd

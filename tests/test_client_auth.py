@@ -96,6 +96,8 @@ class ScriptedGateway:
                 "statement": STATEMENT,
             }
             return connection.respond(HTTPStatus.OK, json.dumps(reply))
+        if request.path != "/ws":
+            return connection.respond(HTTPStatus.NOT_FOUND, '{"error":"not_found"}')
         authorization = request.headers.get("Authorization")
         self.authorizations.append(authorization)
         if self.refusal is not None:
