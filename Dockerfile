@@ -14,7 +14,8 @@ RUN FARMESH_RUNTIME_ONLY=1 FARMESH_VENV=/opt/venv scripts/bootstrap \
 ENV PATH=/opt/venv/bin:$PATH \
     FARMESH_HOME=/home/farmesh/.farmesh \
     FARMESH_HOST=0.0.0.0 \
-    FARMESH_PORT=8100
+    FARMESH_PORT=8100 \
+    FARMESH_AUTH=required
 USER farmesh
 # The bundled model is converted at build time, so a container starts without that step.
 RUN farmesh-ws model prepare --quiet
