@@ -75,8 +75,7 @@ async def test_unauthorized_prints_a_hint_unless_a_credential_was_sent() -> None
         )  # fmt: skip
     assert code == 1
     assert stdout.getvalue() == (
-        f"error: the gateway refused the API key or session token (HTTP 401 from {gateway.url})"
-        " (unauthorized)\n"
+        f"error: scripted unauthorized (HTTP 401 from {gateway.url}) (unauthorized)\n"
     )
 
 

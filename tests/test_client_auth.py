@@ -83,8 +83,7 @@ class ScriptedGateway:
     def process_request(self, connection: ServerConnection, request: Request) -> Response | None:
         if request.path == "/auth/nonce":
             if self.nonce_refusal is not None:
-                status, code = self.nonce_refusal
-                return connection.respond(status, json.dumps({"error": code}))
+                return refusal(connection, *self.nonce_refusal)
             nonce = f"n{len(self.nonces):07d}abc"
             self.nonces.add(nonce)
             reply = {
@@ -97,14 +96,13 @@ class ScriptedGateway:
             }
             return connection.respond(HTTPStatus.OK, json.dumps(reply))
         if request.path != "/ws":
-            return connection.respond(HTTPStatus.NOT_FOUND, '{"error":"not_found"}')
+            return connection.respond(HTTPStatus.NOT_FOUND, '{"error":"not_found"}')  # no message
         authorization = request.headers.get("Authorization")
         self.authorizations.append(authorization)
         if self.refusal is not None:
-            status, code = self.refusal
-            return connection.respond(status, json.dumps({"error": code}))
+            return refusal(connection, *self.refusal)
         if authorization not in (None, f"Bearer {KEY}", f"Bearer {SESSION_TOKEN}"):
-            return connection.respond(HTTPStatus.UNAUTHORIZED, '{"error":"unauthorized"}')
+            return refusal(connection, HTTPStatus.UNAUTHORIZED, "unauthorized")
         return None
 
     async def handle(self, ws: ServerConnection) -> None:
@@ -149,6 +147,11 @@ class ScriptedGateway:
         }
 
 
+def refusal(connection: ServerConnection, status: HTTPStatus, code: str) -> Response:
+    """An HTTP refusal as farmesh_ws writes it."""
+    return connection.respond(status, json.dumps({"error": code, "message": f"scripted {code}"}))
+
+
 @contextlib.asynccontextmanager
 async def scripted_gateway() -> AsyncIterator[ScriptedGateway]:
     gateway = ScriptedGateway()
@@ -181,7 +184,7 @@ async def test_refused_handshakes_raise_their_codes() -> None:
         with pytest.raises(Unauthorized) as refused:
             await FarmeshClient.connect(gateway.url, token="fmk_fk_0123456789abcdef_wrong")
         assert (refused.value.code, refused.value.retryable) == ("unauthorized", False)
-        assert "HTTP 401" in refused.value.message
+        assert refused.value.message == f"scripted unauthorized (HTTP 401 from {gateway.url})"
         assert "wrong" not in str(refused.value)
 
         gateway.refusal = (HTTPStatus.SERVICE_UNAVAILABLE, "auth_unavailable")
@@ -189,11 +192,18 @@ async def test_refused_handshakes_raise_their_codes() -> None:
             await FarmeshClient.connect(gateway.url, token=KEY)
         assert (unavailable.value.code, unavailable.value.retryable) == ("auth_unavailable", True)
 
+        gateway.refusal = (HTTPStatus.TOO_MANY_REQUESTS, "quota_exceeded")
+        with pytest.raises(QuotaExceeded) as too_many:
+            await FarmeshClient.connect(gateway.url, token=KEY)
+        assert too_many.value.retryable is True
+
         gateway.refusal = (HTTPStatus.FORBIDDEN, "origin_not_allowed")
         with pytest.raises(ConnectFailed) as forbidden:
             await FarmeshClient.connect(gateway.url)
-        assert "HTTP 403" in forbidden.value.message
-        assert "origin_not_allowed" in forbidden.value.message
+        assert forbidden.value.message == (
+            f"cannot connect to {gateway.url}: server rejected WebSocket connection: HTTP 403"
+            " (origin_not_allowed)"
+        )
 
 
 async def test_authenticate_sends_the_auth_message() -> None:
@@ -235,13 +245,17 @@ async def test_sign_in_with_ethereum(account: LocalAccount) -> None:
 async def test_a_refused_nonce_raises_its_code(account: LocalAccount) -> None:
     async with scripted_gateway() as gateway, FarmeshClient.connect(gateway.url) as client:
         gateway.nonce_refusal = (HTTPStatus.SERVICE_UNAVAILABLE, "auth_unavailable")
-        with pytest.raises(AuthUnavailable):
+        with pytest.raises(AuthUnavailable) as unavailable:
             await client.sign_in_with_ethereum(account)
+        nonce_url = f"http://{gateway.domain}/auth/nonce"
+        assert unavailable.value.message == (
+            f"scripted auth_unavailable (GET {nonce_url} answered HTTP 503)"
+        )
         gateway.nonce_refusal = (HTTPStatus.NOT_FOUND, "not_found")
         with pytest.raises(FarmeshClientError) as missing:
             await client.sign_in_with_ethereum(account)
         assert missing.value.code == "not_found"
-        assert "HTTP 404" in missing.value.message
+        assert missing.value.message == f"scripted not_found (GET {nonce_url} answered HTTP 404)"
         assert client.identity is None
 
 

@@ -218,11 +218,19 @@ _BY_CODE: dict[str, type[_CodedError]] = {
 }
 
 
-def error_code(body: bytes | bytearray) -> str | None:
-    """The code of a gateway's HTTP error body ``{"error": "unauthorized"}``, if it is one."""
+def http_refusal(body: bytes | bytearray) -> tuple[str, str] | None:
+    """The code and message (maybe ``""``) of a gateway's HTTP error body
+    ``{"error": "unauthorized", "message": "…"}``, or None if the body is not one."""
     try:
         reply = msgspec.json.decode(body, type=dict[str, object])
     except msgspec.MsgspecError:
         return None
-    code = reply.get("error")
-    return code if isinstance(code, str) else None
+    code, message = reply.get("error"), reply.get("message")
+    if not isinstance(code, str):
+        return None
+    return code, message if isinstance(message, str) else ""
+
+
+def has_own_class(code: str) -> bool:
+    """Whether errors with ``code`` raise a class of their own (:class:`Unauthorized`, …)."""
+    return code in _BY_CODE

@@ -11,7 +11,12 @@ from websockets.exceptions import InvalidStatus, WebSocketException
 from websockets.frames import Frame
 
 from farmesh_ws import __version__
-from farmesh_ws.client.errors import ConnectFailed, FarmeshClientError, error_code
+from farmesh_ws.client.errors import (
+    ConnectFailed,
+    FarmeshClientError,
+    has_own_class,
+    http_refusal,
+)
 
 _CREDENTIAL_FRAME: Final = re.compile(rb'fm[ks]_|"siwe"|"type"\s*:\s*"auth')
 """Frames that may carry a credential: an ``auth`` message, an ``authenticated`` answer with
@@ -43,8 +48,9 @@ _LOGGER: Final = _RedactingLogger(logging.getLogger("websockets.client"))
 async def open_websocket(url: str, *, timeout_s: float, token: str | None) -> ClientConnection:
     """The WebSocket to ``url``; ``token`` (an API key or session token) goes in the
     handshake. Raises :class:`ConnectFailed`, or for a refused credential
-    :class:`~farmesh_ws.client.errors.Unauthorized` (HTTP 401) or
-    :class:`~farmesh_ws.client.errors.AuthUnavailable` (HTTP 503 ``auth_unavailable``)."""
+    :class:`~farmesh_ws.client.errors.Unauthorized` (HTTP 401),
+    :class:`~farmesh_ws.client.errors.AuthUnavailable` (HTTP 503 ``auth_unavailable``), and
+    :class:`~farmesh_ws.client.errors.QuotaExceeded` (HTTP 429: too many connections)."""
     headers = {"Authorization": f"Bearer {token}"} if token is not None else None
     try:
         return await connect(
@@ -63,19 +69,16 @@ async def open_websocket(url: str, *, timeout_s: float, token: str | None) -> Cl
         raise ConnectFailed(f"cannot connect to {url}: {exc}") from None
 
 
-_CREDENTIAL_REFUSALS: Final = {
-    "unauthorized": "the gateway refused the API key or session token",
-    "auth_unavailable": "the gateway cannot check credentials right now",
-}
-
-
 def _refusal(url: str, refused: InvalidStatus) -> FarmeshClientError:
-    """A refused handshake: a refused credential (the gateway's body ``{"error": code}``)
-    as that code's error, anything else (403 ``origin_not_allowed``, 503 when full, …) as
-    a failed connect."""
-    code = error_code(refused.response.body)
-    message = _CREDENTIAL_REFUSALS.get(code or "")
-    if code is not None and message is not None:
+    """A refused handshake as the error of the gateway's body ``{"error": code, "message"}``
+    where that code has a class of its own (401 ``unauthorized``, 503 ``auth_unavailable``,
+    429 ``quota_exceeded``), else as a failed connect (403 ``origin_not_allowed``, 503 when
+    full, …)."""
+    refusal = http_refusal(refused.response.body)
+    if refusal is not None and has_own_class(refusal[0]):
+        code, message = refusal
         status = refused.response.status_code
-        return FarmeshClientError.from_code(code, f"{message} (HTTP {status} from {url})")
-    return ConnectFailed(f"cannot connect to {url}: {refused}{f' ({code})' if code else ''}")
+        where = f"HTTP {status} from {url}"
+        return FarmeshClientError.from_code(code, f"{message} ({where})" if message else where)
+    code = f" ({refusal[0]})" if refusal is not None else ""
+    return ConnectFailed(f"cannot connect to {url}: {refused}{code}")

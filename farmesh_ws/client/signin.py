@@ -19,7 +19,7 @@ import msgspec
 
 from farmesh_ws import __version__
 from farmesh_ws import protocol as p
-from farmesh_ws.client.errors import ConnectFailed, FarmeshClientError, error_code
+from farmesh_ws.client.errors import ConnectFailed, FarmeshClientError, http_refusal
 
 if TYPE_CHECKING:
     from eth_account.signers.local import LocalAccount
@@ -69,11 +69,12 @@ def _get(url: str, timeout: float) -> bytes:
             return body
     except urllib.error.HTTPError as exc:
         try:
-            code = error_code(exc.read(MAX_REPLY_BYTES))
+            code, message = http_refusal(exc.read(MAX_REPLY_BYTES)) or ("http_error", "")
         finally:
             exc.close()
+        where = f"GET {url} answered HTTP {exc.code}"
         raise FarmeshClientError.from_code(
-            code or "http_error", f"GET {url} answered HTTP {exc.code}"
+            code, f"{message} ({where})" if message else where
         ) from None
     except (OSError, ValueError, http.client.HTTPException) as exc:  # unreachable, timeout
         raise ConnectFailed(f"cannot get a sign-in nonce from {url}: {exc}") from None
