@@ -34,14 +34,12 @@ import hmac
 import re
 import secrets
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import msgspec
 
-from farmesh_ws.ledger.store import Ledger, LedgerUnavailable
+from farmesh_ws.ledger.store import Ledger, guarded
 from farmesh_ws.protocol import Wallet
 
 KEY_PREFIX = "fmk_"
@@ -94,7 +92,7 @@ async def create_key(
         raise KeyRequestError(f"name must be 1-{_NAME_MAX_CHARS} printable characters")
     key_id = f"fk_{secrets.token_hex(8)}"
     secret = secrets.token_urlsafe(_SECRET_BYTES)
-    async with _guarded("write"):
+    async with guarded("write"):
         await ledger.database.execute(
             """INSERT INTO api_keys (key_id, secret_sha256, wallet, name, created_at)
                VALUES (:key_id, :secret_sha256, :wallet, :name, :created_at)""",
@@ -120,7 +118,7 @@ async def list_keys(ledger: Ledger, wallet: str | None = None) -> list[KeyInfo]:
         _check_wallet(wallet)
         query += " WHERE wallet = :wallet"
         values["wallet"] = wallet
-    async with _guarded("query"):
+    async with guarded("query"):
         rows = await ledger.database.fetch_all(query + " ORDER BY created_at, key_id", values)
     return [_info(row) for row in rows]
 
@@ -135,7 +133,7 @@ async def revoke_key(ledger: Ledger, key_id: str, *, now: float | None = None) -
     """
     if not _KEY_ID.fullmatch(key_id):
         raise KeyRequestError("not a key id (expected fk_ and 16 hex digits)")
-    async with _guarded("write"):
+    async with guarded("write"):
         row = await ledger.database.fetch_one(
             f"""UPDATE api_keys SET revoked_at = COALESCE(revoked_at, :now)
                 WHERE key_id = :key_id RETURNING {_COLUMNS}""",
@@ -157,7 +155,7 @@ async def authenticate(ledger: Ledger, presented_key: str) -> KeyPrincipal | Non
     if match is None:
         return None
     key_id, secret = match.groups()
-    async with _guarded("query"):
+    async with guarded("query"):
         row = await ledger.database.fetch_one(
             """SELECT secret_sha256, wallet, name FROM api_keys
                WHERE key_id = :key_id AND revoked_at IS NULL""",
@@ -191,12 +189,3 @@ def _info(row: Any) -> KeyInfo:
         created_at=float(row["created_at"]),
         revoked_at=None if revoked_at is None else float(revoked_at),
     )
-
-
-@asynccontextmanager
-async def _guarded(operation: str) -> AsyncIterator[None]:
-    """Database errors as LedgerUnavailable, naming only the exception type (no values)."""
-    try:
-        yield
-    except Exception as exc:
-        raise LedgerUnavailable(f"ledger {operation} failed ({type(exc).__name__})") from exc

@@ -25,7 +25,13 @@ class ContributionRecord:
 
 @dataclass(frozen=True, slots=True)
 class TurnRecord:
-    """A finished (or interrupted) turn; ``(session_id, request_id)`` identifies it once."""
+    """A finished (or interrupted) turn; ``(session_id, request_id)`` identifies it once.
+
+    ``principal`` and ``client_address_hash`` say who opened the session (see
+    :class:`~farmesh_ws.engine.events.RequestContext`); ``hold_id`` names the prepaid hold that
+    storing this turn settles for ``cost_far_e8`` (None: nothing was held). The three default
+    to None so that spool and checkpoint lines written before they existed still load.
+    """
 
     session_id: str
     request_id: str
@@ -42,6 +48,9 @@ class TurnRecord:
     ttft_ms: float | None
     duration_ms: float | None
     contributions: tuple[ContributionRecord, ...]
+    principal: str | None = None
+    client_address_hash: str | None = None
+    hold_id: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -53,7 +62,7 @@ class TurnRecord:
 
 
 def _who(context: RequestContext) -> dict[str, Any]:
-    """The fields of a record that identify its request."""
+    """The fields of a record that identify its request, its principal and its hold."""
     return {
         "session_id": context.session_id,
         "request_id": context.request_id,
@@ -61,12 +70,16 @@ def _who(context: RequestContext) -> dict[str, Any]:
         "wallet": context.wallet,
         "model_id": context.model_id,
         "started_at": context.started_at,
+        "principal": context.principal_id,
+        "client_address_hash": context.address_hash or None,
+        "hold_id": None if context.held_far is None else context.hold_id,
     }
 
 
 def checkpoint_record(event: TokensDelivered, *, now: float) -> TurnRecord:
     """A running request as far as it was delivered: closed as ``interrupted`` if the process
-    dies before the request ends (no contributions: the route is not checkpointed)."""
+    dies before the request ends (no contributions: the route is not checkpointed). It names
+    the request's hold, so recovery settles the hold for the checkpointed cost."""
     return TurnRecord(
         **_who(event.context),
         ended_at=now,

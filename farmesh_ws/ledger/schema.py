@@ -2,9 +2,12 @@
 
 Money columns are ``*_far_e8`` BIGINTs: exact integer counts of 10⁻⁸ $FAR (see money.py).
 Times are Unix seconds. The views are the contract with the Payment Tracker (README, "Ledger").
-Version 2 adds ``api_keys`` (README, "API keys"). Migrations are append-only: a database at any
-version upgrades in place by applying the later ones. A migration runs in one transaction and
-records its version, so a restarted or second process applies nothing twice.
+Version 2 adds ``api_keys`` (README, "API keys"); version 3 prepaid balances (``balances``,
+``balance_holds``, ``balance_credits``: amounts in ``*_e8`` BIGINTs too, see balances.py) and
+who opened each session (``inference_sessions.principal``, ``client_address_hash``).
+Migrations are append-only: a database at any version upgrades in place by applying the later
+ones. A migration runs in one transaction and records its version, so a restarted or second
+process applies nothing twice.
 """
 
 from typing import Any
@@ -94,6 +97,46 @@ MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
                 revoked_at DOUBLE PRECISION
             )""",
             "CREATE INDEX IF NOT EXISTS api_keys_wallet ON api_keys (wallet)",
+        ),
+    ),
+    (
+        3,
+        (
+            # Prepaid balances (balances.py). available = balance_e8 - held_e8; a wallet with no
+            # row has balance 0. held_e8 is the sum of the wallet's unsettled holds.
+            """CREATE TABLE IF NOT EXISTS balances (
+                wallet TEXT PRIMARY KEY,
+                balance_e8 BIGINT NOT NULL,
+                held_e8 BIGINT NOT NULL DEFAULT 0,
+                updated_at DOUBLE PRECISION NOT NULL,
+                CHECK (0 <= held_e8 AND held_e8 <= balance_e8)
+            )""",
+            # One hold per request (hold_id = session_id:request_id), settled exactly once:
+            # settled_at and charged_e8 stay NULL until then.
+            """CREATE TABLE IF NOT EXISTS balance_holds (
+                hold_id TEXT PRIMARY KEY,
+                wallet TEXT NOT NULL REFERENCES balances (wallet),
+                amount_e8 BIGINT NOT NULL CHECK (amount_e8 > 0),
+                created_at DOUBLE PRECISION NOT NULL,
+                expires_at DOUBLE PRECISION NOT NULL,
+                settled_at DOUBLE PRECISION,
+                charged_e8 BIGINT CHECK (0 <= charged_e8 AND charged_e8 <= amount_e8)
+            )""",
+            """CREATE INDEX IF NOT EXISTS balance_holds_open ON balance_holds (expires_at)
+                WHERE settled_at IS NULL""",
+            # Audit trail of every credit, in the transaction that adds it to the balance.
+            """CREATE TABLE IF NOT EXISTS balance_credits (
+                id TEXT PRIMARY KEY,
+                wallet TEXT NOT NULL,
+                amount_e8 BIGINT NOT NULL CHECK (amount_e8 > 0),
+                note TEXT,
+                created_at DOUBLE PRECISION NOT NULL
+            )""",
+            "CREATE INDEX IF NOT EXISTS balance_credits_wallet ON balance_credits (wallet)",
+            # Who opened a session: a principal id (key:fk_..., wallet:0x..., anonymous, open)
+            # and the keyed hash of the client's address; NULL for sessions stored before v3.
+            "ALTER TABLE inference_sessions ADD COLUMN principal TEXT",
+            "ALTER TABLE inference_sessions ADD COLUMN client_address_hash TEXT",
         ),
     ),
 )

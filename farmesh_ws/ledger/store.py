@@ -2,13 +2,16 @@
 
 Each turn is written in one transaction, keyed by ``(session_id, request_id)``: writing the
 same turn again changes nothing, so a retried request, a replayed spool or a recovered
-checkpoint never bills twice. Database errors surface as :class:`LedgerUnavailable` so the
-writer can spool and retry.
+checkpoint never bills twice. A turn that names a prepaid hold settles it in that same
+transaction (:func:`settle_hold_in`), so the hold is charged exactly when the turn is first
+stored. Database errors surface as :class:`LedgerUnavailable` so the writer can spool and retry.
 """
 
 import asyncio
 import logging
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass
 from decimal import Decimal
 from pathlib import Path
@@ -22,10 +25,21 @@ from farmesh_ws.ledger.schema import migrate
 
 logger = logging.getLogger(__name__)
 _CLOSE_TIMEOUT_S = 2.0
+# TurnRecord fields that are not columns of ``turns``.
+_NOT_TURN_COLUMNS = frozenset(("contributions", "principal", "client_address_hash", "hold_id"))
 
 
 class LedgerUnavailable(RuntimeError):
     """The ledger database cannot be reached or refused a write; the record is not stored."""
+
+
+@asynccontextmanager
+async def guarded(operation: str) -> AsyncIterator[None]:
+    """Database errors as LedgerUnavailable, naming only the exception type (no values)."""
+    try:
+        yield
+    except Exception as exc:
+        raise LedgerUnavailable(f"ledger {operation} failed ({type(exc).__name__})") from exc
 
 
 def database_url(configured: str, home: Path) -> str:
@@ -82,6 +96,39 @@ class SessionSummary:
     completion_tokens: int
     cached_tokens: int
     cost_far: Decimal
+    principal: str | None
+    client_address_hash: str | None
+
+
+async def settle_hold_in(database: Any, hold_id: str, charged_e8: int, now: float) -> bool:
+    """Settle hold ``hold_id`` for ``charged_e8`` (clamped to the hold) inside the caller's
+    transaction: the hold is marked settled, the wallet's balance drops by the charge and its
+    held amount by the whole hold. Returns False, changing nothing, if the hold is unknown or
+    already settled; the conditional UPDATE locks the hold row, so two settlements of one hold
+    cannot both pass it."""
+    row = await database.fetch_one(
+        """UPDATE balance_holds
+           SET settled_at = :now,
+               charged_e8 = CASE WHEN :charged_e8 < amount_e8 THEN :charged_e8 ELSE amount_e8 END
+           WHERE hold_id = :hold_id AND settled_at IS NULL
+           RETURNING wallet, amount_e8, charged_e8""",
+        {"hold_id": hold_id, "charged_e8": charged_e8, "now": now},
+    )
+    if row is None:
+        return False
+    await database.execute(
+        """UPDATE balances
+           SET balance_e8 = balance_e8 - :charged_e8, held_e8 = held_e8 - :amount_e8,
+               updated_at = :now
+           WHERE wallet = :wallet""",
+        {
+            "wallet": row["wallet"],
+            "charged_e8": int(row["charged_e8"]),
+            "amount_e8": int(row["amount_e8"]),
+            "now": now,
+        },
+    )
+    return True
 
 
 class Ledger:
@@ -131,8 +178,9 @@ class Ledger:
             logger.debug("ledger connections terminated", exc_info=True)
 
     async def record_turn(self, record: TurnRecord) -> bool:
-        """Store one turn, its contributions and the session totals in one transaction.
-        Returns False if this turn was already stored (nothing changes)."""
+        """Store one turn, its contributions and the session totals in one transaction, and
+        settle its hold (``record.hold_id``) for its cost in the same one. Returns False if this
+        turn was already stored (nothing changes, the hold is not settled again)."""
         try:
             return await self._record_turn(record)
         except Exception as exc:
@@ -142,8 +190,10 @@ class Ledger:
         db = self._database
         async with db.transaction():
             await db.execute(
-                """INSERT INTO inference_sessions (session_id, kind, wallet, model_id, started_at)
-                   VALUES (:session_id, :kind, :wallet, :model_id, :started_at)
+                """INSERT INTO inference_sessions (session_id, kind, wallet, model_id, started_at,
+                       principal, client_address_hash)
+                   VALUES (:session_id, :kind, :wallet, :model_id, :started_at, :principal,
+                       :client_address_hash)
                    ON CONFLICT (session_id) DO NOTHING""",
                 {
                     "session_id": record.session_id,
@@ -151,6 +201,8 @@ class Ledger:
                     "wallet": record.wallet,
                     "model_id": record.model_id,
                     "started_at": record.started_at,
+                    "principal": record.principal,
+                    "client_address_hash": record.client_address_hash,
                 },
             )
             inserted = await db.fetch_val(
@@ -162,7 +214,11 @@ class Ledger:
                        :finish_reason, :cost_far_e8, :ttft_ms, :duration_ms)
                    ON CONFLICT (session_id, request_id) DO NOTHING
                    RETURNING request_id""",
-                {key: value for key, value in record.to_json().items() if key != "contributions"},
+                {
+                    key: value
+                    for key, value in record.to_json().items()
+                    if key not in _NOT_TURN_COLUMNS
+                },
             )
             if inserted is None:
                 return False
@@ -197,6 +253,8 @@ class Ledger:
                     "ended_at": record.ended_at,
                 },
             )
+            if record.hold_id is not None:
+                await settle_hold_in(db, record.hold_id, record.cost_far_e8, record.ended_at)
         return True
 
     async def node_earnings(self) -> list[NodeEarnings]:
@@ -246,6 +304,8 @@ class Ledger:
                 completion_tokens=int(row["completion_tokens"]),
                 cached_tokens=int(row["cached_tokens"]),
                 cost_far=from_e8(int(row["cost_far_e8"])),
+                principal=row["principal"],
+                client_address_hash=row["client_address_hash"],
             )
             for row in rows
         ]

@@ -6,6 +6,7 @@ auth), dropped afterwards, so tests never see each other's rows.
 
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import asdict
 from decimal import Decimal
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import asyncpg
 import pytest
 
 from farmesh_ws.core.money import to_e8
+from farmesh_ws.ledger import schema
 from farmesh_ws.ledger.records import ContributionRecord, TurnRecord
 from farmesh_ws.ledger.store import Ledger
 
@@ -98,3 +100,51 @@ def make_turn(
             for peer, start, end, share in shares
         ),
     )
+
+
+async def old_ledger(url: str, version: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Leave at ``url`` the database a release at schema ``version`` made: its migrations and
+    turn ``r1`` of ``make_turn()`` in session ``s1``, written with that version's columns."""
+    turn = make_turn("r1")
+    with monkeypatch.context() as patch:
+        patch.setattr(schema, "MIGRATIONS", schema.MIGRATIONS[:version])
+        old = Ledger(url)
+        await old.connect()
+    db = old.database
+    try:
+        await db.execute(
+            """INSERT INTO inference_sessions (session_id, kind, wallet, model_id, started_at,
+                   ended_at, turns, prompt_tokens, completion_tokens, cached_tokens, cost_far_e8)
+               VALUES ('s1', 'chat', :wallet, :model_id, :started_at, :ended_at, 1,
+                   :prompt_tokens, :completion_tokens, :cached_tokens, :cost_far_e8)""",
+            {
+                "wallet": turn.wallet,
+                "model_id": turn.model_id,
+                "started_at": turn.started_at,
+                "ended_at": turn.ended_at,
+                "prompt_tokens": turn.prompt_tokens,
+                "completion_tokens": turn.completion_tokens,
+                "cached_tokens": turn.cached_tokens,
+                "cost_far_e8": turn.cost_far_e8,
+            },
+        )
+        columns = [
+            key
+            for key in turn.to_json()
+            if key not in ("contributions", "principal", "client_address_hash", "hold_id")
+        ]
+        await db.execute(
+            f"INSERT INTO turns ({', '.join(columns)}) "
+            f"VALUES ({', '.join(':' + key for key in columns)})",
+            {key: getattr(turn, key) for key in columns},
+        )
+        for contribution in turn.contributions:
+            await db.execute(
+                """INSERT INTO node_contributions (session_id, request_id, peer_id, public_name,
+                       start_block, end_block, tokens, replayed_tokens, work, share_far_e8)
+                   VALUES ('s1', 'r1', :peer_id, :public_name, :start_block, :end_block,
+                       :tokens, :replayed_tokens, :work, :share_far_e8)""",
+                asdict(contribution),
+            )
+    finally:
+        await old.aclose()

@@ -18,7 +18,7 @@ from farmesh_ws.ledger.keys import (
     revoke_key,
 )
 from farmesh_ws.ledger.store import Ledger
-from tests.ledger.conftest import make_turn
+from tests.ledger.conftest import make_turn, old_ledger
 
 WALLET = "0x52908400098527886E0F7030069857D2E4169EE7"
 KEY = re.compile(r"fmk_(fk_[0-9a-f]{16})_([A-Za-z0-9_-]{43})")
@@ -141,14 +141,7 @@ async def test_wallets_of_protocol_v1_and_0x_addresses_are_accepted(ledger: Ledg
 async def test_a_version_1_database_upgrades_in_place_and_keeps_its_data(
     ledger_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    with monkeypatch.context() as patch:
-        patch.setattr(schema, "MIGRATIONS", schema.MIGRATIONS[:1])
-        old = Ledger(ledger_url)
-        await old.connect()
-        try:
-            assert await old.record_turn(make_turn("r1"))
-        finally:
-            await old.aclose()
+    await old_ledger(ledger_url, 1, monkeypatch)
 
     upgraded = Ledger(ledger_url)
     await upgraded.connect()
@@ -156,7 +149,7 @@ async def test_a_version_1_database_upgrades_in_place_and_keeps_its_data(
         versions = await upgraded.database.fetch_all(
             "SELECT version FROM schema_migrations ORDER BY version"
         )
-        assert [row["version"] for row in versions] == [1, 2]
+        assert [row["version"] for row in versions] == [v for v, _ in schema.MIGRATIONS]
         assert await upgraded.turn_count() == 1
         (spend,) = await upgraded.wallet_spend()
         assert (spend.wallet, spend.turns) == ("wallet-a", 1)
