@@ -14,7 +14,8 @@ logger = logging.getLogger(__name__)
 
 
 class LedgerObserver(Observer):
-    """Checkpoints running requests and hands finished ones to the ledger writer."""
+    """Checkpoints running requests and hands finished ones to the ledger writer; a request's
+    record (and checkpoint) names its prepaid hold, settled when the record is stored."""
 
     def __init__(self, writer: LedgerWriter, checkpoints: TurnCheckpoints) -> None:
         self._writer = writer
@@ -34,7 +35,8 @@ class LedgerObserver(Observer):
 
 
 async def recover_interrupted_turns(checkpoints: TurnCheckpoints, writer: LedgerWriter) -> int:
-    """Close the turns a crashed process left running, billed as far as they were delivered."""
+    """Close the turns a crashed process left running, billed as far as they were delivered
+    (settling their holds for that), then release the expired holds nothing settled."""
     found = checkpoints.orphaned()
     for path, record in found:
         writer.submit(record, on_stored=_remover(path))
@@ -44,6 +46,7 @@ async def recover_interrupted_turns(checkpoints: TurnCheckpoints, writer: Ledger
             directory.rmdir()
     if found:
         logger.info("closed %d turns interrupted by a crash", len(found))
+    await writer.release_expired_holds()
     return len(found)
 
 

@@ -5,15 +5,21 @@ writes batches. If the database is down, records go to the durable spool and the
 retrying; once the database answers, the spool is replayed (idempotent writes make a repeat
 harmless, so each record is stored exactly once). ``aclose`` flushes everything: to the
 database, or to the spool if it is still down.
+
+A record naming a prepaid hold settles it when it is stored (``Ledger.record_turn``), so a
+spooled record settles its hold on replay, once. Every ``hold_sweep_s`` the task also releases
+the holds whose deadline passed unsettled (:meth:`LedgerWriter.release_expired_holds`).
 """
 
 import asyncio
 import contextlib
 import logging
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 
+from farmesh_ws.ledger import balances
 from farmesh_ws.ledger.records import TurnRecord
 from farmesh_ws.ledger.spool import Spool
 from farmesh_ws.ledger.store import Ledger, LedgerUnavailable
@@ -31,11 +37,14 @@ class LedgerWriter:
         *,
         batch_size: int = 64,
         retry_s: float = 1.0,
+        hold_sweep_s: float = 60.0,
     ) -> None:
         self.ledger = ledger
         self.spool = Spool(spool_dir, f"spool-{os.getpid()}")
         self._batch_size = batch_size
         self._retry_s = retry_s
+        self._hold_sweep_s = hold_sweep_s
+        self._next_sweep = time.monotonic() + hold_sweep_s
         self._queue: asyncio.Queue[tuple[TurnRecord, OnStored | None]] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
         self._connected = False
@@ -62,6 +71,21 @@ class LedgerWriter:
         """Wait until everything submitted so far is durable."""
         await self._queue.join()
 
+    async def release_expired_holds(self) -> int:
+        """Release (settle for nothing) the holds whose ``expires_at`` has passed; return how
+        many. Does nothing, returning 0, while the database is down or spooled records wait:
+        those may settle some of the holds for what their requests cost."""
+        if not self._connected or self.spool.pending_files():
+            return 0
+        try:
+            released = await balances.release_expired_holds(self.ledger, time.time())
+        except LedgerUnavailable as exc:
+            self._lost_database(exc)
+            return 0
+        if released:
+            logger.info("released %d expired balance holds", released)
+        return released
+
     async def aclose(self) -> None:
         self._closing = True
         if self._task is not None:
@@ -76,6 +100,9 @@ class LedgerWriter:
 
     async def _run(self) -> None:
         while True:
+            if time.monotonic() >= self._next_sweep:
+                self._next_sweep = time.monotonic() + self._hold_sweep_s
+                await self.release_expired_holds()
             try:
                 first = await asyncio.wait_for(self._queue.get(), self._retry_s)
             except TimeoutError:
