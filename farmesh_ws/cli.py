@@ -114,15 +114,37 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     chat.set_defaults(handler=_chat)
 
-    ledger = commands.add_parser("ledger", help="query the usage and payment ledger")
-    ledger.add_argument(
-        "report",
-        choices=["nodes", "wallets", "sessions"],
-        help="earnings per node, spend per wallet, or recent sessions",
+    ledger = commands.add_parser(
+        "ledger", help="query the usage and payment ledger, manage prepaid balances"
     )
-    ledger.add_argument("--json", action="store_true", help="one JSON object per line")
-    ledger.add_argument("--limit", type=int, default=20, help="sessions to show")
-    ledger.set_defaults(handler=_ledger)
+    reports = ledger.add_subparsers(
+        title="ledger commands",
+        dest="report",
+        metavar="{nodes,wallets,sessions,credit,balances,charges}",
+        required=True,
+    )
+    for report, summary in (
+        ("nodes", "earnings per node"),
+        ("wallets", "spend per wallet"),
+        ("sessions", "recent sessions"),
+    ):
+        view = reports.add_parser(report, help=summary)
+        view.add_argument("--json", action="store_true", help="one JSON object per line")
+        view.add_argument("--limit", type=int, default=20, help="sessions to show")
+        view.set_defaults(handler=_ledger)
+    credit = reports.add_parser("credit", help="add $FAR to a wallet's prepaid balance")
+    credit.add_argument("wallet", metavar="WALLET", help="the wallet to credit, e.g. 0x...")
+    credit.add_argument("amount", metavar="AMOUNT", help="$FAR, a decimal with at most 8 places")
+    credit.add_argument("--note", default=None, help="why (kept with the credit)")
+    credit.set_defaults(handler=_balances)
+    balances = reports.add_parser("balances", help="prepaid balances, held and available")
+    balances.add_argument("--wallet", default=None, help="only this wallet")
+    balances.add_argument("--json", action="store_true", help="one JSON object per line")
+    balances.set_defaults(handler=_balances)
+    charges = reports.add_parser("charges", help="a wallet's charges by key or signed wallet")
+    charges.add_argument("--wallet", required=True, help="the wallet charged")
+    charges.add_argument("--json", action="store_true", help="one JSON object per line")
+    charges.set_defaults(handler=_balances)
 
     keys = commands.add_parser("keys", help="manage API keys (bound to a wallet, stored hashed)")
     key_commands = keys.add_subparsers(
@@ -206,6 +228,16 @@ def _ledger(args: argparse.Namespace) -> int:
         )
 
     return _run_on_ledger(report, refused=())
+
+
+def _balances(args: argparse.Namespace) -> int:
+    from farmesh_ws.ledger.balances import BalanceRequestError
+    from farmesh_ws.ledger.balances_command import run_balances_command
+
+    def command(database_url: str) -> Coroutine[Any, Any, None]:
+        return run_balances_command(database_url, farmesh_home(), args, out=sys.stdout)
+
+    return _run_on_ledger(command, refused=(BalanceRequestError,))
 
 
 def _keys(args: argparse.Namespace) -> int:
