@@ -1,12 +1,14 @@
 // Browser chat page for the farmesh_ws WebSocket protocol v1 (protocol.md).
 // Server text is only ever inserted with textContent / text nodes; money stays a string.
 
+import { authMessage, authenticated, initSignIn, refused } from "./signin.js";
+
 const $ = (id) => document.getElementById(id);
 const ui = {
   status: $("conn-status"), model: $("session-model"), position: $("session-position"),
   maxLength: $("session-max-length"), price: $("session-price"),
   promptPrice: $("session-prompt-price"), error: $("error"), errorCode: $("error-code"),
-  errorMessage: $("error-message"), disconnect: $("disconnect"),
+  errorMessage: $("error-message"), errorRetry: $("error-retry"), disconnect: $("disconnect"),
   disconnectText: $("disconnect-text"), reconnect: $("reconnect"), log: $("log"),
   form: $("composer"), input: $("input"), send: $("send"), stop: $("stop"),
   samplingSource: $("sampling-source"), samplingReset: $("sampling-reset"),
@@ -23,8 +25,14 @@ const samplingInputs = {
   repetition_penalty: $("repetition-penalty"),
 };
 
+const SIGN_IN_HINT = "this gateway requires sign-in: paste an API key or session token, "
+  + "or sign in with a wallet";
+
 const state = {
   ws: null, open: false, model: null, running: null, seq: 0,
+  authPending: false, // the connection's first message was `auth`; `open` follows its answer
+  authRefusal: null, // why the gateway refused this connection's credential
+
   turns: new Map(), // request_id -> turn view
   numBlocks: new Map(), // model_id -> num_blocks (from /models)
   generation: new Map(), // model_id -> recommended sampling (from /models)
@@ -60,9 +68,12 @@ function updateButtons() {
   ui.stop.disabled = state.running === null || Boolean(state.turns.get(state.running)?.stopping);
 }
 
-function showError(code, message) {
+function showError(code, message, retryAfter) {
   ui.errorCode.textContent = code;
   ui.errorMessage.textContent = message;
+  const known = typeof retryAfter === "number";
+  ui.errorRetry.textContent = known ? `retry in ${retryAfter} s` : "";
+  ui.errorRetry.hidden = !known;
   ui.error.hidden = false;
 }
 
@@ -114,15 +125,27 @@ function currentSampling() {
   return sampling;
 }
 
+function openSession() {
+  state.ws.send(JSON.stringify({ type: "open", sampling: currentSampling() }));
+}
+
+// A new connection presents the stored credential first (protocol.md §2.1), then opens its
+// chat session; without one it opens at once, as anonymous.
 function connect() {
   const scheme = location.protocol === "https:" ? "wss:" : "ws:";
   const ws = new WebSocket(`${scheme}//${location.host}/ws`);
   state.ws = ws;
+  state.authRefusal = null;
   setStatus("connecting", "connecting…");
   ws.addEventListener("open", () => {
-    ws.send(JSON.stringify({ type: "open", sampling: currentSampling() }));
+    if (state.ws !== ws) return; // replaced before it opened
+    const auth = authMessage();
+    state.authPending = auth !== null;
+    if (auth) ws.send(JSON.stringify(auth));
+    else openSession();
   });
   ws.addEventListener("message", (event) => {
+    if (state.ws !== ws) return;
     let message;
     try {
       message = JSON.parse(event.data);
@@ -134,10 +157,7 @@ function connect() {
   });
   ws.addEventListener("close", (event) => {
     if (state.ws !== ws) return;
-    state.open = false;
-    const turn = state.turns.get(state.running);
-    if (turn) finishTurn(turn, "interrupted", "interrupted");
-    state.running = null;
+    leaveConnection();
     const reason = event.reason ? `: ${event.reason}` : "";
     ui.disconnectText.textContent = `Disconnected (code ${event.code}${reason}).`;
     ui.disconnect.hidden = false;
@@ -147,7 +167,22 @@ function connect() {
   });
 }
 
+// The page stops using the current connection: its running turn, if any, is interrupted.
+function leaveConnection() {
+  state.open = false;
+  const turn = state.turns.get(state.running);
+  if (turn) finishTurn(turn, "interrupted", "interrupted");
+  state.running = null;
+}
+
 const handlers = {
+  authenticated(m) {
+    authenticated(m);
+    if (state.authPending) {
+      state.authPending = false;
+      openSession();
+    }
+  },
   opened(m) {
     state.open = true;
     state.model = m.model;
@@ -188,10 +223,24 @@ const handlers = {
     scrollDown();
   },
   error(m) {
+    if (!m.request_id && state.authPending) {
+      // The credential was refused; go on anonymously where the gateway allows it.
+      state.authPending = false;
+      state.authRefusal = m.message;
+      if (m.code === "unauthorized") refused();
+      showError(m.code, m.message, m.retry_after_s);
+      openSession();
+      return;
+    }
+    if (!m.request_id && m.code === "unauthorized" && !state.open) {
+      setStatus("auth", "sign-in required");
+      showError(m.code, [state.authRefusal, SIGN_IN_HINT].filter(Boolean).join("; "));
+      return;
+    }
     const turn = state.turns.get(m.request_id);
     // A late cancel of a request that already ended is harmless.
     if (m.code === "unknown_request" && turn && turn.view.dataset.state !== "streaming") return;
-    showError(m.code, m.message);
+    showError(m.code, m.message, m.retry_after_s);
     // The server has released the request when it sends its error; a done may still follow.
     if (turn && m.request_id === state.running) finishTurn(turn, "error", `error: ${m.code}`);
   },
@@ -300,7 +349,8 @@ ui.stop.addEventListener("click", () => {
   updateButtons();
 });
 
-ui.reconnect.addEventListener("click", async () => {
+// A new connection and chat session: after a disconnect, or to present a new credential.
+async function reconnect() {
   ui.reconnect.disabled = true;
   ui.disconnect.hidden = true;
   ui.error.hidden = true;
@@ -309,6 +359,20 @@ ui.reconnect.addEventListener("click", async () => {
   }
   await loadModels();
   connect();
+}
+
+ui.reconnect.addEventListener("click", reconnect);
+
+initSignIn({
+  restart() {
+    const old = state.ws;
+    state.ws = null; // its close event is no longer the page's business
+    leaveConnection();
+    updateButtons();
+    old?.close(1000);
+    reconnect();
+  },
+  showError,
 });
 
 for (const input of [...Object.values(samplingInputs), ui.maxNewTokens]) {
