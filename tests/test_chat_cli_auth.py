@@ -14,6 +14,8 @@ from farmesh_ws.chat_cli import (
     run_chat,
 )
 from tests.test_client_auth import KEY, SESSION_TOKEN, error_frame, scripted_gateway
+from tests.test_client_auth_e2e import ALICE_KEY, ALICE_WALLET
+from tests.test_client_auth_e2e import gateway as e2e_gateway
 
 
 def chat_parser() -> argparse.ArgumentParser:
@@ -90,3 +92,25 @@ async def test_a_retry_after_is_shown() -> None:
     assert "error: scripted quota_exceeded (quota_exceeded); try again in 2.5 s\n" in (
         stdout.getvalue()
     )
+
+
+async def test_on_the_real_gateway_the_key_opens_the_chat() -> None:
+    async with e2e_gateway("required") as (url, billed):
+        stdout = io.StringIO()
+        code = await asyncio.to_thread(
+            run_chat, url, max_new_tokens=4, token=ALICE_KEY, stdin=io.StringIO("Say hi.\n"),
+            stdout=stdout,
+        )  # fmt: skip
+        assert code == 0, stdout.getvalue()
+        assert "you> ok\n" in stdout.getvalue()
+        assert [wallet for wallet, _ in billed.started] == [ALICE_WALLET]
+
+        stdout = io.StringIO()
+        code = await asyncio.to_thread(
+            run_chat, url, max_new_tokens=4, stdin=io.StringIO("Say hi.\n"), stdout=stdout
+        )
+    assert code == 1
+    error, hint = stdout.getvalue().splitlines()
+    assert error.startswith("error: this gateway requires credentials")
+    assert error.endswith("(unauthorized)")
+    assert hint == UNAUTHORIZED_HINT
