@@ -1,25 +1,41 @@
 """The client's credentials against the real gateway (transport, auth, engine) over the scripted
-mesh (protocol.md §2.1): an API key in the handshake or in an ``auth`` message, refusals as
-their exception classes, anonymous use on a loopback gateway."""
+mesh (protocol.md §2.1): an API key in the handshake or in an ``auth`` message, Sign-In with
+Ethereum with a test-made eth-account key, refusals as their exception classes, anonymous use on
+a loopback gateway."""
 
 import contextlib
+import secrets
+import time
+import warnings
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
+from eth_account import Account
+from eth_account.signers.local import LocalAccount
 
+from farmesh_ws.auth.credentials import Authenticator
 from farmesh_ws.client import (
     FarmeshClient,
+    FarmeshClientError,
     Identity,
     QuotaExceeded,
     Unauthorized,
     WalletMismatch,
 )
+from farmesh_ws.config import Settings
 from farmesh_ws.engine.events import Observer, RequestEvent, RequestStarted
+from farmesh_ws.errors import Unauthorized as UnauthorizedError
 from farmesh_ws.ledger.keys import KeyPrincipal
-from farmesh_ws.mesh.fake import FakeBackend
+from farmesh_ws.mesh.fake import FAKE_MODEL_ID, FakeBackend
+from farmesh_ws.mesh.status import MeshStatusCache
+from farmesh_ws.metrics import Metrics
 from farmesh_ws.transport.ws import GatewayServer
-from tests.transport.support import fake_gateway
+
+with warnings.catch_warnings():  # siwe imports web3, which imports websockets.legacy
+    warnings.simplefilter("ignore", DeprecationWarning)
+    from siwe import SiweMessage, VerificationError
 
 ALICE_KEY = "fmk_fk_a11ce0000000a11ce_" + "A" * 43
 ALICE_WALLET = "0xAb5801a7D398351b8bE11C439e05C5B3259aeC9B"
@@ -37,16 +53,97 @@ class Billed(Observer):
             self.started.append((event.context.wallet, event.context.principal_id))
 
 
+@dataclass(frozen=True)
+class Grant:
+    nonce: str
+    expires_at: float
+    domain: str
+    uri: str
+    chain_id: int
+    statement: str
+
+
+@dataclass(frozen=True)
+class SignedIn:
+    token: str
+    wallet: str
+    expires_at: float
+
+
+class SiweStandIn:
+    """The gateway's Sign-In with Ethereum for these tests, until farmesh_ws.auth.siwe lands:
+    single-use nonces, EIP-4361 messages verified by ``siwe`` (EIP-191 recovery, domain,
+    nonce, validity times), session tokens. It plugs into the gateway's own interfaces
+    (``NonceIssuer``, ``SiweSignIn``, ``SessionTokens``)."""
+
+    STATEMENT = "Sign in to the Far Mesh gateway."
+
+    def __init__(self) -> None:
+        self.nonces: set[str] = set()
+        self.sessions: dict[str, SignedIn] = {}
+        self.messages: list[SiweMessage] = []
+
+    async def issue_nonce(self, *, domain: str, uri: str) -> Grant:
+        nonce = secrets.token_hex(8)
+        self.nonces.add(nonce)
+        return Grant(nonce, time.time() + 300, domain, uri, 1, self.STATEMENT)
+
+    async def sign_in(self, message: str, signature: str, *, domain: str) -> SignedIn:
+        try:
+            parsed = SiweMessage.from_message(message)
+            if parsed.nonce not in self.nonces or parsed.expiration_time is None:
+                raise UnauthorizedError("unknown nonce, or no Expiration Time")
+            self.nonces.remove(parsed.nonce)
+            parsed.verify(signature, domain=domain, nonce=parsed.nonce)
+        except (ValueError, VerificationError) as exc:
+            raise UnauthorizedError(f"sign-in refused: {type(exc).__name__}") from None
+        self.messages.append(parsed)
+        token = "fms_" + secrets.token_urlsafe(32)
+        self.sessions[token] = SignedIn(token, parsed.address, time.time() + 3600)
+        return self.sessions[token]
+
+    async def authenticate_token(self, token: str) -> tuple[str, float] | None:
+        session = self.sessions.get(token)
+        return None if session is None else (session.wallet, session.expires_at)
+
+
 @contextlib.asynccontextmanager
-async def gateway(mode: str, **overrides: Any) -> AsyncIterator[tuple[str, Billed]]:
-    billed = Billed()
-    server: GatewayServer = await fake_gateway(
-        FakeBackend(reply="ok"), keys=KEYS, observers=[billed], auth=mode, **overrides
-    )
+async def siwe_gateway(
+    mode: str, *, reply: str = "ok", **overrides: Any
+) -> AsyncIterator[tuple[GatewayServer, SiweStandIn, Billed]]:
+    """The real gateway over the scripted mesh, with :data:`KEYS` and :class:`SiweStandIn`."""
+    settings = Settings(port=0, default_model_id=FAKE_MODEL_ID, auth=mode, **overrides)
+    backend = FakeBackend(reply=reply)
+    status = MeshStatusCache(backend.model_ids, backend.coverage, refresh_s=60)
+    await status.refresh()
+    siwe, billed = SiweStandIn(), Billed()
+
+    async def verify(presented_key: str) -> KeyPrincipal | None:
+        return KEYS.get(presented_key)
+
+    authenticator = Authenticator(settings, keys=verify, sessions=siwe, siwe=siwe)
+    server = GatewayServer(
+        settings, backend, status, Metrics(), observers=[billed], authenticator=authenticator,
+        nonces=siwe,
+    )  # fmt: skip
+    await server.start()
     try:
-        yield f"ws://127.0.0.1:{server.port}/ws", billed
+        yield server, siwe, billed
     finally:
         await server.shutdown()
+
+
+@contextlib.asynccontextmanager
+async def gateway(mode: str, **overrides: Any) -> AsyncIterator[tuple[str, Billed]]:
+    async with siwe_gateway(mode, **overrides) as (server, _, billed):
+        yield f"ws://127.0.0.1:{server.port}/ws", billed
+
+
+@pytest.fixture
+def account() -> LocalAccount:
+    """A throwaway wallet key, made for this test."""
+    made: LocalAccount = Account.create()
+    return made
 
 
 async def test_a_key_in_the_handshake() -> None:
@@ -94,3 +191,34 @@ async def test_anonymous_use_and_its_refusals() -> None:
     assert "free quota" in spent.value.message
     assert crowded.value.message.endswith(f"(HTTP 429 from {url})")
     assert billed.started == []
+
+
+async def test_sign_in_with_ethereum_then_the_session_token(account: LocalAccount) -> None:
+    async with siwe_gateway("required") as (server, siwe, billed):
+        url = f"ws://127.0.0.1:{server.port}/ws"
+        async with FarmeshClient.connect(url) as client:
+            identity = await client.sign_in_with_ethereum(account)
+            assert (await (await client.open_chat()).ask("hi")).text == "ok"
+        assert identity.principal == f"wallet:{account.address}"
+        assert identity.wallet == account.address
+        assert identity.token is not None
+        assert identity.token.startswith("fms_")
+        assert identity.expires_at == pytest.approx(time.time() + 3600, abs=60)
+        (signed,) = siwe.messages
+        assert (signed.domain, signed.uri) == (
+            f"127.0.0.1:{server.port}",
+            f"http://{signed.domain}/",
+        )
+
+        # The token serves later connections, in the handshake or as the auth message.
+        async with FarmeshClient.connect(url, token=identity.token) as client:
+            assert (await (await client.open_chat()).ask("hi")).text == "ok"
+        async with FarmeshClient.connect(url) as client:
+            assert await client.authenticate(identity.token) == Identity(
+                f"wallet:{account.address}", account.address
+            )
+            # A second sign-in on an authenticated connection is refused by the gateway.
+            with pytest.raises(FarmeshClientError) as again:
+                await client.sign_in_with_ethereum(account)
+            assert again.value.code == "invalid_request"
+    assert [wallet for wallet, _ in billed.started] == [account.address] * 2
