@@ -141,7 +141,8 @@ class FarmeshClient:
         )
         opened = await self._control_request(message)
         if not isinstance(opened, p.Opened):
-            raise FarmeshClientError("protocol_error", f"expected 'opened', got {opened!r}")
+            kind = str(type(opened).__struct_config__.tag)  # not the frame: it may hold a token
+            raise FarmeshClientError("protocol_error", f"expected 'opened', got {kind!r}")
         try:
             info = ChatInfo(
                 session_id=opened.session_id,
