@@ -1,9 +1,11 @@
 """Caps per principal and the mesh's attention-cache reservations (protocol.md §9).
 
 Counted in this process, keyed by :attr:`~farmesh_ws.core.principal.Principal.quota_key` (the
-API key or signed wallet; the hashed client address for anonymous use): connections, running
+API key or signed wallet; the hashed client address without credentials): connections, running
 requests, open sessions, and reserved context tokens, the sum of ``max_length`` over the
 principal's sessions and one-shot requests (a one-shot reserves prompt + ``max_new_tokens``).
+Anonymous use has the ``anonymous_*`` caps; every other principal, ``auth = off`` included (its
+clients may all come through one trusted proxy), has the ``*_per_principal`` ones.
 
 Reservations are also held against the mesh. Petals servers allocate a session's attention
 cache for its whole ``max_length`` when its first step arrives and announce what is left as
@@ -21,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from farmesh_ws.config import Settings
-from farmesh_ws.core.principal import Principal
+from farmesh_ws.core.principal import Principal, PrincipalKind
 from farmesh_ws.errors import QuotaExceeded
 
 
@@ -90,7 +92,7 @@ class Quotas:
 
     def caps(self, principal: Principal) -> Caps:
         s = self._settings
-        if principal.anonymous:
+        if principal.kind is PrincipalKind.ANONYMOUS:
             return Caps(
                 s.anonymous_max_connections,
                 s.anonymous_max_requests,

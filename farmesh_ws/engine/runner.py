@@ -25,6 +25,7 @@ from typing import Protocol
 
 from farmesh_ws.config import Settings
 from farmesh_ws.core.money import far_text
+from farmesh_ws.core.principal import PrincipalKind
 from farmesh_ws.core.settlement import Settlement
 from farmesh_ws.core.types import ChatMessage, SamplingOverrides, SamplingParams, TokenEvent
 from farmesh_ws.engine.allowances import BalanceHolds, FreeTokens
@@ -280,7 +281,7 @@ class RequestRunner:
         settings = self._settings
         per_minute = (
             settings.anonymous_requests_per_minute
-            if principal.anonymous
+            if principal.kind is PrincipalKind.ANONYMOUS
             else settings.requests_per_minute
         )
         decision = await self._store.take_tokens(

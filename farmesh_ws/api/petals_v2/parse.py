@@ -54,7 +54,8 @@ class GenerateRequest:
 
 
 def decode_request(frame: str | bytes, *expected_types: str) -> dict[str, Any]:
-    """Parse one frame as a JSON object of one of ``expected_types``."""
+    """Parse one frame as a JSON object of one of ``expected_types`` (an optional ``auth``
+    may come before the due one)."""
     try:
         request = json.loads(frame)
     except (ValueError, RecursionError):
@@ -62,9 +63,8 @@ def decode_request(frame: str | bytes, *expected_types: str) -> dict[str, Any]:
     if not isinstance(request, dict):
         raise InvalidRequest("a request must be a JSON object")
     kind = request.get("type")
-    if kind not in expected_types:
-        wanted = " or ".join(repr(name) for name in expected_types)
-        raise InvalidRequest(f"expected a request of type {wanted}, got {kind!r}")
+    if kind not in expected_types:  # the last expected type is the one the client is due
+        raise InvalidRequest(f"expected a request of type {expected_types[-1]!r}, got {kind!r}")
     return request
 
 
