@@ -13,6 +13,7 @@ from farmesh_ws.auth.connection import ConnectionIdentity
 from farmesh_ws.auth.credentials import Authenticator
 from farmesh_ws.config import Settings
 from farmesh_ws.core.principal import Principal
+from farmesh_ws.engine.allowances import BalanceHolds
 from farmesh_ws.engine.engine import Engine
 from farmesh_ws.engine.events import Observer, RequestEvent, RequestFinished, RequestStarted
 from farmesh_ws.mesh.fake import FAKE_MODEL_ID, FakeBackend
@@ -73,6 +74,7 @@ def harness(
     principal: Principal | None = None,
     address: str = "127.0.0.1",
     engine: Engine | None = None,
+    holds: BalanceHolds | None = None,
     **overrides: Any,
 ) -> Harness:
     """A v1 session on ``engine`` (a new one by default) for ``principal`` (default: what a
@@ -87,6 +89,7 @@ def harness(
         backend=backend,
         registry=SessionRegistry(MemoryStateStore()),
         observer=recorder,
+        holds=holds,
     )
     authenticator = Authenticator(settings)
     if principal is None:
