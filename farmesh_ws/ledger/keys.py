@@ -22,8 +22,9 @@ hash is right for a random 256-bit token, and a slow salted password hash would 
 
 A fast hash also keeps :func:`authenticate` to one primary-key lookup plus one digest per request.
 
-Per-key quotas are not stored yet: turns are billed to a wallet, not to a key, so a quota column
-would have no meaning until the handshake records which key opened a session.
+Per-key quotas are not stored: turns are billed to a wallet, not to a key. Which key opened a
+session is recorded (``inference_sessions.principal``, ``key:<key id>``), so a wallet's charges
+can be listed by key (``balances.charges``, ``farmesh-ws ledger charges``).
 
 Errors: a bad wallet, name or key id raises :class:`KeyRequestError` (an unknown key id,
 :class:`UnknownKey`); a database failure raises :class:`LedgerUnavailable`.

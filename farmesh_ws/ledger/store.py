@@ -100,7 +100,7 @@ class SessionSummary:
     client_address_hash: str | None
 
 
-async def settle_hold_in(database: Any, hold_id: str, charged_e8: int, now: float) -> bool:
+async def settle_hold_in(database: Database, hold_id: str, charged_e8: int, now: float) -> bool:
     """Settle hold ``hold_id`` for ``charged_e8`` (clamped to the hold) inside the caller's
     transaction: the hold is marked settled, the wallet's balance drops by the charge and its
     held amount by the whole hold. Returns False, changing nothing, if the hold is unknown or

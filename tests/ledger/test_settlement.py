@@ -18,7 +18,7 @@ from farmesh_ws.engine.events import RequestContext, RequestFinished, TokensDeli
 from farmesh_ws.ledger.balances import BalanceInfo, balances, credit, settle_hold, take_hold
 from farmesh_ws.ledger.checkpoints import TurnCheckpoints
 from farmesh_ws.ledger.observer import LedgerObserver, recover_interrupted_turns
-from farmesh_ws.ledger.records import turn_record
+from farmesh_ws.ledger.records import TurnRecord, turn_record
 from farmesh_ws.ledger.store import Ledger
 from farmesh_ws.ledger.writer import LedgerWriter
 
@@ -234,3 +234,14 @@ async def test_a_spooled_turn_settles_its_hold_once_when_replayed(tmp_path: Path
     assert await _balance(writer.ledger) == BalanceInfo("wallet-a", D("0.9995"), D(0), D("0.9995"))
     assert await writer.ledger.turn_count() == 1
     await writer.aclose()
+
+
+def test_records_spooled_before_holds_existed_still_load() -> None:
+    line = turn_record(_finished(_context("r1"), "0.0005"), ended_at=NOW).to_json()
+    assert line["hold_id"] == "s1:r1"
+    old = {
+        k: v for k, v in line.items() if k not in ("principal", "client_address_hash", "hold_id")
+    }
+    record = TurnRecord.from_json(old)
+    assert (record.principal, record.client_address_hash, record.hold_id) == (None, None, None)
+    assert record.cost_far_e8 == 50_000
