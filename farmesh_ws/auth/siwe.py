@@ -48,6 +48,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from eth_keys.exceptions import BadSignature
+
 from farmesh_ws.config import Settings
 from farmesh_ws.errors import AuthUnavailable, Unauthorized
 from farmesh_ws.state.base import StateStore
@@ -152,7 +154,7 @@ class SiweAuth:
                 nonce=parsed.nonce,
                 timestamp=datetime.fromtimestamp(now, UTC),
             )
-        except siwe.VerificationError:
+        except (siwe.VerificationError, BadSignature):  # BadSignature: no key recovers from it
             raise Unauthorized("the signature is not the message's address's") from None
         expires_at = min(now + self._settings.siwe_session_ttl_s, expires_at)
         token = TOKEN_PREFIX + secrets.token_urlsafe(32)
@@ -206,7 +208,7 @@ def _check_times(parsed: Any, now: float) -> float:
     expires_at = _unix(parsed.expiration_time)
     if expires_at <= now:
         raise Unauthorized("the sign-in message has expired")
-    if parsed.not_before is not None and _unix(parsed.not_before) > now:
+    if parsed.not_before is not None and _unix(parsed.not_before) >= now:
         raise Unauthorized("the sign-in message is not valid yet (Not Before)")
     if _unix(parsed.issued_at) > now + CLOCK_SKEW_S:
         raise Unauthorized("the sign-in message's Issued At is in the future")

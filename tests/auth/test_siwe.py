@@ -170,6 +170,15 @@ async def test_signed_for_another_address(gateway: Gateway) -> None:
     await refused(gateway, text, attacker.sign(text), "signature is not")
 
 
+@pytest.mark.parametrize(
+    "signature",
+    ["0x" + "00" * 65, "0x" + "ff" * 65, "0x" + "5a" * 64 + "1b", "0x" + "5a" * 64 + "07"],
+)
+async def test_signature_no_key_recovers_from(gateway: Gateway, signature: str) -> None:
+    text, _ = await gateway.signed(Wallet())
+    await refused(gateway, text, signature, "signature is not")
+
+
 @pytest.mark.parametrize("signature", ["", "0x", "0x" + "ab" * 64, "zz" * 66, "0x" + "g" * 130])
 async def test_malformed_signature(gateway: Gateway, signature: str) -> None:
     text, _ = await gateway.signed(Wallet())
