@@ -155,7 +155,7 @@ class SiweAuth:
                 timestamp=datetime.fromtimestamp(now, UTC),
             )
         except (siwe.VerificationError, BadSignature):  # BadSignature: no key recovers from it
-            raise Unauthorized("the signature is not the message's address's") from None
+            raise Unauthorized("the signature does not recover to the message's address") from None
         expires_at = min(now + self._settings.siwe_session_ttl_s, expires_at)
         token = TOKEN_PREFIX + secrets.token_urlsafe(32)
         wallet = str(parsed.address)

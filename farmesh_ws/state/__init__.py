@@ -1,4 +1,5 @@
-"""Gateway state shared between processes: sessions, wallet counters, rate limits.
+"""Gateway state shared between processes: sessions, wallet counters, rate limits, and
+short-lived values (sign-in nonces, session tokens).
 
 :func:`open_state_store` picks the store: Redis when ``REDIS_URL`` is set (several gateway
 processes share it), otherwise this process's memory.
