@@ -14,6 +14,7 @@ if TYPE_CHECKING:
     from farmesh_ws.transport.ws import GatewayServer
 
 from farmesh_ws import __version__
+from farmesh_ws.chat_cli import add_credential_arguments
 from farmesh_ws.home import farmesh_home
 from farmesh_ws.logcontext import LogContextFilter
 
@@ -112,6 +113,7 @@ def _build_parser() -> argparse.ArgumentParser:
         default=None,
         help="nucleus sampling top_p (default: the model's recommendation in /models)",
     )
+    add_credential_arguments(chat)
     chat.set_defaults(handler=_chat)
 
     ledger = commands.add_parser(
@@ -203,7 +205,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _chat(args: argparse.Namespace) -> int:
-    from farmesh_ws.chat_cli import run_chat
+    from farmesh_ws.chat_cli import credential_argument, run_chat
 
     return run_chat(
         args.url,
@@ -211,6 +213,7 @@ def _chat(args: argparse.Namespace) -> int:
         system_prompt=args.system_prompt,
         temperature=args.temperature,
         top_p=args.top_p,
+        token=credential_argument(args),
     )
 
 

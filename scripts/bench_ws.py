@@ -58,7 +58,9 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import AsyncIterator
 from dataclasses import replace
+from decimal import Decimal
 from functools import partial
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -71,10 +73,17 @@ from websockets.exceptions import ConnectionClosed
 
 from farmesh_ws import protocol as p
 from farmesh_ws.api.v1 import V1Session
+from farmesh_ws.auth.connection import ConnectionIdentity
+from farmesh_ws.auth.credentials import Authenticator
 from farmesh_ws.config import Settings
+from farmesh_ws.core.principal import Principal, PrincipalKind
 from farmesh_ws.engine.engine import Engine
 from farmesh_ws.engine.events import Observer
-from farmesh_ws.gateway import tune_gc_for_serving
+from farmesh_ws.gateway import LedgerHolds, tune_gc_for_serving
+from farmesh_ws.ledger import balances
+from farmesh_ws.ledger.keys import KeyPrincipal, authenticate, create_key
+from farmesh_ws.ledger.store import Ledger
+from farmesh_ws.ledger.writer import LedgerWriter
 from farmesh_ws.mesh.status import MeshStatusCache
 from farmesh_ws.mesh.synthetic import SYNTHETIC_MODEL_ID, SyntheticBackend, SyntheticConfig
 from farmesh_ws.metrics import Metrics
@@ -88,7 +97,14 @@ MAX_OTHERS_CPU_PCT = 20.0
 OPEN = '{"type":"open"}'
 TOKEN_PREFIX, DONE_PREFIX = '{"type":"token"', '{"type":"done"'
 E2E_PROMPT = "Write a long story about a lighthouse keeper."
-TARGETS = {"frames_ratio": 0.8, "p99_ms": 50.0, "idle_10k_mib": 1024.0, "e2e_ratio": 0.97}
+TARGETS = {
+    "frames_ratio": 0.8,
+    "auth_ratio": 0.98,
+    "p99_ms": 50.0,
+    "idle_10k_mib": 1024.0,
+    "e2e_ratio": 0.97,
+}
+BENCH_WALLET = "0x52908400098527886E0F7030069857D2E4169EE7"
 
 
 def turn_frame(tokens: int, request_id: str = "t1", text: str = "Tell me a story.") -> str:
@@ -100,7 +116,10 @@ def turn_frame(tokens: int, request_id: str = "t1", text: str = "Tell me a story
 # --- servers (child processes) ---------------------------------------------------------------
 
 
-def gateway_settings(tokens: int) -> Settings:
+def gateway_settings(tokens: int, *, auth: bool = True) -> Settings:
+    """Auth on: every client presents an API key and each turn takes a prepaid hold, as in
+    production; off: ``auth = off``. Caps are raised so that all clients of this one address
+    and key fit: the admission checks still run, none refuses."""
     return replace(
         Settings(port=0),
         default_model_id=SYNTHETIC_MODEL_ID,
@@ -108,7 +127,29 @@ def gateway_settings(tokens: int) -> Settings:
         idle_timeout_s=3600.0,
         shutdown_grace_s=2.0,
         max_new_tokens_limit=max(1024, tokens),
+        auth="required" if auth else "off",
+        max_connections_per_address=20_000,
+        max_pending_auth_per_address=20_000,
+        max_connections_per_principal=20_000,
+        max_requests_per_principal=20_000,
+        max_sessions_per_principal=20_000,
+        max_reserved_tokens_per_principal=10**9,
+        requests_per_minute=1e7,
+        requests_burst=1_000_000,
     )
+
+
+@contextlib.asynccontextmanager
+async def keyed_ledger(folder: Path) -> AsyncIterator[tuple[Ledger, str]]:
+    """A SQLite ledger with one API key and a large prepaid balance for its wallet."""
+    writer = LedgerWriter(Ledger(f"sqlite+aiosqlite:///{folder / 'ledger.db'}"), folder / "spool")
+    await writer.start()
+    try:
+        _, key = await create_key(writer.ledger, BENCH_WALLET, "bench")
+        await balances.credit(writer.ledger, BENCH_WALLET, Decimal(10) ** 9)
+        yield writer.ledger, key
+    finally:
+        await writer.aclose()
 
 
 async def gateway_frames(tokens: int) -> list[str]:
@@ -125,10 +166,18 @@ async def gateway_frames(tokens: int) -> list[str]:
         registry=SessionRegistry(MemoryStateStore()),
         observer=Observer(),
     )
-    session = V1Session(engine, send, client_key="bench")
+    settings = engine.settings
+    identity = ConnectionIdentity(
+        Authenticator(settings),
+        engine.quotas,
+        principal=Principal(PrincipalKind.OPEN, "open", None, "bench"),
+        address="127.0.0.1",
+        domain="bench",
+    )
+    session = V1Session(engine, send, client_key="bench", identity=identity)
     for frame in (OPEN, turn_frame(tokens)):
         await session.handle_frame(frame)
-    running = session.client.running
+    running = session.client.running if session.client is not None else None
     if running is not None and running.task is not None:
         await running.task
     await session.aclose()
@@ -153,21 +202,35 @@ async def bare_handler(frames: list[str], rate: float, ws: ServerConnection) -> 
 async def serve_until_told(kind: str, tokens: int, rate: float, pipe: Connection) -> None:
     stop = asyncio.Event()
     asyncio.get_running_loop().add_reader(pipe.fileno(), stop.set)
-    if kind == "gateway":
-        backend = SyntheticBackend(SyntheticConfig(tokens_per_s=rate))
-        status = MeshStatusCache(backend.model_ids, backend.coverage, refresh_s=60.0)
-        await status.refresh()
-        gateway = GatewayServer(gateway_settings(tokens), backend, status, Metrics())
-        await gateway.start()
-        tune_gc_for_serving()  # as `farmesh-ws serve` does once it is up
-        pipe.send(gateway.port)
-        await stop.wait()
-        await gateway.shutdown()
-        await backend.aclose()
+    if kind.startswith("gateway"):
+        async with contextlib.AsyncExitStack() as stack:
+            backend = SyntheticBackend(SyntheticConfig(tokens_per_s=rate))
+            stack.push_async_callback(backend.aclose)
+            status = MeshStatusCache(backend.model_ids, backend.coverage, refresh_s=60.0)
+            await status.refresh()
+            settings = gateway_settings(tokens, auth=kind == "gateway")
+            key, extra = None, {}
+            if kind == "gateway":
+                folder = Path(stack.enter_context(tempfile.TemporaryDirectory()))
+                ledger, key = await stack.enter_async_context(keyed_ledger(folder))
+
+                async def verify(presented: str) -> KeyPrincipal | None:
+                    return await authenticate(ledger, presented)
+
+                extra = {
+                    "authenticator": Authenticator(settings, keys=verify),
+                    "holds": LedgerHolds(ledger, settings.balance_hold_ttl_s),
+                }
+            gateway = GatewayServer(settings, backend, status, Metrics(), **extra)
+            await gateway.start()
+            stack.push_async_callback(gateway.shutdown)
+            tune_gc_for_serving()  # as `farmesh-ws serve` does once it is up
+            pipe.send((gateway.port, key))
+            await stop.wait()
     else:
         handler = partial(bare_handler, await gateway_frames(tokens), rate)
         async with serve(handler, "127.0.0.1", 0) as server:
-            pipe.send(next(iter(server.sockets)).getsockname()[1])
+            pipe.send((next(iter(server.sockets)).getsockname()[1], None))
             await stop.wait()
 
 
@@ -190,7 +253,9 @@ class ServerChild:
         self.process.start()
         if not self._pipe.poll(60):
             raise RuntimeError(f"the {kind} server did not start in 60 s")
-        self.url = f"ws://127.0.0.1:{self._pipe.recv()}/ws"
+        port, key = self._pipe.recv()
+        self.url = f"ws://127.0.0.1:{port}/ws"
+        self.headers = None if key is None else {"Authorization": f"Bearer {key}"}
         self.ps = psutil.Process(self.process.pid)
 
     def close(self) -> None:
@@ -224,11 +289,18 @@ class CpuMeter:
 # --- clients (this process) --------------------------------------------------------------------
 
 
-async def open_session(url: str, gate: asyncio.Semaphore, args: argparse.Namespace) -> Any:
+async def open_session(
+    server: "ServerChild", gate: asyncio.Semaphore, args: argparse.Namespace
+) -> Any:
     compression = None if args.compression == "none" else "deflate"
     async with gate:
         ws = await connect(
-            url, proxy=None, compression=compression, open_timeout=60, ping_interval=None
+            server.url,
+            proxy=None,
+            compression=compression,
+            open_timeout=60,
+            ping_interval=None,
+            additional_headers=server.headers,
         )
         await ws.send(OPEN)
         opened = await asyncio.wait_for(ws.recv(), 60)
@@ -287,7 +359,7 @@ async def streaming(kind: str, args: argparse.Namespace, seed: int) -> dict[str,
     sockets: list[ClientConnection] = []
     try:
         gate = asyncio.Semaphore(HANDSHAKES_IN_FLIGHT)
-        opens = [open_session(server.url, gate, args) for _ in range(args.clients)]
+        opens = [open_session(server, gate, args) for _ in range(args.clients)]
         sockets = await asyncio.wait_for(asyncio.gather(*opens), 300)
         rng = random.Random(seed)
         cpu, released = CpuMeter(server.ps), time.perf_counter()
@@ -325,14 +397,14 @@ async def idle_sessions(args: argparse.Namespace) -> dict[str, Any]:
     steps: list[tuple[int, float]] = []
     error: str | None = None
     try:
-        warm_up = [open_session(server.url, gate, args) for _ in range(20)]
+        warm_up = [open_session(server, gate, args) for _ in range(20)]
         await close_all(await asyncio.gather(*warm_up))
         await asyncio.sleep(1.0)
         base = server.ps.memory_info().rss / MIB
         started = time.perf_counter()
         while len(sockets) < args.idle and error is None:
             batch = min(args.idle_step, args.idle - len(sockets))
-            opens = [open_session(server.url, gate, args) for _ in range(batch)]
+            opens = [open_session(server, gate, args) for _ in range(batch)]
             results = await asyncio.wait_for(asyncio.gather(*opens, return_exceptions=True), 300)
             sockets += [ws for ws in results if isinstance(ws, ClientConnection)]
             failures = [exc for exc in results if isinstance(exc, BaseException)]
@@ -480,19 +552,23 @@ def arm_watchdog(timeout_s: float) -> threading.Timer:
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
-    rounds: dict[str, list[dict[str, Any]]] = {"gateway": [], "bare": []}
+    kinds = ("gateway", "gateway_noauth", "bare")
+    rounds: dict[str, list[dict[str, Any]]] = {kind: [] for kind in kinds}
     for index in range(args.rounds):
-        for kind in ("gateway", "bare") if index % 2 == 0 else ("bare", "gateway"):
+        for kind in kinds[index % 3 :] + kinds[: index % 3]:
             for attempt in range(1, 4):  # a round other processes disturbed is run again
                 result = {**await streaming(kind, args, seed=index), "attempts": attempt}
                 if result["others_cpu_pct"] <= MAX_OTHERS_CPU_PCT:
                     break
             rounds[kind].append(result)
     gateway, bare = medians(rounds["gateway"]), medians(rounds["bare"])
+    noauth = medians(rounds["gateway_noauth"])
     return {
         "gateway": gateway,
+        "gateway_noauth": noauth,
         "bare": bare,
         "frames_ratio": round(gateway["frames_per_s"] / bare["frames_per_s"], 3),
+        "auth_ratio": round(gateway["frames_per_s"] / noauth["frames_per_s"], 3),
         "idle": await idle_sessions(args) if args.idle > 0 else None,
         "e2e": None if args.skip_e2e else await end_to_end(args),
     }
@@ -504,15 +580,16 @@ def print_table(report: dict[str, Any], args: argparse.Namespace) -> None:
         f"\nStreaming: {args.clients} clients x {args.tokens} tokens at {args.rate:g} tokens/s "
         f"(offered {args.clients * args.rate:.0f} frames/s); medians of {args.rounds} rounds"
     )
-    line = "{:<9}{:>10}{:>9}{:>9}{:>9}{:>12}{:>10}  {}"
+    line = "{:<15}{:>10}{:>9}{:>9}{:>9}{:>12}{:>10}  {}"
     titles = ("frames/s", "p50 ms", "p99 ms", "max ms", "jitter p99", "complete")
     print(line.format("server", *titles, "CPU% server/client/others"))
-    for name in ("gateway", "bare"):
+    for name in ("gateway", "gateway_noauth", "bare"):
         row = report[name]
         keys = ("frames_per_s", "p50_ms", "p99_ms", "max_ms", "jitter_p99_ms", "complete")
         cpu = "/".join(f"{row[k + '_cpu_pct']:.0f}" for k in ("server", "client", "others"))
         print(line.format(name, *(row[k] for k in keys), cpu))
     print(f"ratio gateway/bare frames/s: {report['frames_ratio']}")
+    print(f"ratio auth and admission on/off (gateway/gateway_noauth): {report['auth_ratio']}")
     if idle := report["idle"]:
         print(
             f"\nIdle sessions: {idle['reached']}/{idle['requested']} opened in {idle['open_s']} s;"
@@ -567,6 +644,7 @@ def main() -> int:
     idle, e2e = report["idle"], report["e2e"]
     report["targets"] = {
         "frames_ratio": report["frames_ratio"] >= TARGETS["frames_ratio"],
+        "auth_ratio": report["auth_ratio"] >= TARGETS["auth_ratio"],
         "gateway_p99": report["gateway"]["p99_ms"] <= TARGETS["p99_ms"],
         "idle_10k": None
         if not idle or idle["error"] or idle["reached"] < 10_000

@@ -234,11 +234,14 @@ class RequestRunner:
         if self._holds is None or context.wallet is None:
             return None
         prices = self._settings.prices
+        maximum = prices.cost(prompt_tokens, sampling.max_new_tokens)
+        if maximum <= 0:  # a free mesh: nothing to hold
+            return None
         return await self._holds.take(
             wallet=context.wallet,
             hold_id=context.hold_id,
-            minimum=prices.cost(prompt_tokens, 1),
-            maximum=prices.cost(prompt_tokens, sampling.max_new_tokens),
+            minimum=min(prices.cost(prompt_tokens, 1), maximum),
+            maximum=maximum,
         )
 
     def _tokens(self, spec: RequestSpec, mesh: MeshSession) -> list[int]:

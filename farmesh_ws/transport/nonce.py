@@ -2,18 +2,26 @@
 
 Answers ``{"nonce","expires_at","domain","uri","chain_id","statement"}`` with a fresh
 single-use nonce; the domain is ``siwe_domain`` when configured, else the request's ``Host``
-(EIP-4361 "Verifying a signed message": the domain must be the relying party's own).
-404 ``not_found`` when sign-in is not enabled, 503 ``auth_unavailable`` when the state store
-cannot keep the nonce.
+(EIP-4361 "Verifying a signed message": the domain must be the relying party's own). With
+``?address=0x…`` (40 hex digits in any case) it also answers ``address``, the EIP-55 form a
+message must carry (wallets answer in lower case; eth-utils computes the checksum, so a page
+needs no Keccak of its own). 400 ``invalid_address`` for another ``address``, 404
+``not_found`` when sign-in is not enabled, 503 ``auth_unavailable`` when the state store cannot
+keep the nonce.
 """
 
+import re
 from http import HTTPStatus
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
+from urllib.parse import parse_qs, urlsplit
 
+from eth_utils.address import to_checksum_address
 from websockets.http11 import Request
 
 from farmesh_ws.config import Settings
 from farmesh_ws.errors import AuthUnavailable
+
+_HEX_ADDRESS: Final = re.compile(r"0x[0-9a-fA-F]{40}")
 
 
 class NonceGrantLike(Protocol):
@@ -47,7 +55,11 @@ async def nonce_route(
 ) -> tuple[HTTPStatus, dict[str, Any]]:
     """The status and JSON body answering one ``GET /auth/nonce``."""
     if nonces is None:
-        return HTTPStatus.NOT_FOUND, {"error": "not_found", "path": request.path}
+        return HTTPStatus.NOT_FOUND, {"error": "not_found", "path": request.path.split("?")[0]}
+    query = parse_qs(urlsplit(request.path).query)
+    address = query.get("address", [None])[-1]
+    if address is not None and not _HEX_ADDRESS.fullmatch(address):
+        return HTTPStatus.BAD_REQUEST, {"error": "invalid_address"}
     host = request.headers.get("Host") or ""
     domain = settings.siwe_domain or host
     uri = f"https://{domain}/" if settings.siwe_domain else f"http://{host}/"
@@ -55,7 +67,7 @@ async def nonce_route(
         grant = await nonces.issue_nonce(domain=domain, uri=uri)
     except AuthUnavailable as exc:
         return HTTPStatus.SERVICE_UNAVAILABLE, {"error": exc.code, "message": exc.message}
-    return HTTPStatus.OK, {
+    body: dict[str, Any] = {
         "nonce": grant.nonce,
         "expires_at": grant.expires_at,
         "domain": grant.domain,
@@ -63,3 +75,6 @@ async def nonce_route(
         "chain_id": grant.chain_id,
         "statement": grant.statement,
     }
+    if address is not None:
+        body["address"] = to_checksum_address(address)
+    return HTTPStatus.OK, body
