@@ -56,7 +56,8 @@ async def deployment(backend: Any, tmp_path: Path) -> AsyncIterator[Deployment]:
         auth="required",
         price_per_token_far=PRICE,
         price_per_prompt_token_far=PROMPT_PRICE,
-        max_sessions_per_principal=64,
+        max_sessions_per_principal=1000,
+        max_connections_per_principal=1000,
         max_reserved_tokens_per_principal=1_000_000,
     )
 

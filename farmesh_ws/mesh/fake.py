@@ -65,8 +65,9 @@ class FakeBackend:
     open_started: asyncio.Event = field(default_factory=asyncio.Event)
     fail_after: int | None = None
     cache_tokens: int | None = None
-    """Attention cache of each scripted server, in tokens of one session; None: not reported.
-    As on Petals, a session takes its ``max_length`` when its first step runs."""
+    """Attention cache of each scripted server, in tokens of sessions; None: not reported.
+    As on Petals, a session takes its ``max_length`` when its first step runs, and a server
+    announces what is left in Petals' unit (2 per token per block it holds)."""
     sessions: list["FakeSession"] = field(default_factory=list)
 
     async def open_session(self, model_id: str, *, max_length: int) -> "FakeSession":
@@ -83,12 +84,20 @@ class FakeBackend:
 
     async def coverage(self, model_id: str) -> ModelCoverage:
         """Every block served by the scripted peers (for the status cache)."""
-        left = None
+        free = None
         if self.cache_tokens is not None:
             used = sum(s.max_length for s in self.sessions if s.position and not s.closed)
-            left = self.cache_tokens - used
+            free = self.cache_tokens - used
         servers = tuple(
-            ServerSpan(peer, peer, start, end, "ONLINE", 1.0, left)
+            ServerSpan(
+                peer,
+                peer,
+                start,
+                end,
+                "ONLINE",
+                1.0,
+                None if free is None else free * 2 * (end - start),
+            )
             for peer, start, end in self.spans
         )
         return ModelCoverage(model_id, max(end for _, _, end in self.spans), servers, ())

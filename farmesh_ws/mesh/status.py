@@ -27,9 +27,9 @@ class ModelStatus:
     status: str
     checked_at: float
     cache_tokens_left: int | None = None
-    """What one more session could reserve on the best route: for each block, the most any
-    online server holding it has left (Petals' ``cache_tokens_left``), the least over blocks;
-    None while unknown or when a server does not report it."""
+    """The longest session (in tokens) the best route could still hold: for each block, the
+    most any online server holding it could give one more session, the least over blocks
+    (:func:`route_cache_tokens_left`). None while unknown or not reported."""
 
 
 def status_of(model_id: str, coverage: ModelCoverage, checked_at: float) -> ModelStatus:
@@ -52,15 +52,24 @@ def status_of(model_id: str, coverage: ModelCoverage, checked_at: float) -> Mode
 
 
 def route_cache_tokens_left(coverage: ModelCoverage) -> int | None:
-    """See :attr:`ModelStatus.cache_tokens_left`; 0 when some block has no online server."""
+    """See :attr:`ModelStatus.cache_tokens_left`; 0 when some block has no online server.
+
+    Petals servers announce ``cache_tokens_left`` as their free cache bytes over
+    ``hidden_size * dtype_bytes / num_key_value_groups`` (petals/server/server.py,
+    ModuleAnnouncerThread), which is half of what one token takes in one block: a session of
+    ``max_length`` L allocates keys and values of that size for each of the server's B blocks
+    (petals/server/backend.py, ``get_inference_cache_descriptors``), 2 * B * L units in all.
+    So a server has room for a session of ``cache_tokens_left // (2 * B)`` tokens.
+    """
     online = [span for span in coverage.servers if span.state == "ONLINE"]
     if coverage.num_blocks <= 0 or any(s.cache_tokens_left is None for s in online):
         return None
     best = [0] * coverage.num_blocks
     for span in online:
-        left = span.cache_tokens_left or 0
+        blocks = max(span.end - span.start, 1)
+        room = (span.cache_tokens_left or 0) // (2 * blocks)
         for block in range(max(span.start, 0), min(span.end, coverage.num_blocks)):
-            best[block] = max(best[block], left)
+            best[block] = max(best[block], room)
     return min(best)
 
 
