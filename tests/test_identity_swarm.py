@@ -142,3 +142,23 @@ async def test_sessions_past_the_mesh_attention_cache_are_refused(
     finally:
         for ws in held:
             await ws.close()
+
+
+async def test_the_chat_petals_dev_path_is_paid_from_the_balance_too(
+    deployment: Deployment,
+) -> None:
+    url = ws_url(deployment.server).replace("/ws", "/api/v2/generate")
+    async with connect(url, additional_headers=_auth(deployment.key)) as ws:
+        await send(ws, {"type": "open_inference_session", "max_length": 128})
+        assert await receive(ws) == {"ok": True}
+        await send(ws, {"type": "generate", "inputs": "The sea is", "max_new_tokens": 4})
+        assert (await receive(ws))["ok"] is True
+    await deployment.writer.flush()
+    spent = await deployment.ledger.database.fetch_val("SELECT SUM(cost_far_e8) FROM turns")
+    assert spent > 0
+    [info] = await balances.balances(deployment.ledger, WALLET)
+    assert (info.balance, info.held) == (Decimal("1") - Decimal(spent) / 10**8, Decimal(0))
+    principal = await deployment.ledger.database.fetch_val(
+        "SELECT principal FROM inference_sessions"
+    )
+    assert principal.startswith("key:fk_")

@@ -1,6 +1,7 @@
 """A person's session in the real `wscat` (from npm): connect, open, two turns, cancel."""
 
 import asyncio
+import contextlib
 import json
 import os
 import pty
@@ -13,8 +14,11 @@ from typing import Any
 
 import pytest
 
+from farmesh_ws.ledger.keys import KeyPrincipal
+from farmesh_ws.mesh.fake import FakeBackend
 from farmesh_ws.transport.ws import GatewayServer
 from tests.helpers import ws_url
+from tests.transport.support import fake_gateway
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 WSCAT = Path(__file__).resolve().parents[1] / "node_modules" / ".bin" / "wscat"
@@ -66,23 +70,31 @@ class Wscat:
                 return messages
 
 
-@pytest.fixture
-def wscat(gateway: GatewayServer) -> Iterator[Wscat]:
+@contextlib.contextmanager
+def running_wscat(url: str, *options: str) -> Iterator[Wscat]:
     executable = str(WSCAT) if WSCAT.exists() else shutil.which("wscat")
     assert executable, "wscat is not installed: run scripts/bootstrap (npm install)"
     terminal, child_side = pty.openpty()
     process = subprocess.Popen(
-        [executable, "--no-color", "-c", ws_url(gateway)],
+        [executable, "--no-color", *options, "-c", url],
         stdin=child_side,
         stdout=child_side,
         stderr=child_side,
         start_new_session=True,
     )
     os.close(child_side)
-    yield Wscat(process, terminal)
-    process.kill()
-    process.wait()
-    os.close(terminal)
+    try:
+        yield Wscat(process, terminal)
+    finally:
+        process.kill()
+        process.wait()
+        os.close(terminal)
+
+
+@pytest.fixture
+def wscat(gateway: GatewayServer) -> Iterator[Wscat]:
+    with running_wscat(ws_url(gateway)) as typing:
+        yield typing
 
 
 async def test_two_turn_chat_and_cancel_in_wscat(wscat: Wscat, golden: dict[str, Any]) -> None:
@@ -124,3 +136,27 @@ async def test_two_turn_chat_and_cancel_in_wscat(wscat: Wscat, golden: dict[str,
 
     await wscat.type({"type": "close"})
     assert (await wscat.read())["type"] == "closed"
+
+
+KEY = "fmk_wscat"
+
+
+async def test_wscat_authenticates_with_a_header_where_keys_are_required() -> None:
+    """protocol.md §2.1 as README shows it: ``wscat -H "Authorization: Bearer fmk_…"``."""
+    keys = {KEY: KeyPrincipal(key_id="fk_wscat", wallet="0xwscat", name=None)}
+    server = await fake_gateway(FakeBackend(reply="Hi"), keys=keys, auth="required")
+    try:
+        with running_wscat(ws_url(server), "-H", f"Authorization: Bearer {KEY}") as keyed:
+            await keyed.connected()
+            await keyed.type({"type": "open"})
+            assert (await keyed.read())["type"] == "opened"
+            await keyed.type({"type": "turn", "request_id": "1", "text": "hello"})
+            frames = await keyed.read_until("contribution")
+            assert "".join(f["token"] for f in frames if f["type"] == "token") == "Hi"
+        with running_wscat(ws_url(server)) as anonymous:
+            await anonymous.connected()
+            await anonymous.type({"type": "open"})
+            refused = await anonymous.read()
+            assert (refused["type"], refused["code"]) == ("error", "unauthorized")
+    finally:
+        await server.shutdown()
