@@ -5,12 +5,15 @@ from dataclasses import replace
 from typing import Any
 
 from farmesh_ws.auth.credentials import Authenticator
+from farmesh_ws.auth.siwe import SiweAuth
 from farmesh_ws.config import Settings
 from farmesh_ws.engine.events import Observer
 from farmesh_ws.ledger.keys import KeyPrincipal
 from farmesh_ws.mesh.fake import FAKE_MODEL_ID, FakeBackend
 from farmesh_ws.mesh.status import MeshStatusCache
 from farmesh_ws.metrics import Metrics
+from farmesh_ws.state.memory import MemoryStateStore
+from farmesh_ws.state.registry import SessionRegistry
 from farmesh_ws.transport.ws import GatewayServer
 
 
@@ -19,10 +22,13 @@ async def fake_gateway(
     *,
     observers: Sequence[Observer] = (),
     keys: Mapping[str, KeyPrincipal] | None = None,
+    siwe: bool = False,
     **overrides: Any,
 ) -> GatewayServer:
     """A gateway on ``backend``; ``keys`` maps API keys to their principals (the ledger's key
-    store is tested on its own). ``auth`` defaults to ``off`` (wallet claims billed as named)."""
+    store is tested on its own). With ``siwe``, Sign-In with Ethereum (``/auth/nonce``, signed
+    messages, session tokens) is the real :class:`SiweAuth` over the gateway's state store, as
+    ``serve`` wires it. ``auth`` defaults to ``off`` (wallet claims billed as named)."""
     overrides.setdefault("auth", "off")
     settings = replace(Settings(port=0, default_model_id=FAKE_MODEL_ID), **overrides)
     status = MeshStatusCache(backend.model_ids, backend.coverage, refresh_s=60)
@@ -32,13 +38,17 @@ async def fake_gateway(
     async def verify(presented_key: str) -> KeyPrincipal | None:
         return known.get(presented_key)
 
+    store = MemoryStateStore()
+    sign_in = SiweAuth(store, settings) if siwe else None
     server = GatewayServer(
         settings,
         backend,
         status,
         Metrics(),
         observers=observers,
-        authenticator=Authenticator(settings, keys=verify),
+        registry=SessionRegistry(store),
+        authenticator=Authenticator(settings, keys=verify, sessions=sign_in, siwe=sign_in),
+        nonces=sign_in,
     )
     await server.start()
     return server
