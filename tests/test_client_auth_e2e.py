@@ -4,18 +4,16 @@ Ethereum with a test-made eth-account key, refusals as their exception classes, 
 a loopback gateway."""
 
 import contextlib
-import secrets
+import json
 import time
-import warnings
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from typing import Any
 
 import pytest
 from eth_account import Account
 from eth_account.signers.local import LocalAccount
 
-from farmesh_ws.auth.credentials import Authenticator
+from farmesh_ws.auth.siwe import STATEMENT
 from farmesh_ws.client import (
     FarmeshClient,
     FarmeshClientError,
@@ -23,19 +21,14 @@ from farmesh_ws.client import (
     QuotaExceeded,
     Unauthorized,
     WalletMismatch,
+    wire,
 )
-from farmesh_ws.config import Settings
 from farmesh_ws.engine.events import Observer, RequestEvent, RequestStarted
-from farmesh_ws.errors import Unauthorized as UnauthorizedError
 from farmesh_ws.ledger.keys import KeyPrincipal
-from farmesh_ws.mesh.fake import FAKE_MODEL_ID, FakeBackend
-from farmesh_ws.mesh.status import MeshStatusCache
-from farmesh_ws.metrics import Metrics
+from farmesh_ws.mesh.fake import FakeBackend
+from farmesh_ws.protocol import ClientMessage
 from farmesh_ws.transport.ws import GatewayServer
-
-with warnings.catch_warnings():  # siwe imports web3, which imports websockets.legacy
-    warnings.simplefilter("ignore", DeprecationWarning)
-    from siwe import SiweMessage, VerificationError
+from tests.transport.support import fake_gateway
 
 ALICE_KEY = "fmk_fk_a11ce0000000a11ce_" + "A" * 43
 ALICE_WALLET = "0xAb5801a7D398351b8bE11C439e05C5B3259aeC9B"
@@ -53,89 +46,40 @@ class Billed(Observer):
             self.started.append((event.context.wallet, event.context.principal_id))
 
 
-@dataclass(frozen=True)
-class Grant:
-    nonce: str
-    expires_at: float
-    domain: str
-    uri: str
-    chain_id: int
-    statement: str
-
-
-@dataclass(frozen=True)
-class SignedIn:
-    token: str
-    wallet: str
-    expires_at: float
-
-
-class SiweStandIn:
-    """The gateway's Sign-In with Ethereum for these tests, until farmesh_ws.auth.siwe lands:
-    single-use nonces, EIP-4361 messages verified by ``siwe`` (EIP-191 recovery, domain,
-    nonce, validity times), session tokens. It plugs into the gateway's own interfaces
-    (``NonceIssuer``, ``SiweSignIn``, ``SessionTokens``)."""
-
-    STATEMENT = "Sign in to the Far Mesh gateway."
-
-    def __init__(self) -> None:
-        self.nonces: set[str] = set()
-        self.sessions: dict[str, SignedIn] = {}
-        self.messages: list[SiweMessage] = []
-
-    async def issue_nonce(self, *, domain: str, uri: str) -> Grant:
-        nonce = secrets.token_hex(8)
-        self.nonces.add(nonce)
-        return Grant(nonce, time.time() + 300, domain, uri, 1, self.STATEMENT)
-
-    async def sign_in(self, message: str, signature: str, *, domain: str) -> SignedIn:
-        try:
-            parsed = SiweMessage.from_message(message)
-            if parsed.nonce not in self.nonces or parsed.expiration_time is None:
-                raise UnauthorizedError("unknown nonce, or no Expiration Time")
-            self.nonces.remove(parsed.nonce)
-            parsed.verify(signature, domain=domain, nonce=parsed.nonce)
-        except (ValueError, VerificationError) as exc:
-            raise UnauthorizedError(f"sign-in refused: {type(exc).__name__}") from None
-        self.messages.append(parsed)
-        token = "fms_" + secrets.token_urlsafe(32)
-        self.sessions[token] = SignedIn(token, parsed.address, time.time() + 3600)
-        return self.sessions[token]
-
-    async def authenticate_token(self, token: str) -> tuple[str, float] | None:
-        session = self.sessions.get(token)
-        return None if session is None else (session.wallet, session.expires_at)
-
-
 @contextlib.asynccontextmanager
 async def siwe_gateway(
     mode: str, *, reply: str = "ok", **overrides: Any
-) -> AsyncIterator[tuple[GatewayServer, SiweStandIn, Billed]]:
-    """The real gateway over the scripted mesh, with :data:`KEYS` and :class:`SiweStandIn`."""
-    settings = Settings(port=0, default_model_id=FAKE_MODEL_ID, auth=mode, **overrides)
-    backend = FakeBackend(reply=reply)
-    status = MeshStatusCache(backend.model_ids, backend.coverage, refresh_s=60)
-    await status.refresh()
-    siwe, billed = SiweStandIn(), Billed()
-
-    async def verify(presented_key: str) -> KeyPrincipal | None:
-        return KEYS.get(presented_key)
-
-    authenticator = Authenticator(settings, keys=verify, sessions=siwe, siwe=siwe)
-    server = GatewayServer(
-        settings, backend, status, Metrics(), observers=[billed], authenticator=authenticator,
-        nonces=siwe,
-    )  # fmt: skip
-    await server.start()
+) -> AsyncIterator[tuple[GatewayServer, Billed]]:
+    """The real gateway over the scripted mesh, with :data:`KEYS` and the real Sign-In with
+    Ethereum (:class:`farmesh_ws.auth.siwe.SiweAuth` over its state store)."""
+    billed = Billed()
+    server = await fake_gateway(
+        FakeBackend(reply=reply), observers=[billed], keys=KEYS, siwe=True, auth=mode, **overrides
+    )
     try:
-        yield server, siwe, billed
+        yield server, billed
     finally:
         await server.shutdown()
 
 
+@pytest.fixture
+def sent(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
+    """Every frame the Python client sends, as the gateway receives it."""
+    frames: list[dict[str, Any]] = []
+    encode = wire.encode
+
+    def recording(message: ClientMessage) -> str:
+        frame = encode(message)
+        frames.append(json.loads(frame))
+        return frame
+
+    monkeypatch.setattr(wire, "encode", recording)
+    return frames
+
+
 @contextlib.asynccontextmanager
 async def gateway(mode: str, **overrides: Any) -> AsyncIterator[tuple[str, Billed]]:
-    async with siwe_gateway(mode, **overrides) as (server, _, billed):
+    async with siwe_gateway(mode, **overrides) as (server, billed):
         yield f"ws://127.0.0.1:{server.port}/ws", billed
 
 
@@ -193,9 +137,12 @@ async def test_anonymous_use_and_its_refusals() -> None:
     assert billed.started == []
 
 
-async def test_sign_in_with_ethereum_then_the_session_token(account: LocalAccount) -> None:
-    async with siwe_gateway("required") as (server, siwe, billed):
+async def test_sign_in_with_ethereum_then_the_session_token(
+    account: LocalAccount, sent: list[dict[str, Any]]
+) -> None:
+    async with siwe_gateway("required") as (server, billed):
         url = f"ws://127.0.0.1:{server.port}/ws"
+        domain = f"127.0.0.1:{server.port}"
         async with FarmeshClient.connect(url) as client:
             identity = await client.sign_in_with_ethereum(account)
             assert (await (await client.open_chat()).ask("hi")).text == "ok"
@@ -204,10 +151,13 @@ async def test_sign_in_with_ethereum_then_the_session_token(account: LocalAccoun
         assert identity.token is not None
         assert identity.token.startswith("fms_")
         assert identity.expires_at == pytest.approx(time.time() + 3600, abs=60)
-        (signed,) = siwe.messages
-        assert (signed.domain, signed.uri) == (
-            f"127.0.0.1:{server.port}",
-            f"http://{signed.domain}/",
+        auth = sent[0]  # the connection's first frame
+        assert auth["type"] == "auth"
+        assert auth.get("token") is None
+        # The message the gateway verified: its domain and URI, the gateway's statement.
+        assert auth["siwe"]["message"].startswith(
+            f"{domain} wants you to sign in with your Ethereum account:\n{account.address}\n\n"
+            f"{STATEMENT}\n\nURI: http://{domain}/\nVersion: 1\nChain ID: 1\nNonce: "
         )
 
         # The token serves later connections, in the handshake or as the auth message.

@@ -1,26 +1,12 @@
 // Sign-In with Ethereum in the page (EIP-4361, protocol.md §2.1): the message text made from
-// the gateway's GET /auth/nonce answer, signed by the wallet (EIP-1193 personal_sign).
-
-import { keccak256 } from "./keccak.js";
+// the gateway's GET /auth/nonce answer, signed by the wallet (EIP-1193 personal_sign). The
+// gateway also answers the wallet's address in its EIP-55 checksummed form (wallets usually
+// answer in lower case; a message must carry the checksum), so the page hashes nothing itself.
 
 const VALID_FOR_MS = 3600 * 1000; // the message's Expiration Time: the session never outlives it
 
-// An address in its EIP-55 mixed-case checksum form (wallets usually answer in lower case; the
-// gateway accepts only the checksummed form in a message).
-export function checksumAddress(address) {
-  const hex = address.toLowerCase().replace(/^0x/, "");
-  if (!/^[0-9a-f]{40}$/.test(hex)) throw new Error(`not an Ethereum address: ${address}`);
-  const hash = keccak256(new TextEncoder().encode(hex));
-  let out = "0x";
-  for (let i = 0; i < 40; i++) {
-    const nibble = (hash[i >> 1] >> (i % 2 === 0 ? 4 : 0)) & 0x0f;
-    out += nibble >= 8 ? hex[i].toUpperCase() : hex[i];
-  }
-  return out;
-}
-
 // The EIP-4361 message text, field by field as the specification's ABNF lays it out.
-export function siweMessage(grant, address, issuedAt) {
+function siweMessage(grant, address, issuedAt) {
   const expires = new Date(issuedAt.getTime() + VALID_FOR_MS);
   const head = `${grant.domain} wants you to sign in with your Ethereum account:\n${address}\n\n`;
   const statement = grant.statement ? `${grant.statement}\n\n` : "\n";
@@ -47,8 +33,8 @@ export class SignInError extends Error {
   }
 }
 
-// Ask the wallet for an account, the gateway for a nonce, the wallet for a signature; the
-// proof for {"type":"auth","siwe":…}.
+// Ask the wallet for an account, the gateway for a nonce and that account's checksummed form,
+// the wallet for a signature; the proof for {"type":"auth","siwe":…}.
 export async function signWithWallet(provider) {
   let accounts;
   try {
@@ -57,18 +43,18 @@ export async function signWithWallet(provider) {
     throw new SignInError("wallet_refused", error?.message ?? "the wallet refused");
   }
   if (!accounts?.length) throw new SignInError("wallet_refused", "the wallet shared no account");
-  const reply = await fetch("/auth/nonce", { cache: "no-store" });
+  const query = new URLSearchParams({ address: String(accounts[0]) });
+  const reply = await fetch(`/auth/nonce?${query}`, { cache: "no-store" });
   const grant = await reply.json().catch(() => ({}));
   if (!reply.ok) {
     throw new SignInError(grant.error ?? "http_error",
       grant.message ?? `GET /auth/nonce answered HTTP ${reply.status}`);
   }
-  const address = checksumAddress(accounts[0]);
-  const message = siweMessage(grant, address, new Date());
+  const message = siweMessage(grant, grant.address, new Date());
   let signature;
   try {
     signature = await provider.request({ method: "personal_sign",
-      params: [utf8Hex(message), address] });
+      params: [utf8Hex(message), grant.address] });
   } catch (error) {
     throw new SignInError("wallet_refused", error?.message ?? "the wallet did not sign");
   }
