@@ -155,6 +155,14 @@ def _build_parser() -> argparse.ArgumentParser:
     create = key_commands.add_parser("create", help="create a key; it is printed once only")
     create.add_argument("--wallet", required=True, help="the wallet it bills to, e.g. 0x...")
     create.add_argument("--name", default=None, help="a label for the key")
+    quota = create.add_argument_group("the key's own caps (default: the gateway's, protocol.md §9)")
+    quota.add_argument("--max-connections", type=int, default=None, help="open connections")
+    quota.add_argument("--max-requests", type=int, default=None, help="running requests")
+    quota.add_argument("--max-sessions", type=int, default=None, help="open sessions")
+    quota.add_argument(
+        "--max-reserved-tokens", type=int, default=None, help="context tokens reserved at once"
+    )
+    quota.add_argument("--requests-per-minute", type=float, default=None, help="request rate")
     listing = key_commands.add_parser("list", help="keys and their status (never the secrets)")
     listing.add_argument("--wallet", default=None, help="only this wallet's keys")
     listing.add_argument("--json", action="store_true", help="one JSON object per line")

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from farmesh_ws.core.principal import Limits
 from farmesh_ws.ledger.keys import KeyPrincipal, authenticate
 from farmesh_ws.ledger.store import Ledger, database_url
 from tests.ledger.conftest import _fresh_postgres_database
@@ -76,7 +77,15 @@ async def test_create_list_revoke_as_a_user_runs_them(home: Home) -> None:
     table = home.run("list")
     assert table.returncode == 0, table.stderr
     header, _, *rows = table.stdout.splitlines()
-    assert header.split() == ["key_id", "wallet", "name", "status", "created_at", "revoked_at"]
+    assert header.split() == [
+        "key_id",
+        "wallet",
+        "name",
+        "status",
+        "created_at",
+        "revoked_at",
+        "caps",
+    ]
     assert len(rows) == 2
     assert rows[0].split()[:4] == [key_id, WALLET, "laptop", "active"]
     lines = home.run("list", "--wallet", WALLET, "--json").stdout.splitlines()
@@ -88,6 +97,7 @@ async def test_create_list_revoke_as_a_user_runs_them(home: Home) -> None:
             "status": "active",
             "created_at": json.loads(lines[0])["created_at"],
             "revoked_at": None,
+            "caps": {},
         }
     ]
     secret = key.removeprefix(f"fmk_{key_id}_")
@@ -135,3 +145,21 @@ async def test_a_whole_key_given_as_key_id_is_not_echoed(home: Home) -> None:
     assert result.returncode == 2
     assert result.stderr == "farmesh-ws: not a key id (expected fk_ and 16 hex digits)\n"
     assert await home.authenticate(key) is not None
+
+
+async def test_a_key_gets_its_own_caps(home: Home) -> None:
+    created = home.run(
+        "create", "--wallet", WALLET, "--max-sessions", "2", "--requests-per-minute", "6.5"
+    )
+    assert created.returncode == 0, created.stderr
+    principal = await home.authenticate(created.stdout.strip())
+    assert principal is not None
+    assert principal.limits == Limits(max_sessions=2, requests_per_minute=6.5)
+    (line,) = home.run("list", "--json").stdout.splitlines()
+    assert json.loads(line)["caps"] == {"max_sessions": 2, "requests_per_minute": 6.5}
+    assert "max_sessions=2,requests_per_minute=6.5" in home.run("list").stdout
+    refused = home.run("create", "--wallet", WALLET, "--max-sessions", "0")
+    assert (refused.returncode, refused.stderr.strip()) == (
+        2,
+        "farmesh-ws: max_sessions must be positive",
+    )

@@ -104,7 +104,9 @@ class Authenticator:
             except LedgerUnavailable:
                 raise AuthUnavailable("API keys cannot be checked right now; retry") from None
             if found is not None:
-                return Principal(PrincipalKind.KEY, found.key_id, found.wallet, address_hash)
+                return Principal(
+                    PrincipalKind.KEY, found.key_id, found.wallet, address_hash, found.limits
+                )
             raise Unauthorized("unknown or revoked API key")
         if token.startswith(SESSION_TOKEN_PREFIX) and self._sessions is not None:
             session = await self._sessions.authenticate_token(token)

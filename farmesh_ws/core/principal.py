@@ -27,15 +27,33 @@ class PrincipalKind(StrEnum):
 
 
 @dataclass(frozen=True, slots=True)
+class Limits:
+    """Per-principal overrides of the configured caps (protocol.md §9), e.g. an API key's own
+    quota (``farmesh-ws keys create --max-sessions N``); None keeps the configured value.
+    ``requests_per_minute`` is a rate, the others counts of things held at once."""
+
+    max_connections: int | None = None
+    max_requests: int | None = None
+    max_sessions: int | None = None
+    max_reserved_tokens: int | None = None
+    requests_per_minute: float | None = None
+
+
+NO_LIMITS = Limits()
+
+
+@dataclass(frozen=True, slots=True)
 class Principal:
     """``subject``: the key id, the signed wallet address, or ``anonymous`` / ``open``;
     ``wallet``: the one wallet this principal may bill (None for anonymous and open);
-    ``address_hash``: the keyed hash of the client's network address (:func:`hash_address`)."""
+    ``address_hash``: the keyed hash of the client's network address (:func:`hash_address`);
+    ``limits``: this principal's own caps, where it has any."""
 
     kind: PrincipalKind
     subject: str
     wallet: str | None
     address_hash: str
+    limits: Limits = NO_LIMITS
 
     @property
     def principal_id(self) -> str:

@@ -91,19 +91,28 @@ class Quotas:
         self.totals = _Totals()
 
     def caps(self, principal: Principal) -> Caps:
+        """The configured caps of the principal's kind, with its own limits over them."""
         s = self._settings
         if principal.kind is PrincipalKind.ANONYMOUS:
-            return Caps(
+            base = Caps(
                 s.anonymous_max_connections,
                 s.anonymous_max_requests,
                 s.anonymous_max_sessions,
                 s.anonymous_max_reserved_tokens,
             )
+        else:
+            base = Caps(
+                s.max_connections_per_principal,
+                s.max_requests_per_principal,
+                s.max_sessions_per_principal,
+                s.max_reserved_tokens_per_principal,
+            )
+        own = principal.limits
         return Caps(
-            s.max_connections_per_principal,
-            s.max_requests_per_principal,
-            s.max_sessions_per_principal,
-            s.max_reserved_tokens_per_principal,
+            base.connections if own.max_connections is None else own.max_connections,
+            base.requests if own.max_requests is None else own.max_requests,
+            base.sessions if own.max_sessions is None else own.max_sessions,
+            base.reserved_tokens if own.max_reserved_tokens is None else own.max_reserved_tokens,
         )
 
     def connect(self, principal: Principal) -> None:

@@ -282,7 +282,7 @@ class RequestRunner:
         """Requests per principal (anonymous: per client address), shared across processes."""
         principal = client.principal
         settings = self._settings
-        per_minute = (
+        per_minute = principal.limits.requests_per_minute or (
             settings.anonymous_requests_per_minute
             if principal.kind is PrincipalKind.ANONYMOUS
             else settings.requests_per_minute

@@ -22,9 +22,11 @@ hash is right for a random 256-bit token, and a slow salted password hash would 
 
 A fast hash also keeps :func:`authenticate` to one primary-key lookup plus one digest per request.
 
-Per-key quotas are not stored: turns are billed to a wallet, not to a key. Which key opened a
-session is recorded (``inference_sessions.principal``, ``key:<key id>``), so a wallet's charges
-can be listed by key (``balances.charges``, ``farmesh-ws ledger charges``).
+A key may carry its own caps (:class:`~farmesh_ws.core.principal.Limits`: connections,
+running requests, sessions, reserved context tokens, requests per minute), which replace the
+configured per-principal ones for that key (protocol.md §9). Which key opened a session is
+recorded (``inference_sessions.principal``, ``key:<key id>``), so a wallet's charges can be
+listed by key (``balances.charges``, ``farmesh-ws ledger charges``).
 
 Errors: a bad wallet, name or key id raises :class:`KeyRequestError` (an unknown key id,
 :class:`UnknownKey`); a database failure raises :class:`LedgerUnavailable`.
@@ -32,14 +34,16 @@ Errors: a bad wallet, name or key id raises :class:`KeyRequestError` (an unknown
 
 import hashlib
 import hmac
+import math
 import re
 import secrets
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import msgspec
 
+from farmesh_ws.core.principal import NO_LIMITS, Limits
 from farmesh_ws.ledger.store import Ledger, guarded
 from farmesh_ws.protocol import Wallet
 
@@ -48,7 +52,8 @@ _KEY_ID = re.compile(r"fk_[0-9a-f]{16}")
 _KEY = re.compile(r"fmk_(fk_[0-9a-f]{16})_([A-Za-z0-9_-]{43})")
 _SECRET_BYTES = 32
 _NAME_MAX_CHARS = 128
-_COLUMNS = "key_id, wallet, name, created_at, revoked_at"
+_LIMIT_COLUMNS = tuple(field.name for field in fields(Limits))
+_COLUMNS = "key_id, wallet, name, created_at, revoked_at, " + ", ".join(_LIMIT_COLUMNS)
 
 
 class KeyRequestError(ValueError):
@@ -61,11 +66,12 @@ class UnknownKey(KeyRequestError):
 
 @dataclass(frozen=True, slots=True)
 class KeyPrincipal:
-    """Who presented a valid, unrevoked key: the key id and the wallet it bills to."""
+    """Who presented a valid, unrevoked key: the key id, the wallet it bills to, its caps."""
 
     key_id: str
     wallet: str
     name: str | None
+    limits: Limits = NO_LIMITS
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,32 +83,46 @@ class KeyInfo:
     name: str | None
     created_at: float
     revoked_at: float | None
+    limits: Limits = NO_LIMITS
 
 
 async def create_key(
-    ledger: Ledger, wallet: str, name: str | None = None, *, now: float | None = None
+    ledger: Ledger,
+    wallet: str,
+    name: str | None = None,
+    *,
+    limits: Limits = NO_LIMITS,
+    now: float | None = None,
 ) -> tuple[str, str]:
-    """Store a new key for ``wallet``; return ``(key_id, plaintext_key)``.
+    """Store a new key for ``wallet`` with its own ``limits``; return ``(key_id, plaintext_key)``.
 
     The plaintext is returned here only; the database keeps the SHA-256 of the secret. A key id
     collision (64 random bits) is refused by the primary key rather than overwriting a key.
-    Raises KeyRequestError for a bad wallet or name, LedgerUnavailable if the write fails.
+    Raises KeyRequestError for a bad wallet, name or limit (each must be positive),
+    LedgerUnavailable if the write fails.
     """
     _check_wallet(wallet)
+    for limit_name in _LIMIT_COLUMNS:
+        value = getattr(limits, limit_name)
+        if value is not None and not (value > 0 and math.isfinite(value)):
+            raise KeyRequestError(f"{limit_name} must be positive")
     if name is not None and not (0 < len(name) <= _NAME_MAX_CHARS and name.isprintable()):
         raise KeyRequestError(f"name must be 1-{_NAME_MAX_CHARS} printable characters")
     key_id = f"fk_{secrets.token_hex(8)}"
     secret = secrets.token_urlsafe(_SECRET_BYTES)
     async with guarded("write"):
         await ledger.database.execute(
-            """INSERT INTO api_keys (key_id, secret_sha256, wallet, name, created_at)
-               VALUES (:key_id, :secret_sha256, :wallet, :name, :created_at)""",
+            f"""INSERT INTO api_keys (key_id, secret_sha256, wallet, name, created_at,
+                                     {", ".join(_LIMIT_COLUMNS)})
+               VALUES (:key_id, :secret_sha256, :wallet, :name, :created_at,
+                       {", ".join(":" + column for column in _LIMIT_COLUMNS)})""",
             {
                 "key_id": key_id,
                 "secret_sha256": _digest(secret),
                 "wallet": wallet,
                 "name": name,
                 "created_at": time.time() if now is None else now,
+                **{column: getattr(limits, column) for column in _LIMIT_COLUMNS},
             },
         )
     return key_id, f"{KEY_PREFIX}{key_id}_{secret}"
@@ -158,13 +178,13 @@ async def authenticate(ledger: Ledger, presented_key: str) -> KeyPrincipal | Non
     key_id, secret = match.groups()
     async with guarded("query"):
         row = await ledger.database.fetch_one(
-            """SELECT secret_sha256, wallet, name FROM api_keys
+            f"""SELECT secret_sha256, {_COLUMNS} FROM api_keys
                WHERE key_id = :key_id AND revoked_at IS NULL""",
             {"key_id": key_id},
         )
     if row is None or not hmac.compare_digest(row["secret_sha256"], _digest(secret)):
         return None
-    return KeyPrincipal(key_id=key_id, wallet=row["wallet"], name=row["name"])
+    return KeyPrincipal(key_id=key_id, wallet=row["wallet"], name=row["name"], limits=_limits(row))
 
 
 def _check_wallet(wallet: str) -> None:
@@ -189,4 +209,13 @@ def _info(row: Any) -> KeyInfo:
         name=row["name"],
         created_at=float(row["created_at"]),
         revoked_at=None if revoked_at is None else float(revoked_at),
+        limits=_limits(row),
     )
+
+
+def _limits(row: Any) -> Limits:
+    """A row's caps; a count comes back as an int, the rate as a float."""
+    values = {column: row[column] for column in _LIMIT_COLUMNS}
+    rate = values.pop("requests_per_minute")
+    counts = {column: None if value is None else int(value) for column, value in values.items()}
+    return Limits(**counts, requests_per_minute=None if rate is None else float(rate))

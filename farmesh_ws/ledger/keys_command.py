@@ -8,9 +8,11 @@ CLI), an unreachable database :class:`~farmesh_ws.ledger.store.LedgerUnavailable
 
 import argparse
 import json
+from dataclasses import asdict
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
+from farmesh_ws.core.principal import Limits
 from farmesh_ws.ledger.keys import KeyInfo, create_key, list_keys, revoke_key
 from farmesh_ws.ledger.report import plain_value, text_table
 from farmesh_ws.ledger.store import Ledger, database_url
@@ -24,7 +26,14 @@ async def run_keys_command(
     await ledger.connect()
     try:
         if args.action == "create":
-            key_id, key = await create_key(ledger, args.wallet, args.name)
+            limits = Limits(
+                max_connections=args.max_connections,
+                max_requests=args.max_requests,
+                max_sessions=args.max_sessions,
+                max_reserved_tokens=args.max_reserved_tokens,
+                requests_per_minute=args.requests_per_minute,
+            )
+            key_id, key = await create_key(ledger, args.wallet, args.name, limits=limits)
             out.write(f"{key}\n")
             err.write(
                 f"farmesh-ws: key {key_id} for wallet {args.wallet} created; it is shown once"
@@ -34,8 +43,10 @@ async def run_keys_command(
             records = [_record(info) for info in await list_keys(ledger, args.wallet)]
             if args.json:
                 out.writelines(json.dumps(record) + "\n" for record in records)
+            elif records:
+                out.write(text_table([{**r, "caps": _caps_text(r["caps"])} for r in records]))
             else:
-                out.write(text_table(records) if records else "(no keys)\n")
+                out.write("(no keys)\n")
         else:
             info = await revoke_key(ledger, args.key_id)
             revoked_at = plain_value("revoked_at", info.revoked_at)
@@ -44,8 +55,9 @@ async def run_keys_command(
         await ledger.aclose()
 
 
-def _record(info: KeyInfo) -> dict[str, object]:
-    """One listed key: ids, status and ISO 8601 UTC times (``revoked_at`` None while active)."""
+def _record(info: KeyInfo) -> dict[str, Any]:
+    """One listed key: ids, status, ISO 8601 UTC times (``revoked_at`` None while active) and
+    ``caps``, the key's own limits that are set (``{}``: the gateway's)."""
     return {
         "key_id": info.key_id,
         "wallet": info.wallet,
@@ -53,4 +65,9 @@ def _record(info: KeyInfo) -> dict[str, object]:
         "status": "active" if info.revoked_at is None else "revoked",
         "created_at": plain_value("created_at", info.created_at),
         "revoked_at": plain_value("revoked_at", info.revoked_at),
+        "caps": {name: value for name, value in asdict(info.limits).items() if value is not None},
     }
+
+
+def _caps_text(caps: dict[str, Any]) -> str:
+    return ",".join(f"{name}={value:g}" for name, value in caps.items()) or "-"

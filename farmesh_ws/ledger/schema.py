@@ -4,7 +4,8 @@ Money columns are ``*_far_e8`` BIGINTs: exact integer counts of 10⁻⁸ $FAR (s
 Times are Unix seconds. The views are the contract with the Payment Tracker (README, "Ledger").
 Version 2 adds ``api_keys`` (README, "API keys"); version 3 prepaid balances (``balances``,
 ``balance_holds``, ``balance_credits``: amounts in ``*_e8`` BIGINTs too, see balances.py) and
-who opened each session (``inference_sessions.principal``, ``client_address_hash``).
+who opened each session (``inference_sessions.principal``, ``client_address_hash``); version 4
+a key's own caps (``api_keys.max_*``, ``requests_per_minute``).
 Migrations are append-only: a database at any version upgrades in place by applying the later
 ones. A migration runs in one transaction and records its version, so a restarted or second
 process applies nothing twice.
@@ -137,6 +138,17 @@ MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
             # and the keyed hash of the client's address; NULL for sessions stored before v3.
             "ALTER TABLE inference_sessions ADD COLUMN principal TEXT",
             "ALTER TABLE inference_sessions ADD COLUMN client_address_hash TEXT",
+        ),
+    ),
+    (
+        4,
+        (
+            # A key's own caps (keys.py, protocol.md §9); NULL keeps the configured value.
+            "ALTER TABLE api_keys ADD COLUMN max_connections INTEGER",
+            "ALTER TABLE api_keys ADD COLUMN max_requests INTEGER",
+            "ALTER TABLE api_keys ADD COLUMN max_sessions INTEGER",
+            "ALTER TABLE api_keys ADD COLUMN max_reserved_tokens INTEGER",
+            "ALTER TABLE api_keys ADD COLUMN requests_per_minute DOUBLE PRECISION",
         ),
     ),
 )

@@ -12,6 +12,7 @@ import pytest
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import InvalidStatus
 
+from farmesh_ws.core.principal import Limits
 from farmesh_ws.ledger.keys import KeyPrincipal
 from farmesh_ws.mesh.fake import FakeBackend
 from farmesh_ws.transport.ws import GatewayServer
@@ -226,4 +227,24 @@ async def test_health_reports_saturation() -> None:
         "cache_tokens_free": 400,
     }
     await ws.close()
+    await server.shutdown()
+
+
+async def test_a_key_s_own_caps_replace_the_configured_ones(backend: FakeBackend) -> None:
+    keys = {
+        KEY: KEYS[KEY],
+        "fmk_small": KeyPrincipal("fk_small", "w-small", None, Limits(max_sessions=1)),
+    }
+    server = await fake_gateway(backend, keys=keys, auth="required", max_sessions_per_principal=2)
+    url = f"ws://127.0.0.1:{server.port}/ws"
+    answers = []
+    held = []
+    for key in ("fmk_small", "fmk_small", KEY, KEY):
+        ws = await connect(url, additional_headers={"Authorization": f"Bearer {key}"})
+        held.append(ws)
+        await ws.send(json.dumps({"type": "open", "max_length": 100}))
+        answers.append(_code(await _recv(ws)))
+    assert answers == ["ok", "quota_exceeded", "ok", "ok"]
+    for ws in held:
+        await ws.close()
     await server.shutdown()
