@@ -17,6 +17,9 @@ import psutil
 import pytest
 from websockets.sync.client import connect
 
+from farmesh_ws.config import Settings
+from farmesh_ws.gateway import check_exposure
+
 
 class Command:
     """A farmesh-ws command in its own process; its stdout lines arrive through a thread."""
@@ -123,6 +126,41 @@ def test_serve_refuses_a_default_model_it_does_not_serve(tmp_path: Path) -> None
         "farmesh-ws: configuration error: DEFAULT_MODEL_ID 'no-such-model' is not served here "
         "(served: SmolLM2-135M-Instruct)"
     ]
+
+
+@pytest.mark.parametrize(
+    ("flags", "mode"),
+    [(["--auth", "off"], "off"), (["--auth", "optional"], "optional")],
+)
+def test_serve_refuses_a_public_bind_without_required_auth(flags: list[str], mode: str) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "farmesh_ws", "serve", "--host", "0.0.0.0", "--port", "0", *flags],
+        env={k: v for k, v in os.environ.items() if not k.startswith("FARMESH_")},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith(
+        f"farmesh-ws: configuration error: refusing to serve 0.0.0.0 with auth {mode}"
+    )
+    assert "--insecure-no-auth" in line
+
+
+@pytest.mark.parametrize(
+    ("host", "overrides", "mode"),
+    [
+        ("0.0.0.0", {}, "required"),  # a public bind defaults to required
+        ("127.0.0.1", {}, "optional"),  # the quick start
+        ("::1", {"auth": "off"}, "off"),  # loopback may turn it off
+        ("192.0.2.1", {"auth": "off", "insecure_no_auth": True}, "off"),  # told to
+    ],
+)
+def test_binds_that_may_start(host: str, overrides: dict[str, object], mode: str) -> None:
+    settings = Settings(host=host).with_overrides(**overrides)
+    check_exposure(settings)  # does not raise
+    assert settings.auth_mode == mode
 
 
 def test_serve_runs_the_embedded_default_and_stops_cleanly_on_sigterm(
