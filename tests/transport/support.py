@@ -7,6 +7,7 @@ from typing import Any
 from farmesh_ws.auth.credentials import Authenticator
 from farmesh_ws.auth.siwe import SiweAuth
 from farmesh_ws.config import Settings
+from farmesh_ws.engine.allowances import BalanceHolds
 from farmesh_ws.engine.events import Observer
 from farmesh_ws.ledger.keys import KeyPrincipal
 from farmesh_ws.mesh.fake import FAKE_MODEL_ID, FakeBackend
@@ -23,12 +24,14 @@ async def fake_gateway(
     observers: Sequence[Observer] = (),
     keys: Mapping[str, KeyPrincipal] | None = None,
     siwe: bool = False,
+    holds: BalanceHolds | None = None,
     **overrides: Any,
 ) -> GatewayServer:
     """A gateway on ``backend``; ``keys`` maps API keys to their principals (the ledger's key
     store is tested on its own). With ``siwe``, Sign-In with Ethereum (``/auth/nonce``, signed
     messages, session tokens) is the real :class:`SiweAuth` over the gateway's state store, as
-    ``serve`` wires it. ``auth`` defaults to ``off`` (wallet claims billed as named)."""
+    ``serve`` wires it. ``holds``: prepaid holds (none by default). ``auth`` defaults to
+    ``off`` (wallet claims billed as named)."""
     overrides.setdefault("auth", "off")
     settings = replace(Settings(port=0, default_model_id=FAKE_MODEL_ID), **overrides)
     status = MeshStatusCache(backend.model_ids, backend.coverage, refresh_s=60)
@@ -49,6 +52,7 @@ async def fake_gateway(
         registry=SessionRegistry(store),
         authenticator=Authenticator(settings, keys=verify, sessions=sign_in, siwe=sign_in),
         nonces=sign_in,
+        holds=holds,
     )
     await server.start()
     return server
