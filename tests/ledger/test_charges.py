@@ -5,6 +5,7 @@ from decimal import Decimal
 
 import pytest
 
+from farmesh_ws.core.principal import Limits
 from farmesh_ws.ledger import schema
 from farmesh_ws.ledger.balances import (
     BalanceInfo,
@@ -15,7 +16,7 @@ from farmesh_ws.ledger.balances import (
     credit,
     take_hold,
 )
-from farmesh_ws.ledger.keys import create_key, list_keys
+from farmesh_ws.ledger.keys import list_keys
 from farmesh_ws.ledger.store import Ledger
 from tests.ledger.conftest import make_turn, old_ledger
 
@@ -31,7 +32,12 @@ async def test_a_version_2_database_upgrades_in_place_to_balances(
     with monkeypatch.context() as patch:
         patch.setattr(schema, "MIGRATIONS", schema.MIGRATIONS[:2])
         await old.connect()
-    key_id, _ = await create_key(old, "wallet-a")
+    key_id = "fk_0123456789abcdef"
+    await old.database.execute(  # as a version 2 release wrote it
+        """INSERT INTO api_keys (key_id, secret_sha256, wallet, name, created_at)
+           VALUES (:key_id, :digest, 'wallet-a', NULL, 1.0)""",
+        {"key_id": key_id, "digest": "0" * 64},
+    )
     await old.aclose()
 
     upgraded = Ledger(ledger_url)
@@ -40,8 +46,9 @@ async def test_a_version_2_database_upgrades_in_place_to_balances(
         versions = await upgraded.database.fetch_all(
             "SELECT version FROM schema_migrations ORDER BY version"
         )
-        assert [row["version"] for row in versions] == [1, 2, 3]
-        assert [info.key_id for info in await list_keys(upgraded)] == [key_id]
+        assert [row["version"] for row in versions] == [1, 2, 3, 4]
+        (info,) = await list_keys(upgraded)
+        assert (info.key_id, info.limits) == (key_id, Limits())  # no caps of its own
         (session,) = await upgraded.recent_sessions()
         assert (session.session_id, session.principal, session.client_address_hash) == (
             "s1",
