@@ -91,3 +91,14 @@ class MeshBackend(Protocol):
     async def open_session(self, model_id: str, *, max_length: int) -> MeshSession: ...
 
     async def aclose(self) -> None: ...
+
+
+def lowered_length(current: int, requested: int, *, started: bool) -> int:
+    """The rule of :meth:`MeshSession.limit_length` for every backend: ``requested`` if a
+    session of ``current`` tokens that has not ``started`` may lower to it. Raises
+    RuntimeError once started, ValueError outside 1..``current``."""
+    if started:
+        raise RuntimeError("max_length can only be lowered before the first step")
+    if not 1 <= requested <= current:
+        raise ValueError(f"max_length must be between 1 and {current}")
+    return requested

@@ -41,6 +41,7 @@ from farmesh_ws.errors import (
     ModelNotFound,
     SessionClosed,
 )
+from farmesh_ws.mesh.base import lowered_length
 from farmesh_ws.mesh.discovery import ModelCoverage, ServerSpan
 from farmesh_ws.mesh.text_stream import StopMatcher
 
@@ -130,11 +131,8 @@ class FakeSession:
         return self._max_length
 
     def limit_length(self, max_length: int) -> None:
-        if self.position or self.pending_tokens:
-            raise RuntimeError("max_length can only be lowered before the first step")
-        if not 1 <= max_length <= self._max_length:
-            raise ValueError(f"max_length must be between 1 and {self._max_length}")
-        self._max_length = max_length
+        started = bool(self.position or self.pending_tokens)
+        self._max_length = lowered_length(self._max_length, max_length, started=started)
 
     @property
     def position(self) -> int:

@@ -16,6 +16,7 @@ from typing import Any
 from farmesh_ws.core.types import ChatMessage, SamplingParams, TurnDone
 from farmesh_ws.errors import ContextOverflow, FarmeshError, SessionClosed
 from farmesh_ws.mesh.attribution import StepRecorder
+from farmesh_ws.mesh.base import lowered_length
 from farmesh_ws.mesh.petals_errors import translate_error
 from farmesh_ws.mesh.petals_model import LoadedModel
 from farmesh_ws.mesh.petals_turn import PetalsTurn, TurnState
@@ -62,11 +63,8 @@ class PetalsChatSession:
         return self._max_length
 
     def limit_length(self, max_length: int) -> None:
-        if self._inference is not None or self.position:
-            raise RuntimeError("max_length can only be lowered before the first step")
-        if not 1 <= max_length <= self._max_length:
-            raise ValueError(f"max_length must be between 1 and {self._max_length}")
-        self._max_length = max_length
+        started = self._inference is not None or self.position > 0
+        self._max_length = lowered_length(self._max_length, max_length, started=started)
 
     @property
     def position(self) -> int:
