@@ -140,7 +140,9 @@ async def running_gateway(settings: Settings, *, progress: bool = True) -> Async
         async def verify_key(presented_key: str) -> KeyPrincipal | None:
             return await authenticate_key(ledger, presented_key)
 
-        siwe = SiweAuth(store, settings)
+        siwe = SiweAuth(store, settings) if settings.siwe_domain or settings.loopback_bind else None
+        if siwe is None:
+            logger.info("Sign-In with Ethereum is off: set FARMESH_SIWE_DOMAIN to turn it on")
         server = GatewayServer(
             settings,
             backend,

@@ -37,6 +37,7 @@ that digest needs no constant-time comparison. Refusals raise
 the message; a state store that raises raises :class:`~farmesh_ws.errors.AuthUnavailable`.
 """
 
+import asyncio
 import hashlib
 import re
 import secrets
@@ -47,6 +48,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import urlsplit
 
 from eth_keys.exceptions import BadSignature
 
@@ -65,6 +67,7 @@ STATEMENT = "Sign in to farmesh-ws to use the mesh."
 CLOCK_SKEW_S = 60.0
 """How far a client's ``Issued At`` may be ahead of this gateway's clock."""
 MAX_MESSAGE_CHARS = 2048
+_MAX_DOMAIN_CHARS = 253  # RFC 1035 §2.3.4, written as text
 
 _TOKEN = re.compile(r"fms_[A-Za-z0-9_-]{43}")
 _SIGNATURE = re.compile(r"0x[0-9a-fA-F]{130}")
@@ -147,8 +150,13 @@ class SiweAuth:
         expires_at = _check_times(parsed, now)
         if not _SIGNATURE.fullmatch(signature):
             raise Unauthorized("the signature must be 0x and 130 hex digits (65 bytes)")
-        try:
-            parsed.verify(
+        if parsed.statement != STATEMENT or urlsplit(parsed.uri).netloc != expected:
+            raise Unauthorized(
+                f"the sign-in message must carry this gateway's statement and a URI on {expected}"
+            )
+        try:  # a recovery takes milliseconds of CPU: off the event loop
+            await asyncio.to_thread(
+                parsed.verify,
                 signature,
                 domain=expected,
                 nonce=parsed.nonce,
@@ -180,7 +188,20 @@ class SiweAuth:
         return wallet, float(expires_at)
 
     def _expected_domain(self, domain: str) -> str:
-        return self._settings.siwe_domain or domain
+        """``siwe_domain``, else the ``Host`` the client named, only on a loopback bind.
+
+        Off loopback a client chooses its ``Host``, so a message a wallet signed for any other
+        site (whose domain that site's users see and trust) would pass the domain check here;
+        the gateway must know its own domain (EIP-4361, Security Considerations, "Verification
+        of domain binding"). Raises Unauthorized.
+        """
+        if self._settings.siwe_domain:
+            return self._settings.siwe_domain
+        if not self._settings.loopback_bind:
+            raise Unauthorized("Sign-In with Ethereum needs FARMESH_SIWE_DOMAIN on this gateway")
+        if not 0 < len(domain) <= _MAX_DOMAIN_CHARS:
+            raise Unauthorized("the Host header is not a domain a message can name")
+        return domain
 
 
 def _parse(message: str) -> Any:

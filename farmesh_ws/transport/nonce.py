@@ -19,7 +19,7 @@ from eth_utils.address import to_checksum_address
 from websockets.http11 import Request
 
 from farmesh_ws.config import Settings
-from farmesh_ws.errors import AuthUnavailable
+from farmesh_ws.errors import AuthUnavailable, Unauthorized
 
 _HEX_ADDRESS: Final = re.compile(r"0x[0-9a-fA-F]{40}")
 
@@ -67,6 +67,8 @@ async def nonce_route(
         grant = await nonces.issue_nonce(domain=domain, uri=uri)
     except AuthUnavailable as exc:
         return HTTPStatus.SERVICE_UNAVAILABLE, {"error": exc.code, "message": exc.message}
+    except Unauthorized as exc:  # no domain a message could name (siwe.py)
+        return HTTPStatus.BAD_REQUEST, {"error": exc.code, "message": exc.message}
     body: dict[str, Any] = {
         "nonce": grant.nonce,
         "expires_at": grant.expires_at,

@@ -9,6 +9,7 @@ import re
 import pytest
 
 from farmesh_ws.auth.siwe import STATEMENT, SiweAuth
+from farmesh_ws.config import Settings
 from farmesh_ws.errors import AuthUnavailable, Unauthorized
 from farmesh_ws.state import MemoryStateStore
 from tests.auth.support import HOST, URI, Gateway, Wallet, iso, message_for
@@ -158,8 +159,25 @@ async def test_signature_by_another_key(gateway: Gateway) -> None:
 
 async def test_tampered_message(gateway: Gateway) -> None:
     text, signature = await gateway.signed(Wallet())
-    tampered = text.replace("Sign in to farmesh-ws", "Sign in to farmesh-xs")
+    match = re.search(r"Expiration Time: (\S+Z)", text)  # tamper with one digit of it
+    assert match is not None
+    stamp = match.group(1)
+    tampered = text.replace(stamp, stamp[:-2] + ("8" if stamp[-2] == "9" else "9") + "Z")
+    assert tampered != text
     await refused(gateway, tampered, signature, "does not recover")
+
+
+async def test_a_message_written_for_another_site_is_refused(gateway: Gateway) -> None:
+    """Signed for this domain and nonce, but with another site's statement or URI: a wallet
+    shows the statement, so only this gateway's own is accepted."""
+    wallet = Wallet()
+    for old, new in (
+        ("Sign in to farmesh-ws to use the mesh.", "Sign in to Evil NFT Marketplace."),
+        (f"URI: {URI}", "URI: https://evil.example/"),
+    ):
+        grant = await gateway.auth.issue_nonce(domain=HOST, uri=URI)
+        text = message_for(grant, wallet.address, now=gateway.clock.now).replace(old, new)
+        await refused(gateway, text, wallet.sign(text), "statement and a URI")
 
 
 async def test_signed_for_another_address(gateway: Gateway) -> None:
@@ -259,3 +277,14 @@ class _Unreachable(MemoryStateStore):
 
     async def take_value(self, key: str) -> str | None:
         raise OSError("unreachable")
+
+
+async def test_off_loopback_the_domain_must_be_configured() -> None:
+    """A client chooses its Host, so off loopback only FARMESH_SIWE_DOMAIN can say which domain
+    messages must name (else a signature made for any other site would do)."""
+    public = SiweAuth(MemoryStateStore(), Settings(host="0.0.0.0"))
+    with pytest.raises(Unauthorized, match="FARMESH_SIWE_DOMAIN"):
+        await public.issue_nonce(domain="evil.example", uri="https://evil.example/")
+    named = SiweAuth(MemoryStateStore(), Settings(host="0.0.0.0", siwe_domain="mesh.example"))
+    grant = await named.issue_nonce(domain="evil.example", uri="https://mesh.example/")
+    assert grant.domain == "mesh.example"
