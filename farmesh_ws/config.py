@@ -86,6 +86,7 @@ class Settings:
     auth: str = ""
     insecure_no_auth: bool = False
     auth_timeout_s: float = 10.0
+    credential_recheck_s: float = 30.0
     address_hash_key: str = field(default="", repr=False)
     siwe_domain: str = ""
     siwe_chain_id: int = 1
@@ -256,6 +257,7 @@ def _validated(settings: Settings) -> Settings:
         (settings.balances in BALANCE_MODES, f"balances must be one of {BALANCE_MODES}"),
         (settings.auth_timeout_s > 0, "auth_timeout_s must be positive"),
         (settings.balance_hold_ttl_s > 0, "balance_hold_ttl_s must be positive"),
+        (settings.credential_recheck_s > 0, "credential_recheck_s must be positive"),
         (settings.siwe_chain_id >= 1, "siwe_chain_id must be at least 1"),
         (settings.siwe_nonce_ttl_s > 0, "siwe_nonce_ttl_s must be positive"),
         (settings.siwe_session_ttl_s > 0, "siwe_session_ttl_s must be positive"),

@@ -11,7 +11,6 @@ from decimal import Decimal
 
 from farmesh_ws import protocol as p
 from farmesh_ws.auth.connection import ConnectionIdentity
-from farmesh_ws.auth.credentials import SignIn
 from farmesh_ws.core.money import far_text
 from farmesh_ws.core.settlement import Settlement
 from farmesh_ws.core.types import SamplingOverrides, TokenEvent
@@ -125,27 +124,28 @@ class V1Session:
         if self.conversation is not None or self.busy:
             raise InvalidRequest("authenticate before opening a session or sending requests")
         siwe = message.siwe
-        result = await self.identity.authenticate(
+        credential = await self.identity.authenticate(
             token=message.token,
             message=None if siwe is None else siwe.message,
             signature=None if siwe is None else siwe.signature,
         )
-        principal = result.principal if isinstance(result, SignIn) else result
+        principal = credential.principal
         if self.client is not None:
             self.client.principal = principal
         await self._send(
             p.Authenticated(
                 principal=principal.principal_id,
                 wallet=principal.wallet,
-                token=result.token if isinstance(result, SignIn) else None,
-                expires_at=result.expires_at if isinstance(result, SignIn) else None,
+                token=credential.token if credential.issued else None,
+                expires_at=credential.expires_at if credential.issued else None,
             )
         )
 
-    def _requester(self) -> Client:
-        """The connection's requester, once it has a principal (§2.1)."""
+    async def _requester(self) -> Client:
+        """The connection's requester, its credential still good (§2.1)."""
+        principal = await self.identity.current()
         if self.client is None:
-            self.client = Client(self._client_key, self.identity.require())
+            self.client = Client(self._client_key, principal)
         return self.client
 
     # §3.1
@@ -153,7 +153,7 @@ class V1Session:
         if self.conversation is not None:
             raise AlreadyOpen("this connection already has a chat session")
         self._check_open()
-        principal = self._requester().principal
+        principal = (await self._requester()).principal
         conversation = await self._engine.sessions.open(
             kind="chat",
             principal=principal,
@@ -212,7 +212,7 @@ class V1Session:
         await self._launch(spec)
 
     async def _launch(self, spec: RequestSpec) -> None:
-        active = await self._engine.runner.admit(self._requester(), spec)
+        active = await self._engine.runner.admit(await self._requester(), spec)
         self._engine.runner.launch(active, self)
 
     # §3.4

@@ -33,12 +33,15 @@ class KeyVerifier(Protocol):
 
 
 @dataclass(frozen=True, slots=True)
-class SignIn:
-    """A completed Sign-In with Ethereum: the session token and its expiry (Unix s)."""
+class Credential:
+    """A principal proven by ``token`` (an API key or session token), valid until
+    ``expires_at`` (Unix s; None: until revoked). ``issued``: a sign-in just made the token, so
+    the client must be given it."""
 
     principal: Principal
     token: str
-    expires_at: float
+    expires_at: float | None
+    issued: bool = False
 
 
 class SessionTokens(Protocol):
@@ -95,7 +98,7 @@ class Authenticator:
         kind = PrincipalKind.OPEN if self.mode == "off" else PrincipalKind.ANONYMOUS
         return Principal(kind, kind.value, None, self.address_hash(address))
 
-    async def from_token(self, token: str, address: str) -> Principal:
+    async def from_token(self, token: str, address: str) -> Credential:
         """The principal of an API key or session token; raises Unauthorized/AuthUnavailable."""
         address_hash = self.address_hash(address)
         if token.startswith(KEY_PREFIX) and self._keys is not None:
@@ -104,22 +107,26 @@ class Authenticator:
             except LedgerUnavailable:
                 raise AuthUnavailable("API keys cannot be checked right now; retry") from None
             if found is not None:
-                return Principal(
+                principal = Principal(
                     PrincipalKind.KEY, found.key_id, found.wallet, address_hash, found.limits
                 )
+                return Credential(principal, token, None)
             raise Unauthorized("unknown or revoked API key")
         if token.startswith(SESSION_TOKEN_PREFIX) and self._sessions is not None:
             session = await self._sessions.authenticate_token(token)
             if session is not None:
-                wallet, _expires_at = session
-                return Principal(PrincipalKind.WALLET, wallet, wallet, address_hash)
+                wallet, expires_at = session
+                principal = Principal(PrincipalKind.WALLET, wallet, wallet, address_hash)
+                return Credential(principal, token, expires_at)
             raise Unauthorized("unknown or expired session token; sign in again")
         raise Unauthorized(
             f"not a credential this gateway accepts (API keys start {KEY_PREFIX}, "
             f"session tokens {SESSION_TOKEN_PREFIX})"
         )
 
-    async def sign_in(self, message: str, signature: str, *, domain: str, address: str) -> SignIn:
+    async def sign_in(
+        self, message: str, signature: str, *, domain: str, address: str
+    ) -> Credential:
         """Verify an EIP-4361 message and its signature; raises Unauthorized/AuthUnavailable."""
         if self._siwe is None:
             raise Unauthorized("Sign-In with Ethereum is not enabled on this gateway")
@@ -127,7 +134,7 @@ class Authenticator:
         principal = Principal(
             PrincipalKind.WALLET, session.wallet, session.wallet, self.address_hash(address)
         )
-        return SignIn(principal, session.token, session.expires_at)
+        return Credential(principal, session.token, session.expires_at, issued=True)
 
 
 def bearer_token(authorization: str | None) -> str | None:

@@ -16,7 +16,7 @@ from websockets.asyncio.server import ServerConnection
 from websockets.http11 import Request
 
 from farmesh_ws.auth.connection import ConnectionIdentity
-from farmesh_ws.auth.credentials import Authenticator, bearer_token
+from farmesh_ws.auth.credentials import Authenticator, Credential, bearer_token
 from farmesh_ws.config import Settings
 from farmesh_ws.core.principal import Principal
 from farmesh_ws.engine.quotas import Quotas
@@ -38,6 +38,7 @@ class Admitted:
     principal: Principal | None
     address: str
     domain: str
+    credential: Credential | None
 
 
 class HandshakeGate:
@@ -66,10 +67,12 @@ class HandshakeGate:
             )
         try:
             token = bearer_token(request.headers.get("Authorization"))
+            credential = None
             if token is None:
                 principal = self.authenticator.without_credentials(address)
             else:
-                principal = await self.authenticator.from_token(token, address)
+                credential = await self.authenticator.from_token(token, address)
+                principal = credential.principal
         except (Unauthorized, AuthUnavailable) as exc:
             return _refusal(exc)
         if principal is None:
@@ -89,7 +92,7 @@ class HandshakeGate:
                 return _refusal(exc)
         self._open[address] += 1
         domain = request.headers.get("Host") or ""
-        self._admitted[connection] = Admitted(principal, address, domain)
+        self._admitted[connection] = Admitted(principal, address, domain, credential)
         watcher = asyncio.create_task(self._forget_when_closed(connection))
         self._watchers.add(watcher)
         watcher.add_done_callback(self._watchers.discard)
@@ -106,6 +109,8 @@ class HandshakeGate:
             principal=admitted.principal,
             address=admitted.address,
             domain=admitted.domain,
+            credential=admitted.credential,
+            recheck_s=self._settings.credential_recheck_s,
             on_authenticated=lambda: self._done_pending(connection),
         )
 

@@ -36,7 +36,7 @@ async def fake_gateway(
     settings = replace(Settings(port=0, default_model_id=FAKE_MODEL_ID), **overrides)
     status = MeshStatusCache(backend.model_ids, backend.coverage, refresh_s=60)
     await status.refresh()
-    known = dict(keys or {})
+    known = keys if keys is not None else {}  # not copied: a test may revoke a key
 
     async def verify(presented_key: str) -> KeyPrincipal | None:
         return known.get(presented_key)

@@ -4,6 +4,7 @@ real sockets over the scripted mesh."""
 
 import asyncio
 import json
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -11,7 +12,13 @@ import pytest
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
+from farmesh_ws.auth.connection import ConnectionIdentity
+from farmesh_ws.auth.credentials import Authenticator, Credential
+from farmesh_ws.config import Settings
+from farmesh_ws.core.principal import Principal, PrincipalKind
 from farmesh_ws.engine.events import Observer, RequestEvent, RequestStarted
+from farmesh_ws.engine.quotas import Quotas
+from farmesh_ws.errors import Unauthorized
 from farmesh_ws.ledger.keys import KeyPrincipal
 from farmesh_ws.mesh.fake import FakeBackend
 from farmesh_ws.transport.ws import GatewayServer
@@ -231,3 +238,48 @@ async def test_auth_after_open_or_twice_is_refused(
         assert (await _recv(ws))["type"] == "authenticated"
         await ws.send(json.dumps({"type": "auth", "token": ALICE}))
         assert (await _recv(ws))["code"] == "invalid_request"
+
+
+async def test_a_revoked_key_stops_working_on_open_connections() -> None:
+    keys = dict(KEYS)
+    server = await fake_gateway(
+        FakeBackend(reply="ok"), keys=keys, auth="required", credential_recheck_s=1e-9
+    )
+    try:
+        async with connect(
+            f"ws://127.0.0.1:{server.port}/ws", additional_headers=_headers(ALICE)
+        ) as ws:
+            await ws.send(json.dumps({"type": "open"}))
+            assert (await _recv(ws))["type"] == "opened"
+            del keys[ALICE]  # `farmesh-ws keys revoke`
+            await ws.send(json.dumps({"type": "turn", "request_id": "1", "text": "hi"}))
+            refused = await _recv(ws)
+            assert (refused["type"], refused["code"]) == ("error", "unauthorized")
+    finally:
+        await server.shutdown()
+
+
+async def test_an_expired_session_token_stops_working_on_open_connections() -> None:
+    settings = Settings(auth="required")
+    authenticator = Authenticator(settings)
+    wallet = Principal(PrincipalKind.WALLET, ALICE_WALLET, ALICE_WALLET, "addr")
+    quotas = Quotas(settings)
+    live = ConnectionIdentity(
+        authenticator,
+        quotas,
+        principal=wallet,
+        address="127.0.0.1",
+        domain="test",
+        credential=Credential(wallet, "fms_live", time.time() + 60),
+    )
+    assert await live.current() is wallet
+    expired = ConnectionIdentity(
+        authenticator,
+        quotas,
+        principal=wallet,
+        address="127.0.0.1",
+        domain="test",
+        credential=Credential(wallet, "fms_old", time.time() - 1),
+    )
+    with pytest.raises(Unauthorized, match="expired"):
+        await expired.current()

@@ -25,7 +25,6 @@ from farmesh_ws.api.petals_v2.parse import (
     parse_open,
 )
 from farmesh_ws.auth.connection import ConnectionIdentity
-from farmesh_ws.auth.credentials import SignIn
 from farmesh_ws.core.types import FinishReason
 from farmesh_ws.engine.conversation import Client, Conversation
 from farmesh_ws.engine.engine import Engine
@@ -115,17 +114,17 @@ class PetalsV2Connection:
     async def _authenticate(self, request: dict[str, Any]) -> None:
         """protocol.md §2.1: an optional first ``auth`` message, answered in this API's style."""
         auth = parse_auth(request)
-        result = await self.identity.authenticate(
+        credential = await self.identity.authenticate(
             token=auth.token, message=auth.message, signature=auth.signature
         )
-        principal = result.principal if isinstance(result, SignIn) else result
+        principal = credential.principal
         answer: dict[str, Any] = {
             "ok": True,
             "principal": principal.principal_id,
             "wallet": principal.wallet,
         }
-        if isinstance(result, SignIn):
-            answer.update(token=result.token, expires_at=result.expires_at)
+        if credential.issued:
+            answer.update(token=credential.token, expires_at=credential.expires_at)
         await self._send(answer)
 
     async def _send(self, payload: dict[str, Any]) -> None:
@@ -150,7 +149,7 @@ class PetalsV2Connection:
             await self._authenticate(request)
             request = await self._receive("open_inference_session")
         opened = parse_open(request)
-        self.client = client = Client(self._client_key, self.identity.require())
+        self.client = client = Client(self._client_key, await self.identity.current())
         self.conversation = await self._engine.sessions.open(
             kind=TURN_KIND,
             principal=client.principal,
@@ -190,6 +189,7 @@ class PetalsV2Connection:
         client = self.client
         if client is None:
             raise FarmeshError("generate before the session was opened")
+        await self.identity.current()
         active = await self._engine.runner.admit(client, spec)
         if self._closing:
             active.cancel()
