@@ -112,6 +112,9 @@ class ActiveRequest:
         self.sampling = sampling
         self.budget_far = budget_far
         self.one_shot = one_shot
+        self.free_tokens_left: int | None = None
+        """When the anonymous free quota is smaller than what the request may generate: how
+        many tokens it may generate over all its steps (None: the quota does not bind)."""
         self._on_end = on_end
         self.ended = asyncio.Event()
         self.task: asyncio.Task[None] | None = None

@@ -7,8 +7,9 @@ billed wallet is the principal's own (``wallet_mismatch``), the principal has a 
 (``quota_exceeded``), the model is served (a one-shot request opens its own mesh session and
 reserves prompt + ``max_new_tokens`` of context), the turn fits the session's remaining
 ``max_length`` (context room), the budget pays for at least one token, the anonymous free
-quota has room, then the principal's rate limit, and last the prepaid hold on the wallet's
-balance (:mod:`~farmesh_ws.engine.allowances`). A refused request raises a
+quota has room, the prepaid hold on the wallet's balance is taken
+(:mod:`~farmesh_ws.engine.allowances`), and last the principal's rate limit (a hold taken is
+given back when a later check refuses). A refused request raises a
 :class:`~farmesh_ws.errors.FarmeshError` and leaves no trace (nothing sent to the mesh,
 billed or recorded; protocol.md §3.2). An admitted request always settles
 (:meth:`~farmesh_ws.engine.request.ActiveRequest.finish`).
@@ -65,7 +66,9 @@ class RequestSpec:
     whose gaps take the defaults (greedy, ``default_max_new_tokens``). ``conversation`` None: a
     one-shot request on a fresh mesh session of ``model_id``, closed afterwards. ``wallet``: the
     wallet a one-shot request names, a claim checked against the principal (a conversation's
-    wallet is its own).
+    wallet is its own). ``total_new_tokens``: the most the whole request may generate over
+    all its steps (chat.petals.dev's loop), when more than ``sampling.max_new_tokens``; its
+    hold and free quota cover that many.
     """
 
     request_id: str
@@ -77,6 +80,7 @@ class RequestSpec:
     max_cost_far: Decimal | None = None
     model_id: str | None = None
     wallet: str | None = None
+    total_new_tokens: int | None = None
 
 
 class RequestSink(Protocol):
@@ -157,19 +161,25 @@ class RequestRunner:
         hold: Decimal | None = None
         try:
             token_ids = self._tokens(spec, mesh)
+            total = spec.total_new_tokens or sampling.max_new_tokens
+            free_left: int | None = None
             if conversation is None:
                 reservation = self._reserve_one_shot(client, mesh, len(token_ids), sampling)
             budget = self._budget(spec, conversation, len(token_ids))
             if self._free.applies(client.principal):
                 allowance = await self._free.allowance(client.principal, len(token_ids))
+                if allowance < total:
+                    total = free_left = allowance
                 if allowance < sampling.max_new_tokens:
                     sampling = replace(sampling, max_new_tokens=allowance)
-            await self._take_rate_token(client)
             context = self._context(client, spec, mesh, wallet)
-            hold = await self._hold(context, len(token_ids), sampling)
+            hold = await self._hold(context, len(token_ids), total)
             if hold is not None:
                 budget = hold if budget is None else min(budget, hold)
                 context = replace(context, held_far=hold)
+            # after the hold: a request refused for its balance uses no rate token, and a
+            # rate-limited one gives its hold back (below)
+            await self._take_rate_token(client)
             if self._stopping():  # shutdown began while this request was being admitted
                 raise ShuttingDown("the server is shutting down; retry on another server")
         except BaseException:
@@ -180,7 +190,9 @@ class RequestRunner:
             if conversation is None:
                 await mesh.aclose()
             raise
-        return self._start(client, spec, context, mesh, token_ids, sampling, budget, reservation)
+        active = self._start(client, spec, context, mesh, token_ids, sampling, budget, reservation)
+        active.free_tokens_left = free_left
+        return active
 
     def launch(self, active: ActiveRequest, sink: RequestSink) -> None:
         """Run a one-step request (a chat turn or one-shot) in its own task, into ``sink``."""
@@ -228,13 +240,14 @@ class RequestRunner:
         return reservation
 
     async def _hold(
-        self, context: RequestContext, prompt_tokens: int, sampling: SamplingParams
+        self, context: RequestContext, prompt_tokens: int, new_tokens: int
     ) -> Decimal | None:
-        """The prepaid hold for a wallet's request (None: balances off or no wallet)."""
+        """The prepaid hold for a wallet's request of at most ``new_tokens`` (None: balances
+        off or no wallet)."""
         if self._holds is None or context.wallet is None:
             return None
         prices = self._settings.prices
-        maximum = prices.cost(prompt_tokens, sampling.max_new_tokens)
+        maximum = prices.cost(prompt_tokens, new_tokens)
         if maximum <= 0:  # a free mesh: nothing to hold
             return None
         return await self._holds.take(

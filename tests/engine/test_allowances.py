@@ -93,3 +93,27 @@ async def test_anonymous_use_has_a_daily_free_quota() -> None:
     assert 0 < refused["retry_after_s"] <= 86400
     (finished,) = h.recorder.of(RequestFinished)
     assert (finished.context.wallet, finished.context.principal_id) == (None, "anonymous")
+
+
+async def test_a_request_refused_for_its_balance_uses_no_rate_token() -> None:
+    balances = Balances(Decimal(0))
+    h = harness(principal=KEYED, holds=balances, auth="required", requests_burst=1)
+    await h.send({"type": "open"})
+    await h.send({"type": "turn", "request_id": "a", "text": "hi"})
+    balances.balance = Decimal(1)  # `farmesh-ws ledger credit`
+    await h.send({"type": "turn", "request_id": "b", "text": "hi"})
+    await h.finish_running()
+    assert [f["code"] for f in h.of_type("error")] == ["insufficient_balance"]
+    assert h.of_type("done")[0]["request_id"] == "b"
+
+
+async def test_a_rate_limited_request_gives_its_hold_back() -> None:
+    balances = Balances(Decimal(1))
+    h = harness(principal=KEYED, holds=balances, auth="required", requests_burst=1)
+    await h.send({"type": "open"})
+    await h.send({"type": "turn", "request_id": "a", "text": "hi", "max_new_tokens": 1})
+    await h.finish_running()
+    await h.send({"type": "turn", "request_id": "b", "text": "hi"})
+    assert [f["code"] for f in h.of_type("error")] == ["rate_limited"]
+    assert list(balances.holds) == [h.recorder.of(RequestFinished)[0].context.hold_id]
+    assert len(balances.released) == 1

@@ -104,3 +104,39 @@ async def test_concurrent_requests_never_overdraw_a_balance(
     assert after.held == 0
     assert after.balance == CREDIT - sum(costs) >= 0
     assert sum(costs) > 0
+
+
+async def test_a_chat_petals_dev_request_is_held_for_all_its_steps(
+    writer: LedgerWriter, tmp_path: Path
+) -> None:
+    """chat.js asks for one token per step and loops until its stop sequence: the hold covers
+    the whole request (what the session has room for), not the first step."""
+    ledger = writer.ledger
+    await balances.credit(ledger, WALLET, Decimal(1))
+    server = await fake_gateway(
+        FakeBackend(reply="x" * 50),  # each step of the scripted mesh gives one "x"
+        keys={KEY: KeyPrincipal("fk_dave", WALLET, None)},
+        auth="required",
+        observers=[LedgerObserver(writer, TurnCheckpoints(tmp_path / "checkpoints"))],
+        holds=LedgerHolds(ledger, 3600),
+        price_per_token_far=Decimal("0.0001"),
+    )
+    url = f"ws://127.0.0.1:{server.port}/api/v2/generate"
+    outputs = []
+    async with connect(url, additional_headers={"Authorization": f"Bearer {KEY}"}) as ws:
+        await ws.send(json.dumps({"type": "open_inference_session", "max_length": 256}))
+        assert json.loads(await ws.recv()) == {"ok": True}
+        request = {"type": "generate", "inputs": "Hi", "max_new_tokens": 1}
+        await ws.send(json.dumps({**request, "stop_sequence": "xxxxxxxx"}))
+        while True:
+            reply = json.loads(await ws.recv())
+            assert reply["ok"] is True, reply
+            outputs.append(reply["outputs"])
+            if reply["stop"]:
+                break
+    await server.shutdown()
+    await writer.flush()
+    assert "".join(outputs) == "xxxxxxxx"  # 8 steps; a hold of one step's cost stopped at 1
+    spent = await ledger.database.fetch_val("SELECT SUM(cost_far_e8) FROM turns")
+    [after] = await balances.balances(ledger, WALLET)
+    assert (after.balance, after.held) == (Decimal(1) - Decimal(spent) / 10**8, Decimal(0))

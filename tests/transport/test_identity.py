@@ -283,3 +283,23 @@ async def test_an_expired_session_token_stops_working_on_open_connections() -> N
     )
     with pytest.raises(Unauthorized, match="expired"):
         await expired.current()
+
+
+async def test_the_anonymous_free_quota_binds_a_whole_chat_petals_dev_request() -> None:
+    backend = FakeBackend(reply="x" * 300)
+    server = await fake_gateway(backend, auth="optional", anonymous_tokens_per_day=40)
+    try:
+        url = f"ws://127.0.0.1:{server.port}/api/v2/generate"
+        async with connect(url) as ws:
+            await ws.send(json.dumps({"type": "open_inference_session", "max_length": 512}))
+            assert (await _recv(ws))["ok"] is True
+            request = {"type": "generate", "inputs": "hi", "max_new_tokens": 1}
+            await ws.send(json.dumps({**request, "stop_sequence": "never"}))
+            streamed = 0
+            while (reply := await _recv(ws))["ok"]:
+                streamed += reply["token_count"]
+        assert reply["traceback"].startswith("quota_exceeded: ")
+        prompt = len(backend.sessions[0].encode("hi"))
+        assert 0 < streamed <= 40 - prompt
+    finally:
+        await server.shutdown()

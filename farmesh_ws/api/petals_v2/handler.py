@@ -35,6 +35,7 @@ from farmesh_ws.errors import (
     IdleTimeout,
     InvalidRequest,
     MeshError,
+    QuotaExceeded,
     ShuttingDown,
     Unauthorized,
 )
@@ -185,6 +186,10 @@ class PetalsV2Connection:
             conversation=conversation,
             token_ids=tuple(input_ids),
             max_cost_far=generate.max_cost_far,
+            # steps run until the stop sequence: at most what the session has room for
+            total_new_tokens=max(
+                1, mesh.max_length - mesh.position - mesh.pending_tokens - len(input_ids)
+            ),
         )
         client = self.client
         if client is None:
@@ -273,4 +278,10 @@ class PetalsV2Connection:
                 held = []
                 if stop:
                     return done.finish_reason
-            sampling = replace(sampling, max_new_tokens=self._step_size(generate, 0))
+            step = self._step_size(generate, 0)
+            if active.free_tokens_left is not None:  # the anonymous free quota binds
+                left = active.free_tokens_left - active.generated
+                if left <= 0:
+                    raise QuotaExceeded("the free token quota of anonymous use is spent")
+                step = min(step, left)
+            sampling = replace(sampling, max_new_tokens=step)
