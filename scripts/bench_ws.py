@@ -251,8 +251,8 @@ class ServerChild:
         options = (kind, args.tokens, args.rate, args.server_gc, child_end)
         self.process = context.Process(target=server_process, args=options, daemon=True)
         self.process.start()
-        if not self._pipe.poll(60):
-            raise RuntimeError(f"the {kind} server did not start in 60 s")
+        if not self._pipe.poll(180):  # the child imports torch (gateway.py) first
+            raise RuntimeError(f"the {kind} server did not start in 180 s")
         port, key = self._pipe.recv()
         self.url = f"ws://127.0.0.1:{port}/ws"
         self.headers = None if key is None else {"Authorization": f"Bearer {key}"}
