@@ -32,6 +32,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     for handler in logging.getLogger().handlers:
         handler.addFilter(LogContextFilter())
     logging.getLogger("databases").setLevel(logging.WARNING)
+    # websockets logs every handshake header and frame at DEBUG: Authorization: Bearer keys,
+    # auth messages and user text. Never that, whatever the level.
+    logging.getLogger("websockets").setLevel(logging.INFO)
     if not hasattr(args, "handler"):
         parser.print_help(sys.stderr)
         return 2

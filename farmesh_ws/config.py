@@ -92,6 +92,7 @@ class Settings:
     siwe_chain_id: int = 1
     siwe_nonce_ttl_s: float = 300.0
     siwe_session_ttl_s: float = 3600.0
+    siwe_nonces_per_minute: float = 30.0
     balances: str = "prepaid"
     balance_hold_ttl_s: float = 3600.0
     max_connections_per_address: int = 64
@@ -261,6 +262,7 @@ def _validated(settings: Settings) -> Settings:
         (settings.siwe_chain_id >= 1, "siwe_chain_id must be at least 1"),
         (settings.siwe_nonce_ttl_s > 0, "siwe_nonce_ttl_s must be positive"),
         (settings.siwe_session_ttl_s > 0, "siwe_session_ttl_s must be positive"),
+        (settings.siwe_nonces_per_minute > 0, "siwe_nonces_per_minute must be positive"),
         (
             settings.anonymous_requests_per_minute > 0,
             "anonymous_requests_per_minute must be positive",

@@ -9,10 +9,12 @@ import asyncio
 import contextlib
 import gc
 import logging
+import os
+import secrets
 import signal
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from decimal import Decimal
 from pathlib import Path
 
@@ -86,6 +88,7 @@ async def running_gateway(settings: Settings, *, progress: bool = True) -> Async
     check_servable(settings)
     check_exposure(settings)
     home = farmesh_home()
+    settings = with_address_hash_key(settings, home)
     model_path = await asyncio.to_thread(prepare_bundled_model, home, progress=progress)
     dht_prefix = dht_prefix_for(BUNDLED_MODEL_ID)
     swarm: LocalSwarm | None = None
@@ -159,6 +162,21 @@ async def running_gateway(settings: Settings, *, progress: bool = True) -> Async
         await server.start()
         stack.push_async_callback(server.shutdown)
         yield Gateway(server, backend, status, swarm, writer)
+
+
+def with_address_hash_key(settings: Settings, home: Path) -> Settings:
+    """``address_hash_key`` as configured, else a random one kept in ``$FARMESH_HOME`` (mode
+    0600) so that hashed addresses, and the anonymous quotas and rate limits keyed by them,
+    survive a restart. Gateways sharing a state store must set the same key."""
+    if settings.address_hash_key:
+        return settings
+    path = home / "address-hash.key"
+    if not path.exists():
+        home.mkdir(parents=True, exist_ok=True)
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(descriptor, "w") as file:
+            file.write(secrets.token_hex(32))
+    return replace(settings, address_hash_key=path.read_text().strip())
 
 
 class LedgerHolds:

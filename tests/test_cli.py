@@ -18,7 +18,7 @@ import pytest
 from websockets.sync.client import connect
 
 from farmesh_ws.config import Settings
-from farmesh_ws.gateway import check_exposure
+from farmesh_ws.gateway import check_exposure, with_address_hash_key
 
 
 class Command:
@@ -181,3 +181,15 @@ def test_serve_runs_the_embedded_default_and_stops_cleanly_on_sigterm(
     assert kinds[0] == "token"
     assert "done" in kinds
     _stop_and_check_nothing_is_left(command.process, signal.SIGTERM)
+
+
+def test_the_address_hash_key_survives_a_restart(tmp_path: Path) -> None:
+    """Anonymous quotas and rate limits are keyed by hashed addresses: a restart must hash an
+    address as before, so the key is kept in FARMESH_HOME (owner-only) unless configured."""
+    first = with_address_hash_key(Settings(), tmp_path)
+    again = with_address_hash_key(Settings(), tmp_path)
+    assert len(first.address_hash_key) == 64
+    assert again.address_hash_key == first.address_hash_key
+    assert (tmp_path / "address-hash.key").stat().st_mode & 0o777 == 0o600
+    configured = with_address_hash_key(Settings(address_hash_key="set"), tmp_path)
+    assert configured.address_hash_key == "set"

@@ -3,6 +3,8 @@
 import asyncio
 import json
 import logging
+import subprocess
+import sys
 from typing import Any
 
 import pytest
@@ -41,3 +43,19 @@ async def test_a_connections_records_carry_its_ids(caplog: pytest.LogCaptureFixt
     assert conn.startswith("conn=")
     closed = next(r for r in caplog.records if r.getMessage().startswith("closed ("))
     assert closed.log_context == f"{conn} session={opened['session_id'][:8]} "
+
+
+def test_debug_logging_never_shows_websockets_headers_or_frames() -> None:
+    """websockets logs handshake headers (Authorization: Bearer ...) and frames (auth messages,
+    user text) at DEBUG; the CLI keeps that logger at INFO even with --log-level DEBUG."""
+    script = (
+        "import logging, sys\n"
+        "from farmesh_ws.cli import main\n"
+        "main(['--log-level', 'DEBUG'])\n"
+        "print(logging.getLogger('websockets.server').isEnabledFor(logging.DEBUG),"
+        " logging.getLogger('farmesh_ws').isEnabledFor(logging.DEBUG))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert result.stdout.split() == ["False", "True"]

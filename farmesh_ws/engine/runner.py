@@ -17,6 +17,7 @@ billed or recorded; protocol.md §3.2). An admitted request always settles
 
 import asyncio
 import logging
+import math
 import time
 import uuid
 from collections.abc import Callable
@@ -300,10 +301,11 @@ class RequestRunner:
             if principal.kind is PrincipalKind.ANONYMOUS
             else settings.requests_per_minute
         )
+        burst = settings.requests_burst
+        if principal.limits.requests_per_minute is not None:  # a key's own rate: its own burst
+            burst = min(burst, max(1, math.ceil(principal.limits.requests_per_minute)))
         decision = await self._store.take_tokens(
-            f"requests:{principal.quota_key}",
-            rate_per_s=per_minute / 60,
-            burst=settings.requests_burst,
+            f"requests:{principal.quota_key}", rate_per_s=per_minute / 60, burst=burst
         )
         if not decision.allowed:
             wait = round(decision.retry_after_s, 1)

@@ -1,13 +1,15 @@
 """Who may open a WebSocket, decided at the HTTP handshake (protocol.md §2.1, §9).
 
-:class:`HandshakeGate` counts open connections per client address (``max_connections_per_address``)
-and connections still owing credentials (``max_pending_auth_per_address``), reads an
-``Authorization: Bearer`` credential into a principal, and takes the principal's connection slot.
-A refusal is an HTTP status and a JSON ``{"error": code}``: 401 ``unauthorized`` (with
-``WWW-Authenticate: Bearer``, RFC 6750 §3), 503 ``auth_unavailable``, 429 ``quota_exceeded``.
+:class:`HandshakeGate` counts open connections (``max_connections``), per client address
+(``max_connections_per_address``, IPv6 per /64) and those still owing credentials
+(``max_pending_auth_per_address``), reads an ``Authorization: Bearer`` credential into a
+principal, and takes the principal's connection slot. A refusal is an HTTP status and a JSON
+``{"error": code, "message": ...}``: 401 ``unauthorized`` (with ``WWW-Authenticate: Bearer``,
+RFC 6750 §3), 429 ``quota_exceeded``, 503 ``too_many_connections`` or ``auth_unavailable``.
 """
 
 import asyncio
+import ipaddress
 from collections import Counter
 from dataclasses import dataclass
 from http import HTTPStatus
@@ -54,17 +56,42 @@ class HandshakeGate:
         self._pending_connections: set[ServerConnection] = set()
         self._handled: set[ServerConnection] = set()
         self._watchers: set[asyncio.Task[None]] = set()
+        self.total = 0
+        """Connections admitted (or being admitted) and not closed yet, on every path."""
 
     async def check(self, connection: ServerConnection, request: Request) -> Refusal | None:
-        """Admit a handshake or say why not; an admitted one is counted until it closes."""
-        address = _address(connection)
+        """Admit a handshake or say why not; an admitted one is counted until it closes. The
+        connection is counted (in all and for its address) before the credential lookup, so
+        concurrent handshakes cannot all pass the caps while each waits on the ledger."""
+        address = client_address(connection)
         settings = self._settings
+        if self.total >= settings.max_connections:
+            return Refusal(
+                HTTPStatus.SERVICE_UNAVAILABLE,
+                "too_many_connections",
+                f"this gateway holds its {settings.max_connections} connections; retry later",
+            )
         if self._open[address] >= settings.max_connections_per_address:
             return Refusal(
                 HTTPStatus.TOO_MANY_REQUESTS,
                 "quota_exceeded",
                 f"at most {settings.max_connections_per_address} connections per address",
             )
+        self.total += 1
+        self._open[address] += 1
+        refusal = await self._admit(connection, request, address)
+        if refusal is not None:
+            self._forget_address(address)
+            return refusal
+        watcher = asyncio.create_task(self._forget_when_closed(connection))
+        self._watchers.add(watcher)
+        watcher.add_done_callback(self._watchers.discard)
+        return None
+
+    async def _admit(
+        self, connection: ServerConnection, request: Request, address: str
+    ) -> Refusal | None:
+        settings = self._settings
         try:
             token = bearer_token(request.headers.get("Authorization"))
             credential = None
@@ -90,12 +117,8 @@ class HandshakeGate:
                 self._quotas.connect(principal)
             except QuotaExceeded as exc:
                 return _refusal(exc)
-        self._open[address] += 1
         domain = request.headers.get("Host") or ""
         self._admitted[connection] = Admitted(principal, address, domain, credential)
-        watcher = asyncio.create_task(self._forget_when_closed(connection))
-        self._watchers.add(watcher)
-        watcher.add_done_callback(self._watchers.discard)
         return None
 
     def identity(self, connection: ServerConnection) -> ConnectionIdentity:
@@ -121,9 +144,13 @@ class HandshakeGate:
         if connection not in self._handled and admitted.principal is not None:
             self._quotas.disconnect(admitted.principal)  # the handler never ran
         self._handled.discard(connection)
-        self._open[admitted.address] -= 1
-        if self._open[admitted.address] <= 0:
-            del self._open[admitted.address]
+        self._forget_address(admitted.address)
+
+    def _forget_address(self, address: str) -> None:
+        self.total -= 1
+        self._open[address] -= 1
+        if self._open[address] <= 0:
+            del self._open[address]
 
     def _done_pending(self, connection: ServerConnection) -> None:
         """A connection that owed credentials authenticated or closed (counted once)."""
@@ -136,9 +163,21 @@ class HandshakeGate:
             del self._pending[address]
 
 
-def _address(connection: ServerConnection) -> str:
+def client_address(connection: ServerConnection) -> str:
+    """The client's IP address; an IPv6 one as its /64, which one subscriber usually holds
+    whole (RFC 6177), so that a client cannot take a fresh per-address quota per address."""
     remote = connection.remote_address
-    return str(remote[0]) if remote else "unknown"
+    if not remote:
+        return "unknown"
+    try:
+        ip = ipaddress.ip_address(str(remote[0]))
+    except ValueError:
+        return str(remote[0])
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.ip_network(f"{ip}/64", strict=False))
+    return str(ip)
 
 
 def _refusal(error: FarmeshError) -> Refusal:

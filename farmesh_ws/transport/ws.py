@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import math
 import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from http import HTTPStatus
@@ -42,7 +43,7 @@ from farmesh_ws.metrics import Metrics, MetricsObserver
 from farmesh_ws.models.generation import Sampling
 from farmesh_ws.state import MemoryStateStore
 from farmesh_ws.state.registry import SessionRegistry
-from farmesh_ws.transport.handshake import HandshakeGate, Refusal
+from farmesh_ws.transport.handshake import HandshakeGate, Refusal, client_address
 from farmesh_ws.transport.nonce import NonceIssuer, nonce_route
 from farmesh_ws.transport.origin import origin_allowed, parse_origin
 
@@ -146,6 +147,7 @@ class GatewayServer:
         self._shutting_down = True
         self._server.close(close_connections=False)
         await self.engine.drain(self.settings.shutdown_grace_s)
+        await self.engine.free_tokens.aclose()  # the last requests' free-token counts
         closing = [
             connection.close(CloseCode.GOING_AWAY, "server shutting down")
             for connection in self._connections
@@ -178,6 +180,9 @@ class GatewayServer:
         if route is not None:
             return await route()
         if path == NONCE_PATH:
+            refused = await self._nonce_rate(connection)
+            if refused is not None:
+                return refused
             status, body = await nonce_route(self._nonces, request, self.settings)
             return _json_response(status, body)
         if path == "/" or path.startswith("/static/"):
@@ -190,10 +195,22 @@ class GatewayServer:
             return _json_response(HTTPStatus.FORBIDDEN, {"error": "origin_not_allowed"})
         if self._shutting_down:
             return _json_response(HTTPStatus.SERVICE_UNAVAILABLE, {"error": "shutting_down"})
-        if len(self._connections) >= self.settings.max_connections:
-            return _json_response(HTTPStatus.SERVICE_UNAVAILABLE, {"error": "too_many_connections"})
         refusal = await self.gate.check(connection, request)
         return None if refusal is None else _refusal_response(refusal)
+
+    async def _nonce_rate(self, connection: ServerConnection) -> Response | None:
+        """Nonces are kept in the state store until they expire: at most
+        ``siwe_nonces_per_minute`` per client address, so none can fill it (HTTP 429)."""
+        per_minute = self.settings.siwe_nonces_per_minute
+        address = self.gate.authenticator.address_hash(client_address(connection))
+        decision = await self.registry.store.take_tokens(
+            f"nonces:{address}", rate_per_s=per_minute / 60, burst=max(1, int(per_minute / 2))
+        )
+        if decision.allowed:
+            return None
+        refused = _json_response(HTTPStatus.TOO_MANY_REQUESTS, {"error": "rate_limited"})
+        refused.headers["Retry-After"] = str(math.ceil(decision.retry_after_s))
+        return refused
 
     @staticmethod
     def _json_route(body: Callable[[], dict[str, Any]]) -> Callable[[], Awaitable[Response]]:

@@ -15,6 +15,7 @@ from websockets.exceptions import InvalidStatus
 from farmesh_ws.core.principal import Limits
 from farmesh_ws.ledger.keys import KeyPrincipal
 from farmesh_ws.mesh.fake import FakeBackend
+from farmesh_ws.transport.handshake import client_address
 from farmesh_ws.transport.ws import GatewayServer
 from tests.engine.support import release
 from tests.transport.support import fake_gateway
@@ -248,3 +249,35 @@ async def test_a_key_s_own_caps_replace_the_configured_ones(backend: FakeBackend
     for ws in held:
         await ws.close()
     await server.shutdown()
+
+
+async def test_a_key_s_own_rate_brings_its_own_burst(backend: FakeBackend) -> None:
+    keys = {"fmk_slow": KeyPrincipal("fk_slow", "w-slow", None, Limits(requests_per_minute=1))}
+    server = await fake_gateway(backend, keys=keys, auth="required", requests_burst=20)
+    url = f"ws://127.0.0.1:{server.port}/ws"
+    async with connect(url, additional_headers={"Authorization": "Bearer fmk_slow"}) as ws:
+        codes = []
+        for request_id in ("a", "b"):
+            request = {"type": "generate", "request_id": request_id, "prompt": "hi"}
+            await ws.send(json.dumps({**request, "max_tokens": 1}))
+            while (frame := await _recv(ws))["type"] not in ("done", "error"):
+                pass
+            codes.append(frame.get("code", frame["type"]))
+    await server.shutdown()
+    assert codes == ["done", "rate_limited"]  # not 20 at once
+
+
+@pytest.mark.parametrize(
+    ("peer", "bucket"),
+    [
+        ("203.0.113.7", "203.0.113.7"),
+        ("2001:db8:1:2:aaaa::1", "2001:db8:1:2::/64"),
+        ("2001:db8:1:2:bbbb::9", "2001:db8:1:2::/64"),  # the same subscriber's /64
+        ("::ffff:198.51.100.4", "198.51.100.4"),
+    ],
+)
+def test_client_addresses_are_bucketed_as_subscribers(peer: str, bucket: str) -> None:
+    class Peer:
+        remote_address = (peer, 40000)
+
+    assert client_address(Peer()) == bucket  # type: ignore[arg-type]

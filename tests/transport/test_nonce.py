@@ -90,3 +90,15 @@ async def test_without_sign_in_there_is_no_nonce() -> None:
     finally:
         await gateway.shutdown()
     assert (status, body) == (404, {"error": "not_found", "path": "/auth/nonce"})
+
+
+async def test_nonces_are_rate_limited_per_address() -> None:
+    """Each nonce is kept until it expires: one address cannot fill the store with them."""
+    gateway = await fake_gateway(FakeBackend(), siwe=True, siwe_nonces_per_minute=2)
+    try:
+        first = await asyncio.to_thread(_get, gateway.port, "")  # the burst is 1
+        second = await asyncio.to_thread(_get, gateway.port, "")
+    finally:
+        await gateway.shutdown()
+    assert first[0] == 200
+    assert second == (429, {"error": "rate_limited"})
