@@ -208,7 +208,7 @@ class LedgerHolds:
 
     async def release(self, hold_id: str) -> None:
         try:
-            await balances.settle_hold(self._ledger, hold_id, Decimal(0))
+            await balances.release_hold(self._ledger, hold_id)
         except LedgerUnavailable:
             logger.warning("could not release hold %s; it expires by itself", hold_id)
 

@@ -238,6 +238,29 @@ async def settle_hold(
         return await settle_hold_in(db, hold_id, to_e8(charged), at)
 
 
+async def release_hold(ledger: Ledger, hold_id: str, *, now: float | None = None) -> bool:
+    """Give back a hold no request used (its admission was refused after the hold was taken):
+    the hold is removed as if never taken, so its request id stays free and nothing records a
+    request that never ran. Returns False if the hold is unknown or already settled. Raises
+    LedgerUnavailable if the write fails."""
+    at = time.time() if now is None else now
+    db = ledger.database
+    async with guarded("write"), ledger.write_transaction():
+        row = await db.fetch_one(
+            """DELETE FROM balance_holds WHERE hold_id = :hold_id AND settled_at IS NULL
+               RETURNING wallet, amount_e8""",
+            {"hold_id": hold_id},
+        )
+        if row is None:
+            return False
+        await db.execute(
+            """UPDATE balances SET held_e8 = held_e8 - :amount_e8, updated_at = :now
+               WHERE wallet = :wallet""",
+            {"wallet": row["wallet"], "amount_e8": int(row["amount_e8"]), "now": at},
+        )
+    return True
+
+
 async def release_expired_holds(ledger: Ledger, now: float) -> int:
     """Settle for nothing every unsettled hold whose ``expires_at`` is before ``now`` (Unix s);
     return how many were released. Each is its own transaction, and one settled meanwhile by

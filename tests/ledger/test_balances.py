@@ -13,6 +13,7 @@ from farmesh_ws.ledger.balances import (
     balances,
     credit,
     release_expired_holds,
+    release_hold,
     settle_hold,
     take_hold,
 )
@@ -168,6 +169,19 @@ async def test_a_hold_id_is_used_once(ledger: Ledger) -> None:
     with pytest.raises(DuplicateHold):
         await _hold(ledger, "s:r1", "0.1", "0.1")
     assert await _info(ledger) == BalanceInfo("wallet-a", D("0.95"), D(0), D("0.95"))
+
+
+async def test_a_released_hold_leaves_no_trace(ledger: Ledger) -> None:
+    """A hold of a request refused after taking it: as if never taken, its id free again."""
+    await credit(ledger, "wallet-a", D(1))
+    await _hold(ledger, "s:r1", "0.1", "0.4")
+    assert await release_hold(ledger, "s:r1")
+    assert not await release_hold(ledger, "s:r1")  # once
+    assert await _info(ledger) == BalanceInfo("wallet-a", D(1), D(0), D(1))
+    assert await _hold(ledger, "s:r1", "0.1", "0.4") == D("0.4")  # the request may run now
+    assert await settle_hold(ledger, "s:r1", D("0.2"))
+    assert not await release_hold(ledger, "s:r1")  # a settled hold is not given back
+    assert await _info(ledger) == BalanceInfo("wallet-a", D("0.8"), D(0), D("0.8"))
 
 
 async def test_settling_charges_once_clamped_to_the_hold(ledger: Ledger) -> None:
