@@ -107,6 +107,7 @@ class Settings:
     anonymous_max_reserved_tokens: int = 4096
     anonymous_requests_per_minute: float = 30.0
     anonymous_tokens_per_day: int = 50000
+    anonymous_max_cache_share: float = 0.5
 
     @property
     def embedded_mesh(self) -> bool:
@@ -268,6 +269,10 @@ def _validated(settings: Settings) -> Settings:
             "anonymous_requests_per_minute must be positive",
         ),
         (settings.anonymous_tokens_per_day >= 0, "anonymous_tokens_per_day must not be negative"),
+        (
+            0 < settings.anonymous_max_cache_share <= 1,
+            "anonymous_max_cache_share must be above 0 and at most 1",
+        ),
         *((getattr(settings, name) >= 1, f"{name} must be at least 1") for name in _CAPS),
     ]
     for ok, message in checks:

@@ -50,6 +50,7 @@ class Reservation:
     quota_key: str
     model_id: str
     tokens: int
+    anonymous: bool = False
     allocated_at: float | None = None
     released: bool = False
 
@@ -76,6 +77,7 @@ class _Totals:
     requests: int = 0
     sessions: int = 0
     reserved: Counter[str] = field(default_factory=Counter)
+    reserved_anonymous: Counter[str] = field(default_factory=Counter)
 
 
 class Quotas:
@@ -154,11 +156,18 @@ class Quotas:
             principal,
             f"{caps.reserved_tokens} reserved context tokens ({held} held, {tokens} asked)",
         )
-        self._check_mesh(model_id, tokens)
-        reservation = Reservation(principal.quota_key, model_id, tokens)
+        anonymous = principal.kind is PrincipalKind.ANONYMOUS
+        try:
+            self._check_mesh(model_id, tokens, anonymous=anonymous)
+        except QuotaExceeded:
+            self._forget_if_idle(principal)
+            raise
+        reservation = Reservation(principal.quota_key, model_id, tokens, anonymous)
         self._reservations.add(reservation)
         usage.reserved_tokens += tokens
         self.totals.reserved[model_id] += tokens
+        if anonymous:
+            self.totals.reserved_anonymous[model_id] += tokens
         if session:
             usage.sessions += 1
             self.totals.sessions += 1
@@ -171,6 +180,8 @@ class Quotas:
         reservation.released = True
         self._reservations.discard(reservation)
         self.totals.reserved[reservation.model_id] -= reservation.tokens
+        if reservation.anonymous:
+            self.totals.reserved_anonymous[reservation.model_id] -= reservation.tokens
         usage = self._usage.get(reservation.quota_key)
         if usage is None:
             return
@@ -189,7 +200,9 @@ class Quotas:
             if r.model_id == model_id and (r.allocated_at is None or r.allocated_at >= checked_at)
         )
 
-    def _check_mesh(self, model_id: str, tokens: int) -> None:
+    def _check_mesh(self, model_id: str, tokens: int, *, anonymous: bool) -> None:
+        """``tokens`` fit in what the mesh has free; anonymous use all together holds at most
+        ``anonymous_max_cache_share`` of what this gateway could hold (free + reserved)."""
         if self._capacity is None:
             return
         capacity = self._capacity(model_id)
@@ -201,6 +214,14 @@ class Quotas:
                 f"the mesh has attention cache for {max(free, 0)} more tokens; this needs "
                 f"{tokens} (ask for a smaller max_length or retry when sessions close)"
             )
+        share = self._settings.anonymous_max_cache_share
+        if anonymous:
+            limit = int(share * (free + self.totals.reserved[model_id]))
+            if self.totals.reserved_anonymous[model_id] + tokens > limit:
+                raise QuotaExceeded(
+                    f"anonymous use may hold {share:.0%} of the mesh's attention cache, and "
+                    "holds it; use an API key or retry when sessions close"
+                )
 
     def _usage_of(self, principal: Principal) -> _Usage:
         return self._usage.setdefault(principal.quota_key, _Usage())
@@ -214,11 +235,14 @@ class Quotas:
         if usage.idle():
             del self._usage[principal.quota_key]
 
-    def _check(self, ok: bool, principal: Principal, what: str) -> None:
-        if ok:
-            return
+    def _forget_if_idle(self, principal: Principal) -> None:
         usage = self._usage.get(principal.quota_key)
         if usage is not None and usage.idle():
             del self._usage[principal.quota_key]
+
+    def _check(self, ok: bool, principal: Principal, what: str) -> None:
+        if ok:
+            return
+        self._forget_if_idle(principal)
         who = "this client address" if principal.anonymous else principal.principal_id
         raise QuotaExceeded(f"{who} may hold at most {what} at once")

@@ -281,3 +281,22 @@ def test_client_addresses_are_bucketed_as_subscribers(peer: str, bucket: str) ->
         remote_address = (peer, 40000)
 
     assert client_address(Peer()) == bucket  # type: ignore[arg-type]
+
+
+async def test_anonymous_use_all_together_holds_at_most_its_share_of_the_mesh() -> None:
+    """However many addresses: 1000 tokens of cache, a share of 0.5 → 500 for anonymous use."""
+    backend = FakeBackend(reply="abc", cache_tokens=1000)
+    server = await fake_gateway(backend, keys=KEYS, auth="optional", anonymous_max_cache_share=0.5)
+    url = f"ws://127.0.0.1:{server.port}/ws"
+    held = []
+    answers = []
+    for headers in (None, None, AUTH):  # anonymous, anonymous, then a key
+        ws = await connect(url, additional_headers=headers)
+        held.append(ws)
+        await ws.send(json.dumps({"type": "open", "max_length": 400}))
+        answers.append(_code(await _recv(ws)))
+    assert answers == ["ok", "quota_exceeded", "ok"]
+    assert server.engine.quotas.totals.reserved_anonymous[backend.model_ids[0]] == 400
+    for ws in held:
+        await ws.close()
+    await server.shutdown()
