@@ -12,23 +12,20 @@ import logging
 import os
 import secrets
 import signal
-import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
-from decimal import Decimal
 from pathlib import Path
 
 from farmesh_ws.auth.credentials import Authenticator
 from farmesh_ws.auth.siwe import SiweAuth
 from farmesh_ws.config import ConfigError, Settings
-from farmesh_ws.errors import AuthUnavailable, DuplicateRequestId
 from farmesh_ws.home import farmesh_home
-from farmesh_ws.ledger import balances
 from farmesh_ws.ledger.checkpoints import TurnCheckpoints
+from farmesh_ws.ledger.holds import LedgerHolds
 from farmesh_ws.ledger.keys import KeyPrincipal
 from farmesh_ws.ledger.keys import authenticate as authenticate_key
 from farmesh_ws.ledger.observer import LedgerObserver, recover_interrupted_turns
-from farmesh_ws.ledger.store import Ledger, LedgerUnavailable, database_url, redacted
+from farmesh_ws.ledger.store import Ledger, database_url, redacted
 from farmesh_ws.ledger.writer import LedgerWriter
 from farmesh_ws.mesh.petals import ModelSpec, PetalsBackend, PetalsBackendConfig
 from farmesh_ws.mesh.status import MeshStatusCache, ModelStatus
@@ -139,6 +136,8 @@ async def running_gateway(settings: Settings, *, progress: bool = True) -> Async
         wallets = WalletUsageObserver(store)
         stack.push_async_callback(wallets.aclose)
         ledger = writer.ledger
+        holds = LedgerHolds(ledger, settings.balance_hold_ttl_s)
+        stack.push_async_callback(holds.aclose)
 
         async def verify_key(presented_key: str) -> KeyPrincipal | None:
             return await authenticate_key(ledger, presented_key)
@@ -155,7 +154,7 @@ async def running_gateway(settings: Settings, *, progress: bool = True) -> Async
             registry=SessionRegistry(store),
             authenticator=Authenticator(settings, keys=verify_key, sessions=siwe, siwe=siwe),
             nonces=siwe,
-            holds=LedgerHolds(ledger, settings.balance_hold_ttl_s),
+            holds=holds,
             health_checks={"ledger": lambda: "database unreachable" if writer.degraded else None},
             generation={BUNDLED_MODEL_ID: recommended_sampling(model_path)},
         )
@@ -177,40 +176,6 @@ def with_address_hash_key(settings: Settings, home: Path) -> Settings:
         with os.fdopen(descriptor, "w") as file:
             file.write(secrets.token_hex(32))
     return replace(settings, address_hash_key=path.read_text().strip())
-
-
-class LedgerHolds:
-    """Prepaid holds on the ledger's balances (:class:`~farmesh_ws.engine.allowances.BalanceHolds`);
-    a hold left unsettled by a dead process is released after ``ttl_s``."""
-
-    def __init__(self, ledger: Ledger, ttl_s: float) -> None:
-        self._ledger = ledger
-        self._ttl_s = ttl_s
-
-    async def take(
-        self, *, wallet: str, hold_id: str, minimum: Decimal, maximum: Decimal
-    ) -> Decimal:
-        try:
-            return await balances.take_hold(
-                self._ledger,
-                wallet=wallet,
-                hold_id=hold_id,
-                minimum=minimum,
-                maximum=maximum,
-                expires_at=time.time() + self._ttl_s,
-            )
-        except LedgerUnavailable:
-            raise AuthUnavailable("balances cannot be checked right now; retry") from None
-        except balances.DuplicateHold:
-            raise DuplicateRequestId(
-                f"request {hold_id} already holds part of the balance"
-            ) from None
-
-    async def release(self, hold_id: str) -> None:
-        try:
-            await balances.release_hold(self._ledger, hold_id)
-        except LedgerUnavailable:
-            logger.warning("could not release hold %s; it expires by itself", hold_id)
 
 
 async def _start_ledger(settings: Settings, home: Path) -> tuple[LedgerObserver, LedgerWriter]:

@@ -79,8 +79,9 @@ from farmesh_ws.config import Settings
 from farmesh_ws.core.principal import Principal, PrincipalKind
 from farmesh_ws.engine.engine import Engine
 from farmesh_ws.engine.events import Observer
-from farmesh_ws.gateway import LedgerHolds, tune_gc_for_serving
+from farmesh_ws.gateway import tune_gc_for_serving
 from farmesh_ws.ledger import balances
+from farmesh_ws.ledger.holds import LedgerHolds
 from farmesh_ws.ledger.keys import KeyPrincipal, authenticate, create_key
 from farmesh_ws.ledger.store import Ledger
 from farmesh_ws.ledger.writer import LedgerWriter

@@ -13,9 +13,9 @@ from websockets.asyncio.client import connect
 
 from farmesh_ws.auth.credentials import Authenticator
 from farmesh_ws.config import Settings
-from farmesh_ws.gateway import LedgerHolds
 from farmesh_ws.ledger import balances
 from farmesh_ws.ledger.checkpoints import TurnCheckpoints
+from farmesh_ws.ledger.holds import LedgerHolds
 from farmesh_ws.ledger.keys import KeyPrincipal, authenticate, create_key
 from farmesh_ws.ledger.observer import LedgerObserver
 from farmesh_ws.ledger.store import Ledger

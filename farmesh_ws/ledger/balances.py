@@ -25,11 +25,13 @@ Errors: bad input raises :class:`BalanceRequestError` (a ValueError; a hold id a
 import re
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
 import msgspec
+from databases import Database
 
 from farmesh_ws.core.money import far, far_text, from_e8, to_e8
 from farmesh_ws.errors import InsufficientBalance
@@ -173,8 +175,39 @@ async def take_hold(
     InsufficientBalance if less than ``minimum`` is available (the message says how much is),
     DuplicateHold if ``hold_id`` was used before, BalanceRequestError for a bad wallet, an empty
     hold id or amounts that are not ``0 < minimum <= maximum`` with at most 8 decimals,
-    LedgerUnavailable if the database fails.
+    LedgerUnavailable if the database fails. :func:`hold_step` is the same as one step of a
+    group commit.
     """
+    step = hold_step(
+        ledger,
+        wallet=wallet,
+        hold_id=hold_id,
+        minimum=minimum,
+        maximum=maximum,
+        expires_at=expires_at,
+        now=now,
+    )
+    async with guarded("write"), ledger.write_transaction():
+        try:
+            return await step(ledger.database)
+        except (InsufficientBalance, DuplicateHold) as exc:  # a refusal, not a failure
+            refusal: InsufficientBalance | DuplicateHold = exc
+    raise refusal
+
+
+def hold_step(
+    ledger: Ledger,
+    *,
+    wallet: str,
+    hold_id: str,
+    minimum: Decimal,
+    maximum: Decimal,
+    expires_at: float,
+    now: float | None = None,
+) -> Callable[[Database], Awaitable[Decimal]]:
+    """:func:`take_hold` as a step to run inside the caller's write transaction (the
+    arguments are checked now: BalanceRequestError); the step raises InsufficientBalance or
+    DuplicateHold as take_hold does."""
     key = wallet_key(wallet)
     minimum_e8 = _amount_e8(minimum, "minimum")
     maximum_e8 = _amount_e8(maximum, "maximum")
@@ -190,33 +223,35 @@ async def take_hold(
         "now": time.time() if now is None else now,
         "expires_at": expires_at,
     }
-    db = ledger.database
-    async with guarded("write"):
-        if ledger.dialect == "postgresql":
+    postgresql = ledger.dialect == "postgresql"
+
+    async def step(db: Database) -> Decimal:
+        if postgresql:
             held_e8 = await db.fetch_val(_TAKE_HOLD_POSTGRESQL, values)
         else:
-            async with ledger.write_transaction():
-                held_e8 = await db.fetch_val(_TAKE_HOLD_SQLITE, values)
-                if held_e8 is not None:
-                    await db.execute(
-                        """UPDATE balances SET held_e8 = held_e8 + :held_e8, updated_at = :now
-                           WHERE wallet = :wallet""",
-                        {"held_e8": held_e8, "now": values["now"], "wallet": key},
-                    )
+            held_e8 = await db.fetch_val(_TAKE_HOLD_SQLITE, values)
+            if held_e8 is not None:
+                await db.execute(
+                    """UPDATE balances SET held_e8 = held_e8 + :held_e8, updated_at = :now
+                       WHERE wallet = :wallet""",
+                    {"held_e8": held_e8, "now": values["now"], "wallet": key},
+                )
         if held_e8 is not None:
             return from_e8(int(held_e8))
         taken = await db.fetch_val(
             "SELECT COUNT(*) FROM balance_holds WHERE hold_id = :hold_id", {"hold_id": hold_id}
         )
+        if taken:
+            raise DuplicateHold(f"hold {hold_id} was already taken")
         available_e8 = await db.fetch_val(
             "SELECT balance_e8 - held_e8 FROM balances WHERE wallet = :wallet", {"wallet": key}
         )
-    if taken:
-        raise DuplicateHold(f"hold {hold_id} was already taken")
-    raise InsufficientBalance(
-        f"balance {far_text(from_e8(int(available_e8 or 0)))} $FAR available;"
-        f" this request needs at least {far_text(minimum)}"
-    )
+        raise InsufficientBalance(
+            f"balance {far_text(from_e8(int(available_e8 or 0)))} $FAR available;"
+            f" this request needs at least {far_text(minimum)}"
+        )
+
+    return step
 
 
 async def settle_hold(

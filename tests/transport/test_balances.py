@@ -13,9 +13,9 @@ import pytest
 from websockets.asyncio.client import connect
 
 from farmesh_ws.engine.events import Observer, RequestEvent, RequestStarted
-from farmesh_ws.gateway import LedgerHolds
 from farmesh_ws.ledger import balances
 from farmesh_ws.ledger.checkpoints import TurnCheckpoints
+from farmesh_ws.ledger.holds import LedgerHolds
 from farmesh_ws.ledger.keys import KeyPrincipal
 from farmesh_ws.ledger.observer import LedgerObserver
 from farmesh_ws.ledger.store import Ledger
