@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from farmesh_ws.ledger.balances import take_hold
+from farmesh_ws.ledger.hold_batch import take_hold
 from farmesh_ws.ledger.store import Ledger, database_url
 from tests.ledger.conftest import _fresh_postgres_database, make_turn
 

@@ -6,11 +6,13 @@ minus charged) and ``held`` (the sum of its unsettled holds); ``available = bala
 wallet without a row has balance 0. ``0 <= held <= balance`` always (CHECK constraints too), so a
 balance never goes negative.
 
-A hold's life: :func:`take_hold` reserves part of the available balance before a request reaches
-the mesh; it is settled exactly once, for the request's cost clamped to the hold, either by the
-ledger when it stores the request's turn (``TurnRecord.hold_id``, in the turn's own transaction:
-``store.settle_hold_in``), by :func:`settle_hold`, or for nothing by
-:func:`release_expired_holds` once ``expires_at`` has passed (its process died unrecovered).
+A hold's life: :func:`~farmesh_ws.ledger.hold_batch.take_hold` (or a batch of them) reserves
+part of the available balance before a request reaches the mesh; it is settled exactly once,
+for the request's cost clamped to the hold, either by the ledger when it stores the request's
+turn (``TurnRecord.hold_id``, in the turn's own transaction: ``store.settle_hold_in``), by
+:func:`settle_hold`, or for nothing by :func:`release_expired_holds` once ``expires_at`` has
+passed (its process died unrecovered); a hold its request never used is removed by
+:func:`release_hold`.
 
 Wallets follow protocol v1 (1-128 characters of ``A-Z a-z 0-9 _ . : -``); a ``0x`` address of 40
 hex digits is stored in lower case, so EIP-55 checksum case and lower case are one balance (as
@@ -25,16 +27,13 @@ Errors: bad input raises :class:`BalanceRequestError` (a ValueError; a hold id a
 import re
 import time
 import uuid
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
 import msgspec
-from databases import Database
 
 from farmesh_ws.core.money import far, far_text, from_e8, to_e8
-from farmesh_ws.errors import InsufficientBalance
 from farmesh_ws.ledger.store import Ledger, guarded, settle_hold_in
 from farmesh_ws.protocol import Wallet
 
@@ -43,34 +42,6 @@ MAX_CREDIT_FAR = Decimal(10) ** 10
 _MAX_BALANCE_E8 = to_e8(MAX_CREDIT_FAR)
 _NOTE_MAX_CHARS = 256
 _HEX_ADDRESS = re.compile(r"0[xX][0-9a-fA-F]{40}")
-
-# PostgreSQL: one statement. The SELECT ... FOR UPDATE locks the wallet's row and, if another
-# hold changed it meanwhile, re-reads the committed row before testing and computing the amount;
-# the UPDATE adds exactly the amount the hold row records.
-_TAKE_HOLD_POSTGRESQL = """
-    WITH hold AS (
-        INSERT INTO balance_holds (hold_id, wallet, amount_e8, created_at, expires_at)
-        SELECT :hold_id, wallet, LEAST(:maximum_e8, balance_e8 - held_e8), :now, :expires_at
-        FROM balances
-        WHERE wallet = :wallet AND balance_e8 - held_e8 >= :minimum_e8
-        FOR UPDATE
-        ON CONFLICT (hold_id) DO NOTHING
-        RETURNING wallet, amount_e8
-    )
-    UPDATE balances SET held_e8 = balances.held_e8 + hold.amount_e8, updated_at = :now
-    FROM hold WHERE balances.wallet = hold.wallet
-    RETURNING hold.amount_e8"""
-
-# SQLite has no data-modifying CTE. It serialises writers, and a transaction whose first
-# statement writes takes the write lock before that statement reads, so the INSERT ... SELECT
-# and the UPDATE after it run with no other writer in between.
-_TAKE_HOLD_SQLITE = """
-    INSERT INTO balance_holds (hold_id, wallet, amount_e8, created_at, expires_at)
-    SELECT :hold_id, wallet, MIN(:maximum_e8, balance_e8 - held_e8), :now, :expires_at
-    FROM balances
-    WHERE wallet = :wallet AND balance_e8 - held_e8 >= :minimum_e8
-    ON CONFLICT (hold_id) DO NOTHING
-    RETURNING amount_e8"""
 
 
 class BalanceRequestError(ValueError):
@@ -123,7 +94,7 @@ async def credit(
     LedgerUnavailable if the write fails.
     """
     key = wallet_key(wallet)
-    amount_e8 = _amount_e8(amount, "amount")
+    credited_e8 = amount_e8(amount, "amount")
     if note is not None and not (0 < len(note) <= _NOTE_MAX_CHARS and note.isprintable()):
         raise BalanceRequestError(f"note must be 1-{_NOTE_MAX_CHARS} printable characters")
     at = time.time() if now is None else now
@@ -137,7 +108,7 @@ async def credit(
                    updated_at = excluded.updated_at
                WHERE balances.balance_e8 + excluded.balance_e8 <= :max_e8
                RETURNING balance_e8""",
-            {"wallet": key, "amount_e8": amount_e8, "now": at, "max_e8": _MAX_BALANCE_E8},
+            {"wallet": key, "amount_e8": credited_e8, "now": at, "max_e8": _MAX_BALANCE_E8},
         )
         if balance_e8 is not None:
             await db.execute(
@@ -146,7 +117,7 @@ async def credit(
                 {
                     "id": uuid.uuid4().hex,
                     "wallet": key,
-                    "amount_e8": amount_e8,
+                    "amount_e8": credited_e8,
                     "note": note,
                     "now": at,
                 },
@@ -156,102 +127,6 @@ async def credit(
             f"the balance of {key} would exceed {far_text(MAX_CREDIT_FAR)} $FAR"
         )
     return from_e8(int(balance_e8))
-
-
-async def take_hold(
-    ledger: Ledger,
-    *,
-    wallet: str,
-    hold_id: str,
-    minimum: Decimal,
-    maximum: Decimal,
-    expires_at: float,
-    now: float | None = None,
-) -> Decimal:
-    """Hold ``min(maximum, available)`` $FAR of ``wallet``'s balance if at least ``minimum`` is
-    available, atomically (concurrent holds never overdraw); return the amount held.
-
-    ``hold_id`` (the request's ``session_id:request_id``) is what settles it later. Raises
-    InsufficientBalance if less than ``minimum`` is available (the message says how much is),
-    DuplicateHold if ``hold_id`` was used before, BalanceRequestError for a bad wallet, an empty
-    hold id or amounts that are not ``0 < minimum <= maximum`` with at most 8 decimals,
-    LedgerUnavailable if the database fails. :func:`hold_step` is the same as one step of a
-    group commit.
-    """
-    step = hold_step(
-        ledger,
-        wallet=wallet,
-        hold_id=hold_id,
-        minimum=minimum,
-        maximum=maximum,
-        expires_at=expires_at,
-        now=now,
-    )
-    async with guarded("write"), ledger.write_transaction():
-        try:
-            return await step(ledger.database)
-        except (InsufficientBalance, DuplicateHold) as exc:  # a refusal, not a failure
-            refusal: InsufficientBalance | DuplicateHold = exc
-    raise refusal
-
-
-def hold_step(
-    ledger: Ledger,
-    *,
-    wallet: str,
-    hold_id: str,
-    minimum: Decimal,
-    maximum: Decimal,
-    expires_at: float,
-    now: float | None = None,
-) -> Callable[[Database], Awaitable[Decimal]]:
-    """:func:`take_hold` as a step to run inside the caller's write transaction (the
-    arguments are checked now: BalanceRequestError); the step raises InsufficientBalance or
-    DuplicateHold as take_hold does."""
-    key = wallet_key(wallet)
-    minimum_e8 = _amount_e8(minimum, "minimum")
-    maximum_e8 = _amount_e8(maximum, "maximum")
-    if minimum_e8 > maximum_e8:
-        raise BalanceRequestError("a hold's minimum must not exceed its maximum")
-    if not hold_id:
-        raise BalanceRequestError("a hold needs an id")
-    values = {
-        "hold_id": hold_id,
-        "wallet": key,
-        "minimum_e8": minimum_e8,
-        "maximum_e8": maximum_e8,
-        "now": time.time() if now is None else now,
-        "expires_at": expires_at,
-    }
-    postgresql = ledger.dialect == "postgresql"
-
-    async def step(db: Database) -> Decimal:
-        if postgresql:
-            held_e8 = await db.fetch_val(_TAKE_HOLD_POSTGRESQL, values)
-        else:
-            held_e8 = await db.fetch_val(_TAKE_HOLD_SQLITE, values)
-            if held_e8 is not None:
-                await db.execute(
-                    """UPDATE balances SET held_e8 = held_e8 + :held_e8, updated_at = :now
-                       WHERE wallet = :wallet""",
-                    {"held_e8": held_e8, "now": values["now"], "wallet": key},
-                )
-        if held_e8 is not None:
-            return from_e8(int(held_e8))
-        taken = await db.fetch_val(
-            "SELECT COUNT(*) FROM balance_holds WHERE hold_id = :hold_id", {"hold_id": hold_id}
-        )
-        if taken:
-            raise DuplicateHold(f"hold {hold_id} was already taken")
-        available_e8 = await db.fetch_val(
-            "SELECT balance_e8 - held_e8 FROM balances WHERE wallet = :wallet", {"wallet": key}
-        )
-        raise InsufficientBalance(
-            f"balance {far_text(from_e8(int(available_e8 or 0)))} $FAR available;"
-            f" this request needs at least {far_text(minimum)}"
-        )
-
-    return step
 
 
 async def settle_hold(
@@ -390,7 +265,9 @@ def wallet_key(wallet: str) -> str:
     return wallet.lower() if _HEX_ADDRESS.fullmatch(wallet) else wallet
 
 
-def _amount_e8(amount: Decimal, name: str) -> int:
+def amount_e8(amount: Decimal, name: str) -> int:
+    """``amount`` $FAR in 10⁻⁸ units: more than 0, at most MAX_CREDIT_FAR, 8 decimals at most;
+    raises BalanceRequestError naming ``name``."""
     if not (amount.is_finite() and 0 < amount <= MAX_CREDIT_FAR and far(amount) == amount):
         raise BalanceRequestError(
             f"{name} must be more than 0 and at most {far_text(MAX_CREDIT_FAR)} $FAR,"

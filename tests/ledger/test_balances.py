@@ -15,8 +15,8 @@ from farmesh_ws.ledger.balances import (
     release_expired_holds,
     release_hold,
     settle_hold,
-    take_hold,
 )
+from farmesh_ws.ledger.hold_batch import take_hold
 from farmesh_ws.ledger.store import Ledger
 
 WALLET = "0x52908400098527886E0F7030069857D2E4169EE7"

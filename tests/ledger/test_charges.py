@@ -14,8 +14,8 @@ from farmesh_ws.ledger.balances import (
     balances,
     charges,
     credit,
-    take_hold,
 )
+from farmesh_ws.ledger.hold_batch import take_hold
 from farmesh_ws.ledger.keys import list_keys
 from farmesh_ws.ledger.store import Ledger
 from tests.ledger.conftest import make_turn, old_ledger

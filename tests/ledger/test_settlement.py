@@ -15,8 +15,9 @@ import pytest
 from farmesh_ws.core.settlement import Settlement
 from farmesh_ws.core.types import TurnDone
 from farmesh_ws.engine.events import RequestContext, RequestFinished, TokensDelivered
-from farmesh_ws.ledger.balances import BalanceInfo, balances, credit, settle_hold, take_hold
+from farmesh_ws.ledger.balances import BalanceInfo, balances, credit, settle_hold
 from farmesh_ws.ledger.checkpoints import TurnCheckpoints
+from farmesh_ws.ledger.hold_batch import take_hold
 from farmesh_ws.ledger.observer import LedgerObserver, recover_interrupted_turns
 from farmesh_ws.ledger.records import TurnRecord, turn_record
 from farmesh_ws.ledger.store import Ledger
