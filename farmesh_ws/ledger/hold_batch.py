@@ -6,9 +6,9 @@ writer in at a time and PostgreSQL locks the wallet's row, so the last of 1,000 
 first token 3.2 s after asking (scripts/bench_ws.py); one transaction per group with two
 statements per hold still took 0.9 s. :func:`take_holds` takes a whole batch in one transaction
 with a fixed number of statements: lock and read the wallets' balances, decide each hold in
-order in Python, insert the holds in one multi-row ``INSERT``, add them to ``held_e8`` with one
-``UPDATE`` per wallet. :class:`HoldBatcher` gathers the holds asked while a batch commits into
-the next one ("group commit").
+order in Python, insert the holds in one ``INSERT`` (the rows as one JSON value), add them to
+``held_e8`` with one ``UPDATE`` per wallet. :class:`HoldBatcher` gathers the holds asked while
+a batch commits into the next one ("group commit").
 
 The rule per hold, in the order asked: it holds ``min(maximum, available)`` if at least
 ``minimum`` is available, else it is refused with
@@ -19,6 +19,7 @@ database failure rolls back the whole batch: each of its holds raises
 """
 
 import asyncio
+import json
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -31,8 +32,6 @@ from farmesh_ws.core.money import far_text, from_e8
 from farmesh_ws.errors import InsufficientBalance
 from farmesh_ws.ledger.balances import BalanceRequestError, DuplicateHold, amount_e8, wallet_key
 from farmesh_ws.ledger.store import Ledger, LedgerUnavailable, guarded
-
-_INSERT_CHUNK = 500  # rows per INSERT: 5 values each stay under both databases' 32,766 limit
 
 Outcome = int | InsufficientBalance | DuplicateHold
 """A hold's result: the amount held (10⁻⁸ $FAR), or its refusal."""
@@ -76,7 +75,7 @@ async def take_holds(db: Database, postgresql: bool, requests: list[HoldRequest]
     taken: list[tuple[HoldRequest, int]] = [
         (r, o) for r, o in zip(requests, outcomes, strict=True) if isinstance(o, int)
     ]
-    inserted = await _insert(db, taken)
+    inserted = await _insert(db, postgresql, taken)
     held: Counter[str] = Counter()
     for index, (request, outcome) in enumerate(zip(requests, outcomes, strict=True)):
         if not isinstance(outcome, int):
@@ -116,31 +115,43 @@ async def _lock_available(db: Database, postgresql: bool, wallets: list[str]) ->
     return {row["wallet"]: int(row["available"]) for row in rows}
 
 
-async def _insert(db: Database, taken: list[tuple[HoldRequest, int]]) -> set[str]:
+# The rows travel as one JSON parameter that the database unpacks: binding five parameters per
+# row made the ``databases``/SQLAlchemy query compilation the slowest part (82 of 147 ms for
+# 1,000 holds on SQLite). "WHERE true" keeps SQLite's parser from reading ON CONFLICT as a join.
+_INSERT_SQLITE = """
+    INSERT INTO balance_holds (hold_id, wallet, amount_e8, created_at, expires_at)
+    SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4
+    FROM json_each(:rows) WHERE true
+    ON CONFLICT (hold_id) DO NOTHING RETURNING hold_id"""
+_INSERT_POSTGRESQL = """
+    INSERT INTO balance_holds (hold_id, wallet, amount_e8, created_at, expires_at)
+    SELECT r.hold_id, r.wallet, r.amount_e8, r.created_at, r.expires_at
+    FROM jsonb_to_recordset(CAST(:rows AS jsonb)) AS r(
+        hold_id text, wallet text, amount_e8 bigint,
+        created_at double precision, expires_at double precision)
+    ON CONFLICT (hold_id) DO NOTHING RETURNING hold_id"""
+
+
+async def _insert(db: Database, postgresql: bool, taken: list[tuple[HoldRequest, int]]) -> set[str]:
     """Insert the holds; the ids actually inserted (not already in the table)."""
-    inserted: set[str] = set()
-    for start in range(0, len(taken), _INSERT_CHUNK):
-        chunk = taken[start : start + _INSERT_CHUNK]
-        rows: list[str] = []
-        values: dict[str, Any] = {}
-        for i, (request, amount) in enumerate(chunk):
-            rows.append(f"(:h{i}, :w{i}, :a{i}, :c{i}, :e{i})")
-            values.update(
-                {
-                    f"h{i}": request.hold_id,
-                    f"w{i}": request.wallet,
-                    f"a{i}": amount,
-                    f"c{i}": request.now,
-                    f"e{i}": request.expires_at,
-                }
-            )
-        returned = await db.fetch_all(
-            "INSERT INTO balance_holds (hold_id, wallet, amount_e8, created_at, expires_at)"
-            f" VALUES {', '.join(rows)} ON CONFLICT (hold_id) DO NOTHING RETURNING hold_id",
-            values,
-        )
-        inserted.update(row["hold_id"] for row in returned)
-    return inserted
+    if not taken:
+        return set()
+    if postgresql:
+        rows: list[Any] = [
+            {
+                "hold_id": r.hold_id,
+                "wallet": r.wallet,
+                "amount_e8": amount,
+                "created_at": r.now,
+                "expires_at": r.expires_at,
+            }
+            for r, amount in taken
+        ]
+    else:
+        rows = [[r.hold_id, r.wallet, amount, r.now, r.expires_at] for r, amount in taken]
+    query = _INSERT_POSTGRESQL if postgresql else _INSERT_SQLITE
+    returned = await db.fetch_all(query, {"rows": json.dumps(rows)})
+    return {row["hold_id"] for row in returned}
 
 
 def hold_request(
