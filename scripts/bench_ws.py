@@ -26,7 +26,13 @@ browsers do). CPU% columns are % of one core; "others" is the rest of the machin
 2. Baseline: a bare ``websockets`` server in this file sends pre-encoded frames recorded from
    one gateway turn (V1Session + engine + SyntheticBackend), i.e. the same opened / token / done /
    contribution frames, token k at turn start + k/rate. Same clients, same measures.
-   Gateway and baseline alternate for ``--rounds`` rounds (g b, b g, ...); medians are shown.
+   Gateway and baseline alternate for ``--rounds`` rounds (rotating the order); medians.
+   Identity and admission, side by side in the same rounds: "gateway" is the production setup
+   (every client presents an API key checked in a SQLite ledger, caps and the per-principal
+   rate limit apply, and each turn takes a prepaid hold on the key's wallet in that ledger
+   before its first token); "gateway_noholds" the same without balances; "gateway_noauth" the
+   gateway with ``auth = off`` and no balances. auth_ratio = gateway_noholds / gateway_noauth
+   frames/s (identity and admission), prepaid_ratio = gateway / gateway_noauth (with holds).
 3. Idle sessions: the gateway in a child process; ``--idle`` clients connect and ``open``, in
    steps of ``--idle-step``; server RSS (psutil) after a 20-session warm-up and after each
    step. RLIMIT_NOFILE is raised to the hard limit; if a step fails, the largest number of
@@ -209,9 +215,9 @@ async def serve_until_told(kind: str, tokens: int, rate: float, pipe: Connection
             stack.push_async_callback(backend.aclose)
             status = MeshStatusCache(backend.model_ids, backend.coverage, refresh_s=60.0)
             await status.refresh()
-            settings = gateway_settings(tokens, auth=kind == "gateway")
+            settings = gateway_settings(tokens, auth=kind != "gateway_noauth")
             key, extra = None, {}
-            if kind == "gateway":
+            if kind != "gateway_noauth":
                 folder = Path(stack.enter_context(tempfile.TemporaryDirectory()))
                 ledger, key = await stack.enter_async_context(keyed_ledger(folder))
 
@@ -220,7 +226,11 @@ async def serve_until_told(kind: str, tokens: int, rate: float, pipe: Connection
 
                 extra = {
                     "authenticator": Authenticator(settings, keys=verify),
-                    "holds": LedgerHolds(ledger, settings.balance_hold_ttl_s),
+                    "holds": (
+                        LedgerHolds(ledger, settings.balance_hold_ttl_s)
+                        if kind == "gateway"
+                        else None
+                    ),
                 }
             gateway = GatewayServer(settings, backend, status, Metrics(), **extra)
             await gateway.start()
@@ -553,10 +563,10 @@ def arm_watchdog(timeout_s: float) -> threading.Timer:
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
-    kinds = ("gateway", "gateway_noauth", "bare")
+    kinds = ("gateway", "gateway_noholds", "gateway_noauth", "bare")
     rounds: dict[str, list[dict[str, Any]]] = {kind: [] for kind in kinds}
     for index in range(args.rounds):
-        for kind in kinds[index % 3 :] + kinds[: index % 3]:
+        for kind in kinds[index % 4 :] + kinds[: index % 4]:
             for attempt in range(1, 4):  # a round other processes disturbed is run again
                 result = {**await streaming(kind, args, seed=index), "attempts": attempt}
                 if result["others_cpu_pct"] <= MAX_OTHERS_CPU_PCT:
@@ -564,12 +574,15 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             rounds[kind].append(result)
     gateway, bare = medians(rounds["gateway"]), medians(rounds["bare"])
     noauth = medians(rounds["gateway_noauth"])
+    noholds = medians(rounds["gateway_noholds"])
     return {
         "gateway": gateway,
+        "gateway_noholds": noholds,
         "gateway_noauth": noauth,
         "bare": bare,
         "frames_ratio": round(gateway["frames_per_s"] / bare["frames_per_s"], 3),
-        "auth_ratio": round(gateway["frames_per_s"] / noauth["frames_per_s"], 3),
+        "auth_ratio": round(noholds["frames_per_s"] / noauth["frames_per_s"], 3),
+        "prepaid_ratio": round(gateway["frames_per_s"] / noauth["frames_per_s"], 3),
         "idle": await idle_sessions(args) if args.idle > 0 else None,
         "e2e": None if args.skip_e2e else await end_to_end(args),
     }
@@ -584,13 +597,14 @@ def print_table(report: dict[str, Any], args: argparse.Namespace) -> None:
     line = "{:<15}{:>10}{:>9}{:>9}{:>9}{:>12}{:>10}  {}"
     titles = ("frames/s", "p50 ms", "p99 ms", "max ms", "jitter p99", "complete")
     print(line.format("server", *titles, "CPU% server/client/others"))
-    for name in ("gateway", "gateway_noauth", "bare"):
+    for name in ("gateway", "gateway_noholds", "gateway_noauth", "bare"):
         row = report[name]
         keys = ("frames_per_s", "p50_ms", "p99_ms", "max_ms", "jitter_p99_ms", "complete")
         cpu = "/".join(f"{row[k + '_cpu_pct']:.0f}" for k in ("server", "client", "others"))
         print(line.format(name, *(row[k] for k in keys), cpu))
     print(f"ratio gateway/bare frames/s: {report['frames_ratio']}")
-    print(f"ratio auth and admission on/off (gateway/gateway_noauth): {report['auth_ratio']}")
+    print(f"ratio auth and admission on/off (noholds/noauth): {report['auth_ratio']}")
+    print(f"ratio with prepaid holds too (gateway/noauth): {report['prepaid_ratio']}")
     if idle := report["idle"]:
         print(
             f"\nIdle sessions: {idle['reached']}/{idle['requested']} opened in {idle['open_s']} s;"
