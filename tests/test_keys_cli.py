@@ -1,64 +1,37 @@
 """`farmesh-ws keys create|list|revoke` end to end, as a user runs it, on SQLite and PostgreSQL."""
 
 import json
-import os
 import re
-import subprocess
-import sys
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from farmesh_ws.core.principal import Limits
 from farmesh_ws.ledger.keys import KeyPrincipal, authenticate
-from farmesh_ws.ledger.store import Ledger, database_url
-from tests.ledger.conftest import _fresh_postgres_database
+from farmesh_ws.ledger.store import Ledger
+from tests.cli_home import CliHome, cli_homes
 
 WALLET = "0x52908400098527886E0F7030069857D2E4169EE7"
 KEY = re.compile(r"fmk_(fk_[0-9a-f]{16})_[A-Za-z0-9_-]{43}")
 
 
-@dataclass(frozen=True)
-class Home:
-    """A FARMESH_HOME and the database settings a user would export with it."""
-
-    path: Path
-    env: dict[str, str]
-    url: str  # what the gateway connects to
-
-    def run(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "farmesh_ws", "keys", *args],
-            env=self.env,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-
-    async def authenticate(self, key: str) -> KeyPrincipal | None:
-        ledger = Ledger(self.url)
-        await ledger.connect()
-        try:
-            return await authenticate(ledger, key)
-        finally:
-            await ledger.aclose()
+async def _authenticate(home: CliHome, key: str) -> KeyPrincipal | None:
+    ledger = Ledger(home.url)
+    await ledger.connect()
+    try:
+        return await authenticate(ledger, key)
+    finally:
+        await ledger.aclose()
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
-async def home(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Home]:
-    env = {k: v for k, v in os.environ.items() if k not in ("POSTGRES_URL", "DATABASE_URL")}
-    env["FARMESH_HOME"] = str(tmp_path)
-    if request.param == "sqlite":
-        yield Home(tmp_path, env, database_url("", tmp_path))
-        return
-    async for url in _fresh_postgres_database():
-        env["POSTGRES_URL"] = url.replace("postgresql+asyncpg://", "postgresql://")
-        yield Home(tmp_path, env, url)
+async def home(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[CliHome]:
+    async for found in cli_homes(request.param, tmp_path, "keys"):
+        yield found
 
 
-async def test_create_list_revoke_as_a_user_runs_them(home: Home) -> None:
+async def test_create_list_revoke_as_a_user_runs_them(home: CliHome) -> None:
     created = home.run("create", "--wallet", WALLET, "--name", "laptop")
     assert created.returncode == 0, created.stderr
     (key,) = created.stdout.splitlines()  # the key alone on stdout, scriptable
@@ -69,7 +42,7 @@ async def test_create_list_revoke_as_a_user_runs_them(home: Home) -> None:
     assert key_id in warning
     assert "cannot be shown again" in warning
     assert key not in warning
-    assert await home.authenticate(key) == KeyPrincipal(key_id, WALLET, "laptop")
+    assert await _authenticate(home, key) == KeyPrincipal(key_id, WALLET, "laptop")
     if "POSTGRES_URL" not in home.env:
         assert (home.path / "ledger.sqlite3").exists()
 
@@ -106,7 +79,7 @@ async def test_create_list_revoke_as_a_user_runs_them(home: Home) -> None:
     revoked = home.run("revoke", key_id)
     assert revoked.returncode == 0, revoked.stderr
     assert revoked.stdout.startswith(f"revoked {key_id} (wallet {WALLET}) at ")
-    assert await home.authenticate(key) is None
+    assert await _authenticate(home, key) is None
     (listed,) = home.run("list", "--wallet", WALLET, "--json").stdout.splitlines()
     assert json.loads(listed)["status"] == "revoked"
     assert json.loads(listed)["revoked_at"] is not None
@@ -131,28 +104,28 @@ async def test_create_list_revoke_as_a_user_runs_them(home: Home) -> None:
     ],
 )
 async def test_refusals_are_one_line_and_exit_code_2(
-    home: Home, args: tuple[str, ...], message: str
+    home: CliHome, args: tuple[str, ...], message: str
 ) -> None:
     result = home.run(*args)
     assert (result.returncode, result.stdout) == (2, "")
     assert result.stderr.splitlines() == [message]
 
 
-async def test_a_whole_key_given_as_key_id_is_not_echoed(home: Home) -> None:
+async def test_a_whole_key_given_as_key_id_is_not_echoed(home: CliHome) -> None:
     key = home.run("create", "--wallet", WALLET).stdout.strip()
     assert KEY.fullmatch(key) is not None
     result = home.run("revoke", key)
     assert result.returncode == 2
     assert result.stderr == "farmesh-ws: not a key id (expected fk_ and 16 hex digits)\n"
-    assert await home.authenticate(key) is not None
+    assert await _authenticate(home, key) is not None
 
 
-async def test_a_key_gets_its_own_caps(home: Home) -> None:
+async def test_a_key_gets_its_own_caps(home: CliHome) -> None:
     created = home.run(
         "create", "--wallet", WALLET, "--max-sessions", "2", "--requests-per-minute", "6.5"
     )
     assert created.returncode == 0, created.stderr
-    principal = await home.authenticate(created.stdout.strip())
+    principal = await _authenticate(home, created.stdout.strip())
     assert principal is not None
     assert principal.limits == Limits(max_sessions=2, requests_per_minute=6.5)
     (line,) = home.run("list", "--json").stdout.splitlines()

@@ -7,15 +7,16 @@ import os
 import subprocess
 import sys
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from decimal import Decimal
 from pathlib import Path
 
 import pytest
 
 from farmesh_ws.ledger.hold_batch import take_hold
-from farmesh_ws.ledger.store import Ledger, database_url
-from tests.ledger.conftest import _fresh_postgres_database, make_turn
+from farmesh_ws.ledger.store import Ledger
+from tests.cli_home import CliHome, cli_homes
+from tests.ledger.conftest import make_turn
 
 
 def _ledger(tmp_path: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
@@ -44,37 +45,13 @@ def test_an_unreachable_database_is_one_line_and_exit_1(tmp_path: Path) -> None:
 WALLET = "0x52908400098527886E0F7030069857D2E4169EE7"
 
 
-@dataclass(frozen=True)
-class Home:
-    """A FARMESH_HOME and the database settings a user would export with it."""
-
-    path: Path
-    env: dict[str, str]
-    url: str  # what the gateway connects to
-
-    def run(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "farmesh_ws", "ledger", *args],
-            env=self.env,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-
-
 @pytest.fixture(params=["sqlite", "postgresql"])
-async def home(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Home]:
-    env = {k: v for k, v in os.environ.items() if k not in ("POSTGRES_URL", "DATABASE_URL")}
-    env["FARMESH_HOME"] = str(tmp_path)
-    if request.param == "sqlite":
-        yield Home(tmp_path, env, database_url("", tmp_path))
-        return
-    async for url in _fresh_postgres_database():
-        env["POSTGRES_URL"] = url.replace("postgresql+asyncpg://", "postgresql://")
-        yield Home(tmp_path, env, url)
+async def home(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[CliHome]:
+    async for found in cli_homes(request.param, tmp_path, "ledger"):
+        yield found
 
 
-async def _charge(home: Home) -> None:
+async def _charge(home: CliHome) -> None:
     """Two turns billed to WALLET: one by an API key from its prepaid balance, one signed."""
     ledger = Ledger(home.url)
     await ledger.connect()
@@ -97,7 +74,7 @@ async def _charge(home: Home) -> None:
         await ledger.aclose()
 
 
-async def test_credit_balances_and_charges_as_a_user_runs_them(home: Home) -> None:
+async def test_credit_balances_and_charges_as_a_user_runs_them(home: CliHome) -> None:
     credited = home.run("credit", WALLET, "12.5", "--note", "invoice 7")
     assert (credited.returncode, credited.stdout) == (0, f"{WALLET.lower()}: 12.5 $FAR\n")
     assert home.run("credit", WALLET.lower(), "0.00000001").stdout == (
