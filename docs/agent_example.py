@@ -3,19 +3,23 @@
 Start a gateway (``farmesh-ws serve``), then run::
 
     python docs/agent_example.py [ws://127.0.0.1:8100/ws]
+
+With ``FARMESH_API_KEY`` set (``farmesh-ws keys create``), the key's wallet pays; without one,
+a loopback gateway serves it anonymously under its free quota.
 """
 # ruff: noqa: T201  (an example script: printing is its output)
 
 import asyncio
+import os
 import sys
 
 from farmesh_ws.client import FarmeshClient, FarmeshClientError, Reply
 
 
 async def main(url: str) -> int:
-    async with FarmeshClient.connect(url, timeout=60) as client:
+    token = os.environ.get("FARMESH_API_KEY")  # who pays: a credential, never a claim
+    async with FarmeshClient.connect(url, timeout=60, token=token) as client:
         chat = await client.open_chat(
-            user_wallet="far1-example-agent",
             max_cost_far="0.05",  # the whole session may not cost more than this
         )
         print(f"session {chat.session_id} on {chat.model}")

@@ -203,10 +203,14 @@ def _serve(args: argparse.Namespace) -> int:
     from farmesh_ws.gateway import serve_until_stopped
 
     def on_ready(server: "GatewayServer") -> None:
-        url = f"ws://{settings.host}:{server.port}/ws"
+        host = "127.0.0.1" if settings.host in ("0.0.0.0", "") else settings.host  # any address
+        url = f"ws://{host}:{server.port}/ws"
+        key = ""
+        if settings.auth_mode == "required":
+            key = ' -H "Authorization: Bearer <key from farmesh-ws keys create>"'
         sys.stdout.write(
-            f"farmesh-ws ready: {url}  (HTTP: http://{settings.host}:{server.port}/health)\n"
-            f"try: npx wscat -c {url}   then send "
+            f"farmesh-ws ready: {url}  (HTTP: http://{host}:{server.port}/health)\n"
+            f"try: npx wscat -c {url}{key}   then send "
             '{"type":"open"} and {"type":"turn","request_id":"1","text":"Hello!"}\n'
         )
         sys.stdout.flush()

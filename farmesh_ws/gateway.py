@@ -143,8 +143,12 @@ async def running_gateway(settings: Settings, *, progress: bool = True) -> Async
             return await authenticate_key(ledger, presented_key)
 
         siwe = SiweAuth(store, settings) if settings.siwe_domain or settings.loopback_bind else None
-        if siwe is None:
-            logger.info("Sign-In with Ethereum is off: set FARMESH_SIWE_DOMAIN to turn it on")
+        logger.info(
+            "auth %s, balances %s, Sign-In with Ethereum %s",
+            settings.auth_mode,
+            settings.balances,
+            "on" if siwe is not None else "off (set FARMESH_SIWE_DOMAIN)",
+        )
         server = GatewayServer(
             settings,
             backend,

@@ -5,6 +5,7 @@ from a later protocol, a dropped connection, silence, a malformed frame)."""
 import asyncio
 import contextlib
 import json
+import os
 import re
 import socket
 import subprocess
@@ -31,7 +32,7 @@ from farmesh_ws.client import (
     connect,
 )
 from farmesh_ws.transport.ws import GatewayServer
-from tests.helpers import PRICE, PROMPT_PRICE, ws_url
+from tests.helpers import PRICE, PROMPT_PRICE, start_gateway, ws_url
 
 REPO = Path(__file__).resolve().parents[1]
 END_OF_TURN = "<|im_end|>"
@@ -230,15 +231,21 @@ async def test_generate_one_shot_and_ping(gateway: GatewayServer, golden: dict[s
         await client.ping()
 
 
-async def test_agent_example_runs(gateway: GatewayServer) -> None:
-    result = await asyncio.to_thread(
-        subprocess.run,
-        [sys.executable, str(REPO / "docs" / "agent_example.py"), ws_url(gateway)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=REPO,
-    )
+async def test_agent_example_runs(backend: Any) -> None:
+    """As README says to run it: anonymously, on a gateway in its default loopback mode."""
+    server = await start_gateway(backend, auth="")
+    try:
+        result = await asyncio.to_thread(
+            subprocess.run,
+            [sys.executable, str(REPO / "docs" / "agent_example.py"), ws_url(server)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd=REPO,
+            env={k: v for k, v in os.environ.items() if k != "FARMESH_API_KEY"},
+        )
+    finally:
+        await server.shutdown()
     assert result.returncode == 0, result.stderr
     output = result.stdout
     assert "> What is the capital of France?\nThe capital of France is Paris.\n" in output

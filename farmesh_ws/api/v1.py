@@ -78,6 +78,8 @@ class V1Session:
             await self._send(p.Pong(data=message.data))
         elif isinstance(message, p.Auth):
             await self._auth(message)
+        elif self.identity.principal is None:  # §2.1: credentials first
+            self.identity.require()
         elif isinstance(message, p.Open):
             await self._open(message)
         elif isinstance(message, p.Turn):
@@ -122,7 +124,10 @@ class V1Session:
     async def _auth(self, message: p.Auth) -> None:
         self._check_open()
         if self.conversation is not None or self.busy:
-            raise InvalidRequest("authenticate before opening a session or sending requests")
+            raise InvalidRequest(
+                "this connection already opened a session without credentials; authenticate "
+                "a new connection first (an auth message, or the Authorization header)"
+            )
         siwe = message.siwe
         credential = await self.identity.authenticate(
             token=message.token,

@@ -112,6 +112,8 @@ class ActiveRequest:
         self.sampling = sampling
         self.budget_far = budget_far
         self.one_shot = one_shot
+        self.balance_bound = False
+        """True when the budget is the prepaid hold (smaller than any ``max_cost_far``)."""
         self.free_tokens_left: int | None = None
         """When the anonymous free quota is smaller than what the request may generate: how
         many tokens it may generate over all its steps (None: the quota does not bind)."""
@@ -221,7 +223,14 @@ class ActiveRequest:
         if error is None and self.last_step is not None:
             error = self.last_step.error
         if self._over_budget:
-            reason, error = "budget", BudgetExceeded("the request reached its max_cost_far budget")
+            reason, error = (
+                "budget",
+                BudgetExceeded(
+                    "the request used up the prepaid balance held for it"
+                    if self.balance_bound
+                    else "the request reached its max_cost_far budget"
+                ),
+            )
         elif error is not None:
             reason = "error"
         settlement = settle(

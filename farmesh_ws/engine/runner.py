@@ -175,6 +175,7 @@ class RequestRunner:
                     sampling = replace(sampling, max_new_tokens=allowance)
             context = self._context(client, spec, mesh, wallet)
             hold = await self._hold(context, len(token_ids), total)
+            balance_bound = hold is not None and (budget is None or hold < budget)
             if hold is not None:
                 budget = hold if budget is None else min(budget, hold)
                 context = replace(context, held_far=hold)
@@ -193,6 +194,7 @@ class RequestRunner:
             raise
         active = self._start(client, spec, context, mesh, token_ids, sampling, budget, reservation)
         active.free_tokens_left = free_left
+        active.balance_bound = balance_bound
         return active
 
     def launch(self, active: ActiveRequest, sink: RequestSink) -> None:

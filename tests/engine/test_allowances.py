@@ -48,6 +48,8 @@ async def test_a_hold_covers_the_most_a_request_can_cost_and_bounds_it() -> None
     assert finished.context.wallet == WALLET
     assert finished.settlement.completion_tokens == 5  # stopped by the hold, not at 8
     assert h.of_type("done")[0]["finish_reason"] == "budget"
+    (stopped,) = h.of_type("error")
+    assert stopped["message"] == "the request used up the prepaid balance held for it"
 
 
 async def test_an_empty_balance_is_refused_before_the_mesh() -> None:

@@ -303,3 +303,20 @@ async def test_the_anonymous_free_quota_binds_a_whole_chat_petals_dev_request() 
         assert 0 < streamed <= 40 - prompt
     finally:
         await server.shutdown()
+
+
+async def test_required_answers_every_message_but_auth_and_ping_with_unauthorized(
+    required: tuple[GatewayServer, _Contexts],
+) -> None:
+    server, _ = required
+    async with connect(f"ws://127.0.0.1:{server.port}/ws") as ws:
+        for message in (
+            {"type": "turn", "request_id": "1", "text": "hi"},
+            {"type": "cancel", "request_id": "1"},
+            {"type": "close"},
+            {"type": "generate", "request_id": "2", "prompt": "hi"},
+        ):
+            await ws.send(json.dumps(message))
+            assert (await _recv(ws))["code"] == "unauthorized", message
+        await ws.send(json.dumps({"type": "ping", "data": "still here"}))
+        assert await _recv(ws) == {"type": "pong", "data": "still here"}
