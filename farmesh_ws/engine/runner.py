@@ -74,7 +74,8 @@ class RequestSpec:
     hold and free quota cover that many. ``messages``: a one-shot chat over a whole
     conversation (system, user and assistant messages, OpenAI's stateless chat completions),
     templated as one turn in place of ``text`` (which is then ignored); the text limit
-    applies to the sum of their contents.
+    applies to the sum of their contents. ``raw_text``: ``text`` is a raw prompt, tokenized
+    as it is with no chat template (OpenAI's completions).
     """
 
     request_id: str
@@ -88,6 +89,7 @@ class RequestSpec:
     wallet: str | None = None
     total_new_tokens: int | None = None
     messages: tuple[ChatMessage, ...] | None = None
+    raw_text: bool = False
 
 
 class RequestSink(Protocol):
@@ -276,6 +278,8 @@ class RequestRunner:
             token_ids = mesh.encode_turn(spec.conversation.turn_messages(spec.text))
         elif spec.messages is not None:
             token_ids = mesh.encode_turn(spec.messages)
+        elif spec.raw_text:
+            token_ids = mesh.encode(spec.text)
         else:
             token_ids = mesh.encode_turn([ChatMessage(role="user", content=spec.text)])
         needed = mesh.pending_tokens + len(token_ids)
