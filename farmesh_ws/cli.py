@@ -205,7 +205,8 @@ def _serve(args: argparse.Namespace) -> int:
     def on_ready(server: "GatewayServer") -> None:
         url = f"ws://{settings.host}:{server.port}/ws"
         sys.stdout.write(
-            f"farmesh-ws ready: {url}  (HTTP: http://{settings.host}:{server.port}/health)\n"
+            f"farmesh-ws ready: {url}  (HTTP: http://{settings.host}:{server.port}/health)  "
+            f"OpenAI API: http://{settings.host}:{server.http.port}/v1\n"
             f"try: npx wscat -c {url}   then send "
             '{"type":"open"} and {"type":"turn","request_id":"1","text":"Hello!"}\n'
         )

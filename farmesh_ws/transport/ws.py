@@ -44,6 +44,7 @@ from farmesh_ws.models.generation import Sampling
 from farmesh_ws.state import MemoryStateStore
 from farmesh_ws.state.registry import SessionRegistry
 from farmesh_ws.transport.handshake import HandshakeGate, Refusal, client_address
+from farmesh_ws.transport.http import HttpApi
 from farmesh_ws.transport.nonce import NonceIssuer, nonce_route
 from farmesh_ws.transport.origin import origin_allowed, parse_origin
 
@@ -116,6 +117,13 @@ class GatewayServer:
             "/metrics": self._metrics,
         }
         self._nonces = nonces
+        self.http = HttpApi(
+            settings,
+            self.engine,
+            self.gate.authenticator,
+            process_id=self.registry.process_id,
+            stopping=lambda: self._shutting_down,
+        )
 
     @property
     def port(self) -> int:
@@ -139,6 +147,7 @@ class GatewayServer:
             max_size=self.settings.max_frame_bytes,
             server_header=SERVER_HEADER,
         )
+        await self.http.start()
 
     async def shutdown(self) -> None:
         """Stop accepting, let running requests finish until the grace deadline, close 1001."""
@@ -146,7 +155,9 @@ class GatewayServer:
             return
         self._shutting_down = True
         self._server.close(close_connections=False)
+        self.http.stop_accepting()
         await self.engine.drain(self.settings.shutdown_grace_s)
+        await self.http.shutdown()
         await self.engine.free_tokens.aclose()  # the last requests' free-token counts
         closing = [
             connection.close(CloseCode.GOING_AWAY, "server shutting down")
