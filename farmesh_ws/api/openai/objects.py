@@ -133,7 +133,9 @@ ERROR_KINDS: dict[str, ErrorKind] = {
     "unauthorized": ErrorKind(HTTPStatus.UNAUTHORIZED, "authentication_error", "invalid_api_key"),
     "auth_unavailable": _UNAVAILABLE,
     "wallet_mismatch": ErrorKind(HTTPStatus.FORBIDDEN, "permission_error"),
-    "rate_limited": ErrorKind(HTTPStatus.TOO_MANY_REQUESTS, "rate_limit_error"),
+    "rate_limited": ErrorKind(
+        HTTPStatus.TOO_MANY_REQUESTS, "rate_limit_error", "rate_limit_exceeded"
+    ),
     "quota_exceeded": ErrorKind(HTTPStatus.TOO_MANY_REQUESTS, "rate_limit_error"),
     "insufficient_balance": ErrorKind(
         HTTPStatus.TOO_MANY_REQUESTS, "insufficient_quota", "insufficient_quota"
