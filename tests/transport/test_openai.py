@@ -25,10 +25,13 @@ REPLY = "Hello there."
 class Events(Observer):
     def __init__(self) -> None:
         self.events: list[RequestEvent] = []
+        self.started = asyncio.Event()
         self.finished = asyncio.Event()
 
     def notify(self, event: RequestEvent) -> None:
         self.events.append(event)
+        if isinstance(event, RequestStarted):
+            self.started.set()
         if isinstance(event, RequestFinished):
             self.finished.set()
 
@@ -352,3 +355,45 @@ async def test_a_client_gone_mid_stream_cancels_the_request(make: Any) -> None:
     assert finished.settlement.finish_reason == "cancelled"
     assert finished.settlement.completion_tokens == 2
     assert server.engine.runner.active == set()
+
+
+async def test_shutdown_lets_a_running_stream_finish_and_refuses_new_requests(make: Any) -> None:
+    gate = asyncio.Semaphore(0)
+    server, events = await make(FakeBackend(reply="abc", gate=gate))
+    async with openai_client(server, ALICE) as client:
+        stream = await client.chat.completions.create(
+            model=FAKE_MODEL_ID, messages=USER, stream=True
+        )
+        chunks = aiter(stream)
+        first = await anext(chunks)  # the role chunk: the request is running
+        assert first.choices[0].delta.role == "assistant"
+        stopping = asyncio.create_task(server.shutdown())
+        await asyncio.sleep(0)  # one loop pass: shutdown runs up to its drain
+        assert server.engine.sessions.stopping
+        with pytest.raises((openai.APIConnectionError, openai.InternalServerError)):
+            await client.chat.completions.create(model=FAKE_MODEL_ID, messages=USER)
+        for _ in range(4):
+            gate.release()
+        text = "".join([c.choices[0].delta.content or "" async for c in chunks])
+        await stopping
+    assert text == "abc"
+    (finished,) = events.of(RequestFinished)
+    assert finished.settlement.finish_reason == "stop"
+
+
+async def test_a_client_gone_before_a_whole_reply_cancels_the_request(make: Any) -> None:
+    gate = asyncio.Semaphore(0)
+    server, events = await make(FakeBackend(reply=REPLY, gate=gate))
+    async with openai_client(server, ALICE) as client:
+        waiting = asyncio.create_task(
+            client.chat.completions.create(model=FAKE_MODEL_ID, messages=USER)
+        )
+        await asyncio.wait_for(events.started.wait(), 10)
+        gate.release()
+        waiting.cancel()  # closes the HTTP connection
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        await asyncio.wait_for(events.finished.wait(), 10)
+    (finished,) = events.of(RequestFinished)
+    assert finished.settlement.finish_reason == "cancelled"
+    assert finished.settlement.completion_tokens <= 1
