@@ -10,6 +10,7 @@ import openai
 import pytest
 
 from farmesh_ws.engine.events import Observer, RequestEvent, RequestFinished, RequestStarted
+from farmesh_ws.errors import InsufficientBalance
 from farmesh_ws.ledger.keys import KeyPrincipal
 from farmesh_ws.mesh.fake import FAKE_MODEL_ID, FakeBackend
 from farmesh_ws.transport.ws import GatewayServer
@@ -397,3 +398,36 @@ async def test_a_client_gone_before_a_whole_reply_cancels_the_request(make: Any)
     (finished,) = events.of(RequestFinished)
     assert finished.settlement.finish_reason == "cancelled"
     assert finished.settlement.completion_tokens <= 1
+
+
+class _EmptyWallet:
+    """Prepaid holds on a wallet with no balance."""
+
+    async def take(self, *, wallet: str, hold_id: str, minimum: Decimal, maximum: Decimal) -> Any:
+        raise InsufficientBalance(f"the balance does not cover {minimum} $FAR")
+
+    async def release(self, hold_id: str) -> None:
+        pass
+
+
+async def test_caps_and_balances_are_the_engines_in_openai_shapes(make: Any) -> None:
+    gate = asyncio.Semaphore(0)
+    server, events = await make(FakeBackend(reply="ab", gate=gate), max_requests_per_principal=1)
+    async with openai_client(server, ALICE) as client:
+        stream = await client.chat.completions.create(
+            model=FAKE_MODEL_ID, messages=USER, stream=True
+        )
+        with pytest.raises(openai.RateLimitError) as capped:
+            await client.chat.completions.create(model=FAKE_MODEL_ID, messages=USER)
+        for _ in range(3):
+            gate.release()
+        assert "".join([c.choices[0].delta.content or "" async for c in stream]) == "ab"
+    assert capped.value.code == "quota_exceeded"
+    server, events = await make(holds=_EmptyWallet(), balances="prepaid")
+    async with openai_client(server, ALICE) as client:
+        with pytest.raises(openai.RateLimitError) as broke:
+            await client.chat.completions.create(model=FAKE_MODEL_ID, messages=USER)
+    assert broke.value.code == "insufficient_quota"
+    assert broke.value.type == "insufficient_quota"
+    assert broke.value.response.headers["x-should-retry"] == "false"
+    assert events.of(RequestStarted) == []
