@@ -4,9 +4,10 @@ WebSocket sessions live at ``/ws`` (protocol v1, :mod:`farmesh_ws.api.v1`) and
 ``/api/v2/generate`` (chat.petals.dev, :mod:`farmesh_ws.api.petals_v2`); ``/health``,
 ``/mesh/status``, ``/models`` and ``/metrics`` answer plain GETs (:mod:`farmesh_ws.api.status`),
 ``/`` the browser page. The OpenAI-compatible HTTP API (:mod:`.http`) runs beside it on its
-own port, started and drained with it. This layer owns sockets only: browser origins (:mod:`.origin`),
-connection limits, frame size, idle timeout, the per-connection reader, close codes
-(protocol.md §6), shutdown and HTTP response headers; every request rule is the engine's.
+own port, started and drained with it. This layer owns sockets only: browser origins
+(:mod:`.origin`), connection limits, frame size, idle timeout, the per-connection reader,
+close codes (protocol.md §6), shutdown and HTTP response headers; every request rule is the
+engine's.
 """
 
 import asyncio
