@@ -209,7 +209,8 @@ def _serve(args: argparse.Namespace) -> int:
         if settings.auth_mode == "required":
             key = ' -H "Authorization: Bearer <key from farmesh-ws keys create>"'
         sys.stdout.write(
-            f"farmesh-ws ready: {url}  (HTTP: http://{host}:{server.port}/health)\n"
+            f"farmesh-ws ready: {url}  (HTTP: http://{host}:{server.port}/health)  "
+            f"OpenAI API: http://{host}:{server.http.port}/v1\n"
             f"try: npx wscat -c {url}{key}   then send "
             '{"type":"open"} and {"type":"turn","request_id":"1","text":"Hello!"}\n'
         )

@@ -55,6 +55,9 @@ class Settings:
 
     host: str = "127.0.0.1"
     port: int = 8100
+    http_port: int = -1
+    """The OpenAI-compatible HTTP API's port (http.md); -1: the WebSocket port + 1 (0 when
+    that is 0: any free port)."""
     default_model_id: str = BUNDLED_MODEL_ID
     price_per_token_far: Decimal = Decimal("0.0001")
     price_per_prompt_token_far: Decimal = Decimal(0)
@@ -126,6 +129,13 @@ class Settings:
         if self.auth:
             return self.auth
         return "optional" if self.loopback_bind else "required"
+
+    @property
+    def http_listen_port(self) -> int:
+        """``http_port``, or the WebSocket port + 1 when it is not set (-1)."""
+        if self.http_port >= 0:
+            return self.http_port
+        return self.port + 1 if self.port else 0
 
     @property
     def prices(self) -> Prices:
@@ -224,6 +234,8 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
 def _validated(settings: Settings) -> Settings:
     checks: list[tuple[bool, str]] = [
         (0 <= settings.port <= 65535, "port must be 0..65535"),
+        (-1 <= settings.http_port <= 65535, "http_port must be 0..65535 (-1: port + 1)"),
+        (settings.http_listen_port <= 65535, "port is 65535: set http_port"),
         (settings.price_per_token_far >= 0, "price_per_token_far must not be negative"),
         (
             settings.price_per_prompt_token_far >= 0,

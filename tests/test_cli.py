@@ -13,12 +13,15 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import openai
 import psutil
 import pytest
 from websockets.sync.client import connect
 
 from farmesh_ws.config import Settings
 from farmesh_ws.gateway import check_exposure, with_address_hash_key
+from farmesh_ws.models import BUNDLED_MODEL_ID
+from tests.transport.support import NO_KEY
 
 
 class Command:
@@ -180,6 +183,20 @@ def test_serve_runs_the_embedded_default_and_stops_cleanly_on_sigterm(
             kinds.append(json.loads(ws.recv(timeout=60))["type"])
     assert kinds[0] == "token"
     assert "done" in kinds
+    found = re.search(r"OpenAI API: (http://127\.0\.0\.1:(\d+)/v1)$", ready)
+    assert found is not None, ready
+    assert found.group(2) != url.split(":")[2].split("/")[0]  # its own port
+    with openai.OpenAI(
+        base_url=found.group(1), api_key="unused", max_retries=0, default_headers=NO_KEY
+    ) as client:
+        reply = client.chat.completions.create(
+            model=BUNDLED_MODEL_ID,
+            messages=[{"role": "user", "content": "Hi!"}],
+            max_tokens=4,
+            extra_headers=NO_KEY,
+        )
+    assert reply.usage is not None
+    assert reply.usage.completion_tokens >= 1
     _stop_and_check_nothing_is_left(command.process, signal.SIGTERM)
 
 

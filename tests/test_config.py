@@ -93,3 +93,12 @@ def test_env_example_documents_every_setting() -> None:
     missing = [f.name for f in fields(Settings) if env_names(f.name)[0] not in documented]
     assert missing == []
     assert load_settings({}) == Settings()
+
+
+def test_the_http_api_port_defaults_to_the_websocket_port_plus_one() -> None:
+    assert Settings().http_listen_port == 8101
+    assert load_settings({"FARMESH_PORT": "9000"}).http_listen_port == 9001
+    assert load_settings({"FARMESH_HTTP_PORT": "9500"}).http_listen_port == 9500
+    assert Settings(port=0).http_listen_port == 0  # tests: any free port
+    with pytest.raises(ConfigError, match="set http_port"):
+        load_settings({"FARMESH_PORT": "65535"})

@@ -5,6 +5,7 @@ message fit for the client; the limits are :class:`~farmesh_ws.config.Settings` 
 """
 
 import asyncio
+from collections.abc import Iterable
 
 from farmesh_ws.config import Settings
 from farmesh_ws.errors import InvalidRequest, MeshTimeout, ModelNotFound
@@ -18,6 +19,15 @@ def check_text(settings: Settings, text: str, name: str) -> None:
     if len(text) > settings.max_text_chars:
         raise InvalidRequest(
             f"{name} has {len(text)} characters; the limit is {settings.max_text_chars}"
+        )
+
+
+def check_text_total(settings: Settings, texts: Iterable[str], name: str) -> None:
+    """``texts`` (a conversation's messages) have at most ``max_text_chars`` characters in all."""
+    total = sum(len(text) for text in texts)
+    if total > settings.max_text_chars:
+        raise InvalidRequest(
+            f"{name} have {total} characters in all; the limit is {settings.max_text_chars}"
         )
 
 

@@ -37,6 +37,7 @@ from farmesh_ws.engine.limits import (
     check_max_length,
     check_max_new_tokens,
     check_text,
+    check_text_total,
     open_mesh_session,
 )
 from farmesh_ws.engine.quotas import Quotas, Reservation
@@ -47,6 +48,7 @@ from farmesh_ws.errors import (
     ContextOverflow,
     DuplicateRequestId,
     FarmeshError,
+    InvalidRequest,
     RateLimited,
     SessionClosed,
     ShuttingDown,
@@ -69,7 +71,11 @@ class RequestSpec:
     wallet a one-shot request names, a claim checked against the principal (a conversation's
     wallet is its own). ``total_new_tokens``: the most the whole request may generate over
     all its steps (chat.petals.dev's loop), when more than ``sampling.max_new_tokens``; its
-    hold and free quota cover that many.
+    hold and free quota cover that many. ``messages``: a one-shot chat over a whole
+    conversation (system, user and assistant messages, OpenAI's stateless chat completions),
+    templated as one turn in place of ``text`` (which is then ignored); the text limit
+    applies to the sum of their contents. ``raw_text``: ``text`` is a raw prompt, tokenized
+    as it is with no chat template (OpenAI's completions).
     """
 
     request_id: str
@@ -82,6 +88,8 @@ class RequestSpec:
     model_id: str | None = None
     wallet: str | None = None
     total_new_tokens: int | None = None
+    messages: tuple[ChatMessage, ...] | None = None
+    raw_text: bool = False
 
 
 class RequestSink(Protocol):
@@ -135,7 +143,12 @@ class RequestRunner:
             raise DuplicateRequestId(
                 f"request_id {spec.request_id!r} was already used on this connection"
             )
-        check_text(self._settings, spec.text, "text" if spec.token_ids is None else "inputs")
+        if spec.messages is not None:
+            if conversation is not None or spec.token_ids is not None or not spec.messages:
+                raise InvalidRequest("messages are a non-empty one-shot chat")
+            check_text_total(self._settings, (m.content for m in spec.messages), "messages")
+        else:
+            check_text(self._settings, spec.text, "text" if spec.token_ids is None else "inputs")
         sampling = spec.sampling
         if isinstance(sampling, SamplingOverrides):
             default = self._settings.default_max_new_tokens
@@ -265,6 +278,10 @@ class RequestRunner:
             token_ids = list(spec.token_ids)
         elif spec.conversation is not None:
             token_ids = mesh.encode_turn(spec.conversation.turn_messages(spec.text))
+        elif spec.messages is not None:
+            token_ids = mesh.encode_turn(spec.messages)
+        elif spec.raw_text:
+            token_ids = mesh.encode(spec.text)
         else:
             token_ids = mesh.encode_turn([ChatMessage(role="user", content=spec.text)])
         needed = mesh.pending_tokens + len(token_ids)

@@ -167,12 +167,17 @@ def client_address(connection: ServerConnection) -> str:
     """The client's IP address; an IPv6 one as its /64, which one subscriber usually holds
     whole (RFC 6177), so that a client cannot take a fresh per-address quota per address."""
     remote = connection.remote_address
-    if not remote:
+    return normalized_address(str(remote[0]) if remote else None)
+
+
+def normalized_address(host: str | None) -> str:
+    """A client's IP address as :func:`client_address` counts it (IPv6: its /64)."""
+    if not host:
         return "unknown"
     try:
-        ip = ipaddress.ip_address(str(remote[0]))
+        ip = ipaddress.ip_address(host)
     except ValueError:
-        return str(remote[0])
+        return host
     if isinstance(ip, ipaddress.IPv6Address):
         if ip.ipv4_mapped is not None:
             return str(ip.ipv4_mapped)

@@ -3,9 +3,11 @@
 WebSocket sessions live at ``/ws`` (protocol v1, :mod:`farmesh_ws.api.v1`) and
 ``/api/v2/generate`` (chat.petals.dev, :mod:`farmesh_ws.api.petals_v2`); ``/health``,
 ``/mesh/status``, ``/models`` and ``/metrics`` answer plain GETs (:mod:`farmesh_ws.api.status`),
-``/`` the browser page. This layer owns sockets only: browser origins (:mod:`.origin`),
-connection limits, frame size, idle timeout, the per-connection reader, close codes
-(protocol.md §6), shutdown and HTTP response headers; every request rule is the engine's.
+``/`` the browser page. The OpenAI-compatible HTTP API (:mod:`.http`) runs beside it on its
+own port, started and drained with it. This layer owns sockets only: browser origins
+(:mod:`.origin`), connection limits, frame size, idle timeout, the per-connection reader,
+close codes (protocol.md §6), shutdown and HTTP response headers; every request rule is the
+engine's.
 """
 
 import asyncio
@@ -44,6 +46,7 @@ from farmesh_ws.models.generation import Sampling
 from farmesh_ws.state import MemoryStateStore
 from farmesh_ws.state.registry import SessionRegistry
 from farmesh_ws.transport.handshake import HandshakeGate, Refusal, client_address
+from farmesh_ws.transport.http import HttpApi
 from farmesh_ws.transport.nonce import NonceIssuer, nonce_route
 from farmesh_ws.transport.origin import origin_allowed, parse_origin
 
@@ -116,6 +119,13 @@ class GatewayServer:
             "/metrics": self._metrics,
         }
         self._nonces = nonces
+        self.http = HttpApi(
+            settings,
+            self.engine,
+            self.gate.authenticator,
+            process_id=self.registry.process_id,
+            stopping=lambda: self._shutting_down,
+        )
 
     @property
     def port(self) -> int:
@@ -139,6 +149,7 @@ class GatewayServer:
             max_size=self.settings.max_frame_bytes,
             server_header=SERVER_HEADER,
         )
+        await self.http.start()
 
     async def shutdown(self) -> None:
         """Stop accepting, let running requests finish until the grace deadline, close 1001."""
@@ -146,7 +157,9 @@ class GatewayServer:
             return
         self._shutting_down = True
         self._server.close(close_connections=False)
+        self.http.stop_accepting()
         await self.engine.drain(self.settings.shutdown_grace_s)
+        await self.http.shutdown()
         await self.engine.free_tokens.aclose()  # the last requests' free-token counts
         closing = [
             connection.close(CloseCode.GOING_AWAY, "server shutting down")

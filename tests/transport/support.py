@@ -4,6 +4,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
+import openai
+
 from farmesh_ws.auth.credentials import Authenticator
 from farmesh_ws.auth.siwe import SiweAuth
 from farmesh_ws.config import Settings
@@ -56,3 +58,18 @@ async def fake_gateway(
     )
     await server.start()
     return server
+
+
+def openai_client(server: GatewayServer, api_key: str | None) -> openai.AsyncOpenAI:
+    """The official SDK on the gateway's HTTP API; no retries, so each error shows at once.
+    ``api_key`` None: no Authorization header (each call also passes ``NO_KEY`` as its
+    ``extra_headers``, as the SDK asks for an explicitly omitted credential)."""
+    return openai.AsyncOpenAI(
+        base_url=f"http://127.0.0.1:{server.http.port}/v1",
+        api_key=api_key or "unused",
+        max_retries=0,
+        default_headers=NO_KEY if api_key is None else {},
+    )
+
+
+NO_KEY: dict[str, Any] = {"Authorization": openai.Omit()}
