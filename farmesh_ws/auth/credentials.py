@@ -98,6 +98,22 @@ class Authenticator:
         kind = PrincipalKind.OPEN if self.mode == "off" else PrincipalKind.ANONYMOUS
         return Principal(kind, kind.value, None, self.address_hash(address))
 
+    async def from_header(
+        self, token: str | None, address: str
+    ) -> tuple[Principal | None, Credential | None]:
+        """The principal (and credential) of what an ``Authorization: Bearer`` header carried.
+
+        No token: :meth:`without_credentials`. A token in one of this gateway's formats must
+        be valid (:meth:`from_token`). A token in no format of ours (an OpenAI SDK's placeholder
+        key such as ``sk-none``) counts as none where credentials are optional, and is refused
+        where they are required. Raises Unauthorized, AuthUnavailable.
+        """
+        ours = token is not None and token.startswith((KEY_PREFIX, SESSION_TOKEN_PREFIX))
+        if token is None or (not ours and self.mode != "required"):
+            return self.without_credentials(address), None
+        credential = await self.from_token(token, address)
+        return credential.principal, credential
+
     async def from_token(self, token: str, address: str) -> Credential:
         """The principal of an API key or session token; raises Unauthorized/AuthUnavailable."""
         address_hash = self.address_hash(address)

@@ -94,12 +94,7 @@ class HandshakeGate:
         settings = self._settings
         try:
             token = bearer_token(request.headers.get("Authorization"))
-            credential = None
-            if token is None:
-                principal = self.authenticator.without_credentials(address)
-            else:
-                credential = await self.authenticator.from_token(token, address)
-                principal = credential.principal
+            principal, credential = await self.authenticator.from_header(token, address)
         except (Unauthorized, AuthUnavailable) as exc:
             return _refusal(exc)
         if principal is None:

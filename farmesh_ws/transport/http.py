@@ -117,14 +117,12 @@ class HttpApi:
         """The caller, by the WebSocket handshake's rules; raises Unauthorized/AuthUnavailable."""
         address = normalized_address(request.client.host if request.client else None)
         token = bearer_token(request.headers.get("Authorization"))
-        if token is None:
-            principal = self._authenticator.without_credentials(address)
-            if principal is None:
-                raise Unauthorized(
-                    "this gateway requires an API key: send 'Authorization: Bearer fmk_…'"
-                )
-            return principal
-        return (await self._authenticator.from_token(token, address)).principal
+        principal, _ = await self._authenticator.from_header(token, address)
+        if principal is None:
+            raise Unauthorized(
+                "this gateway requires an API key: send 'Authorization: Bearer fmk_…'"
+            )
+        return principal
 
     async def _chat(self, request: Request) -> Response:
         return await self._run(request, self.api.chat_completions)

@@ -320,3 +320,18 @@ async def test_required_answers_every_message_but_auth_and_ping_with_unauthorize
             assert (await _recv(ws))["code"] == "unauthorized", message
         await ws.send(json.dumps({"type": "ping", "data": "still here"}))
         assert await _recv(ws) == {"type": "pong", "data": "still here"}
+
+
+@BOTH_PATHS
+async def test_a_token_in_no_format_of_ours_counts_as_none_unless_required(
+    request_on: Request,
+    optional: tuple[GatewayServer, _Contexts],
+    required: tuple[GatewayServer, _Contexts],
+) -> None:
+    loose, contexts = optional
+    assert _served(await request_on(loose, key="sk-placeholder"))
+    assert [c.principal_id for c in contexts.started] == ["anonymous"]
+    strict, _ = required
+    with pytest.raises(InvalidStatus) as refused:
+        await request_on(strict, key="sk-placeholder")
+    assert refused.value.response.status_code == 401

@@ -255,15 +255,23 @@ async def test_no_key_or_a_bad_key_is_an_authentication_error(make: Any) -> None
 
 
 async def test_optional_auth_serves_anonymous_callers(make: Any) -> None:
+    """Without a header, or with a placeholder key in no format of ours (OpenAI clients must
+    send some key); a malformed key of ours is still refused."""
     server, events = await make(auth="optional")
     async with openai_client(server, None) as client:
         answer = await client.chat.completions.create(
             model=FAKE_MODEL_ID, messages=USER, extra_headers=NO_KEY
         )
-    assert answer.choices[0].message.content == REPLY
-    (started,) = events.of(RequestStarted)
-    assert started.context.principal_id == "anonymous"
-    assert started.context.wallet is None
+    async with openai_client(server, "sk-placeholder") as client:
+        again = await client.chat.completions.create(model=FAKE_MODEL_ID, messages=USER)
+    async with openai_client(server, "fmk_mistyped") as client:
+        with pytest.raises(openai.AuthenticationError):
+            await client.chat.completions.create(model=FAKE_MODEL_ID, messages=USER)
+    assert answer.choices[0].message.content == again.choices[0].message.content == REPLY
+    started = events.of(RequestStarted)
+    assert [(s.context.principal_id, s.context.wallet) for s in started] == [
+        ("anonymous", None)
+    ] * 2
 
 
 async def test_the_rate_limit_is_a_rate_limit_error_with_retry_after(make: Any) -> None:
