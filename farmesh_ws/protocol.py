@@ -12,6 +12,8 @@ from typing import Annotated, Final, Literal
 import msgspec
 from msgspec import Meta
 
+from farmesh_ws.core.money import far_text
+from farmesh_ws.core.settlement import Settlement
 from farmesh_ws.errors import InvalidJson, InvalidMessage
 
 PROTOCOL_VERSION: Final = 1
@@ -168,6 +170,23 @@ class NodeShare(msgspec.Struct, frozen=True, kw_only=True):
     replayed_tokens: int
     work: int
     share_far: str
+
+
+def node_shares(settlement: Settlement) -> list[NodeShare]:
+    """§4.4's ``nodes``: each node's part of a settled request, amounts as decimal strings."""
+    return [
+        NodeShare(
+            peer_id=node.contribution.peer_id,
+            name=node.contribution.public_name,
+            start_block=node.contribution.start_block,
+            end_block=node.contribution.end_block,
+            tokens=node.contribution.tokens,
+            replayed_tokens=node.contribution.replayed_tokens,
+            work=node.contribution.work,
+            share_far=far_text(node.share_far),
+        )
+        for node in settlement.nodes
+    ]
 
 
 class ContributionReport(_ServerMessage, tag="contribution", frozen=True):

@@ -282,19 +282,7 @@ def _contribution_frame(request_id: str, settlement: Settlement) -> p.Contributi
     return p.ContributionReport(
         request_id=request_id,
         cost_far=far_text(settlement.cost_far),
-        nodes=[
-            p.NodeShare(
-                peer_id=node.contribution.peer_id,
-                name=node.contribution.public_name,
-                start_block=node.contribution.start_block,
-                end_block=node.contribution.end_block,
-                tokens=node.contribution.tokens,
-                replayed_tokens=node.contribution.replayed_tokens,
-                work=node.contribution.work,
-                share_far=far_text(node.share_far),
-            )
-            for node in settlement.nodes
-        ],
+        nodes=p.node_shares(settlement),
     )
 
 

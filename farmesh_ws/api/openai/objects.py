@@ -34,19 +34,7 @@ def usage(settlement: Settlement) -> Json:
 
 def farmesh_field(settlement: Settlement) -> Json:
     """The extra field: what the request cost and who computed it."""
-    nodes = [
-        p.NodeShare(
-            peer_id=node.contribution.peer_id,
-            name=node.contribution.public_name,
-            start_block=node.contribution.start_block,
-            end_block=node.contribution.end_block,
-            tokens=node.contribution.tokens,
-            replayed_tokens=node.contribution.replayed_tokens,
-            work=node.contribution.work,
-            share_far=far_text(node.share_far),
-        )
-        for node in settlement.nodes
-    ]
+    nodes = p.node_shares(settlement)
     return {
         "cost_far": far_text(settlement.cost_far),
         "finish_reason": settlement.finish_reason,
