@@ -77,22 +77,17 @@ Reply = JsonReply | StreamReply | PendingReply
 class _Route:
     request_type: type[ChatCompletionRequest] | type[CompletionRequest]
     id_prefix: str
-    spec: Callable[[ChatCompletionRequest | CompletionRequest, str], RequestSpec]
     whole: Callable[[o.Head, str, Settlement], o.Json]
 
 
-def _chat(request: ChatCompletionRequest | CompletionRequest, request_id: str) -> RequestSpec:
-    assert isinstance(request, ChatCompletionRequest)
-    return chat_spec(request, request_id)
-
-
-def _completion(request: ChatCompletionRequest | CompletionRequest, request_id: str) -> RequestSpec:
-    assert isinstance(request, CompletionRequest)
+def _spec(request: ChatCompletionRequest | CompletionRequest, request_id: str) -> RequestSpec:
+    if isinstance(request, ChatCompletionRequest):
+        return chat_spec(request, request_id)
     return completion_spec(request, request_id)
 
 
-CHAT = _Route(ChatCompletionRequest, "chatcmpl-", _chat, o.chat_completion)
-COMPLETION = _Route(CompletionRequest, "cmpl-", _completion, o.text_completion)
+CHAT = _Route(ChatCompletionRequest, "chatcmpl-", o.chat_completion)
+COMPLETION = _Route(CompletionRequest, "cmpl-", o.text_completion)
 
 
 class OpenAIApi:
@@ -131,7 +126,7 @@ class OpenAIApi:
         client = Client(f"http:{self._process_id}:{request_id}", principal)
         try:
             request = decode(body, route.request_type)
-            spec = route.spec(request, request_id)
+            spec = _spec(request, request_id)
             active = await self._engine.runner.admit(client, spec)
         except FarmeshError as exc:
             return self.error(exc)
