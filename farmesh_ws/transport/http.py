@@ -24,6 +24,7 @@ from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 from farmesh_ws.api.openai.adapter import JsonReply, OpenAIApi, PendingReply, StreamReply
+from farmesh_ws.api.seed import SeedGenerate
 from farmesh_ws.auth.credentials import Authenticator, bearer_token
 from farmesh_ws.config import Settings
 from farmesh_ws.core.principal import Principal
@@ -34,6 +35,7 @@ from farmesh_ws.transport.handshake import normalized_address
 logger = logging.getLogger(__name__)
 
 API_PREFIX: Final = "/v1"
+SEED_GENERATE_PATH: Final = "/inference/generate"
 _NO_STORE: Final = {"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"}
 _SSE_HEADERS: Final = {**_NO_STORE, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
@@ -64,12 +66,14 @@ class HttpApi:
         # a frame's worth plus the longest text, each character JSON-escaped (\uXXXX)
         self._body_limit = settings.max_frame_bytes + 6 * settings.max_text_chars
         self.api = OpenAIApi(engine, process_id=process_id)
+        self.seed = SeedGenerate(engine, process_id=process_id)
         self.app = Starlette(
             routes=[
                 Route(f"{API_PREFIX}/chat/completions", self._chat, methods=["POST"]),
                 Route(f"{API_PREFIX}/completions", self._completions, methods=["POST"]),
                 Route(f"{API_PREFIX}/models", self._models, methods=["GET"]),
                 Route(f"{API_PREFIX}/models/{{model_id:path}}", self._model, methods=["GET"]),
+                Route(SEED_GENERATE_PATH, self._seed_generate, methods=["POST"]),
             ]
         )
         self._socket: socket.socket | None = None
@@ -130,6 +134,9 @@ class HttpApi:
     async def _completions(self, request: Request) -> Response:
         return await self._run(request, self.api.completions)
 
+    async def _seed_generate(self, request: Request) -> Response:
+        return await self._run(request, self.seed.generate, refuse=self.seed.error)
+
     async def _models(self, request: Request) -> Response:
         try:
             await self._principal(request)
@@ -148,7 +155,11 @@ class HttpApi:
         self,
         request: Request,
         start: Callable[[Principal, bytes], Awaitable[JsonReply | StreamReply | PendingReply]],
+        *,
+        refuse: Callable[[FarmeshError], JsonReply] | None = None,
     ) -> Response:
+        """Authenticate, read the body, start; a refusal in ``refuse``'s shape (OpenAI's by
+        default)."""
         try:
             if self._stopping():
                 raise ShuttingDown("the server is shutting down; retry on another server")
@@ -157,7 +168,7 @@ class HttpApi:
         except ClientDisconnect:
             return Response(status_code=499)
         except FarmeshError as exc:
-            return _json(self.api.error(exc))
+            return _json((refuse or self.api.error)(exc))
         reply = await start(principal, body)
         if isinstance(reply, JsonReply):
             return _json(reply)
