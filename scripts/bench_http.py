@@ -1,0 +1,205 @@
+"""Benchmark the HTTP API against the WebSocket path on the same turns, on the real local swarm.
+
+Run: ``.venv/bin/python scripts/bench_http.py [--tokens 64] [--pairs 4]``
+
+Setup: the local swarm (2 Petals servers) and the real PetalsBackend behind one gateway in this
+process (WebSocket and HTTP API, ``auth = off``, no balances). The same greedy one-shot request
+of ``--tokens`` tokens (one user message) runs four ways, each on a fresh mesh session:
+protocol v1 ``generate`` over WebSocket, ``POST /v1/chat/completions`` streamed (SSE, through
+the official ``openai`` SDK), ``POST /v1/chat/completions`` whole (SDK), and the seed's
+``POST /inference/generate`` (SSE, read with aiohttp). After one warm-up of each, the ways rotate
+for ``--pairs`` rounds. tokens/s = completion tokens / (reply complete - request sent);
+"decode" = tokens 2..n / (last - first token) for the streamed ways. Medians. Ratios are each way
+÷ WebSocket; the issue's target: SSE ÷ WebSocket ≥ 0.97.
+
+Prints a table and, last, one ``BENCH_JSON {...}`` line.
+"""
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import openai
+from websockets.asyncio.client import connect
+
+from farmesh_ws.config import Settings
+from farmesh_ws.mesh.status import MeshStatusCache
+from farmesh_ws.metrics import Metrics
+from farmesh_ws.transport.ws import GatewayServer
+
+PROMPT = "Write a long story about a lighthouse keeper."
+TARGET = 0.97
+Run = tuple[int, float, float | None]  # completion tokens, tokens/s, decode tokens/s
+
+
+def _rates(tokens: int, t0: float, arrivals: list[float]) -> Run:
+    end = time.perf_counter()
+    decode = None
+    if len(arrivals) > 1 and arrivals[-1] > arrivals[0]:
+        decode = (len(arrivals) - 1) / (arrivals[-1] - arrivals[0])
+    return tokens, tokens / (end - t0), decode
+
+
+async def ws_generate(gateway: GatewayServer, tokens: int, index: int) -> Run:
+    async with connect(f"ws://127.0.0.1:{gateway.port}/ws", proxy=None) as ws:
+        request = {"type": "generate", "request_id": f"b{index}", "prompt": PROMPT}
+        t0, arrivals = time.perf_counter(), []
+        await ws.send(json.dumps({**request, "max_tokens": tokens, "temperature": 0}))
+        while True:
+            frame = json.loads(await asyncio.wait_for(ws.recv(), 120))
+            if frame["type"] == "token":
+                arrivals.append(time.perf_counter())
+            elif frame["type"] == "done":
+                return _rates(frame["usage"]["completion_tokens"], t0, arrivals)
+            elif frame["type"] != "contribution":
+                raise RuntimeError(f"unexpected frame {frame}")
+
+
+def _client(gateway: GatewayServer) -> openai.AsyncOpenAI:
+    base = f"http://127.0.0.1:{gateway.http.port}/v1"
+    return openai.AsyncOpenAI(base_url=base, api_key="sk-none", max_retries=0, timeout=120)
+
+
+async def sse_chat(gateway: GatewayServer, tokens: int, index: int) -> Run:
+    async with _client(gateway) as client:
+        t0, arrivals, usage = time.perf_counter(), [], 0
+        stream = await client.chat.completions.create(
+            model=gateway.settings.default_model_id,
+            messages=[{"role": "user", "content": PROMPT}],
+            max_tokens=tokens,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+        async for chunk in stream:
+            if chunk.choices and chunk.choices[0].delta.content:
+                arrivals.append(time.perf_counter())
+            if chunk.usage is not None:
+                usage = chunk.usage.completion_tokens
+        return _rates(usage, t0, arrivals)
+
+
+async def whole_chat(gateway: GatewayServer, tokens: int, index: int) -> Run:
+    async with _client(gateway) as client:
+        t0 = time.perf_counter()
+        answer = await client.chat.completions.create(
+            model=gateway.settings.default_model_id,
+            messages=[{"role": "user", "content": PROMPT}],
+            max_tokens=tokens,
+            temperature=0,
+        )
+        count, rate, _ = _rates(answer.usage.completion_tokens if answer.usage else 0, t0, [])
+        return count, rate, None
+
+
+async def seed_sse(gateway: GatewayServer, tokens: int, index: int) -> Run:
+    url = f"http://127.0.0.1:{gateway.http.port}/inference/generate"
+    body = {"prompt": PROMPT, "max_tokens": tokens, "temperature": 0}
+    timeout = aiohttp.ClientTimeout(total=120)
+    async with aiohttp.ClientSession(timeout=timeout) as client:
+        t0, arrivals, count = time.perf_counter(), [], 0
+        async with client.post(url, json=body) as reply:
+            async for raw in reply.content:
+                line = raw.decode().strip()
+                if not line.startswith("data: "):
+                    continue
+                event = json.loads(line.removeprefix("data: "))
+                if "token" in event:
+                    count = event["tokens_generated"]
+                    if event["token"]:
+                        arrivals.append(time.perf_counter())
+        return _rates(count, t0, arrivals)
+
+
+WAYS: dict[str, Callable[[GatewayServer, int, int], Awaitable[Run]]] = {
+    "websocket": ws_generate,
+    "openai_sse": sse_chat,
+    "openai_whole": whole_chat,
+    "seed_sse": seed_sse,
+}
+
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    from farmesh_ws.home import farmesh_home
+    from farmesh_ws.mesh.petals import ModelSpec, PetalsBackend, PetalsBackendConfig
+    from farmesh_ws.models import BUNDLED_MODEL_ID, dht_prefix_for
+    from farmesh_ws.models.bundled import prepare_bundled_model
+    from farmesh_ws.swarm import LocalSwarm, SwarmConfig, read_num_blocks
+
+    model_path = await asyncio.to_thread(prepare_bundled_model, farmesh_home(), progress=False)
+    log_dir = Path(tempfile.mkdtemp(prefix="farmesh-bench-http-"))
+    prefix = dht_prefix_for(BUNDLED_MODEL_ID)
+    swarm = LocalSwarm(SwarmConfig(model_path, prefix, read_num_blocks(model_path), log_dir))
+    runs: dict[str, list[Run]] = {way: [] for way in WAYS}
+    async with contextlib.AsyncExitStack() as cleanup:  # runs in reverse order, always
+        cleanup.callback(shutil.rmtree, log_dir, ignore_errors=True)
+        cleanup.push_async_callback(asyncio.to_thread, swarm.stop)
+        await asyncio.to_thread(swarm.start)
+        spec = ModelSpec(BUNDLED_MODEL_ID, model_path, prefix)
+        config = PetalsBackendConfig(initial_peers=tuple(swarm.initial_peers), models=(spec,))
+        backend = await PetalsBackend.start(config)
+        cleanup.push_async_callback(backend.aclose)
+        status = MeshStatusCache(backend.model_ids, backend.coverage, refresh_s=60.0)
+        await status.refresh()
+        settings = Settings(port=0, http_port=0, auth="off", balances="off", requests_burst=1000)
+        gateway = GatewayServer(settings, backend, status, Metrics())
+        await gateway.start()
+        cleanup.push_async_callback(gateway.shutdown)
+        names = list(WAYS)
+        for way in names:  # warm-up
+            await WAYS[way](gateway, args.tokens, -1)
+        for index in range(args.pairs):
+            for way in names[index % len(names) :] + names[: index % len(names)]:
+                runs[way].append(await WAYS[way](gateway, args.tokens, index))
+    report: dict[str, Any] = {"tokens": args.tokens, "pairs": args.pairs, "ways": {}}
+    base = statistics.median(r[1] for r in runs["websocket"])
+    for way, rows in runs.items():
+        rate = statistics.median(r[1] for r in rows)
+        decodes = [r[2] for r in rows if r[2] is not None]
+        report["ways"][way] = {
+            "tokens_per_s": round(rate, 2),
+            "decode_tokens_per_s": round(statistics.median(decodes), 2) if decodes else None,
+            "ratio_to_websocket": round(rate / base, 3),
+            "runs": [round(r[1], 2) for r in rows],
+            "completion_tokens": [r[0] for r in rows],
+        }
+    report["sse_ratio"] = report["ways"]["openai_sse"]["ratio_to_websocket"]
+    report["target_met"] = report["sse_ratio"] >= TARGET
+    return report
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--tokens", type=int, default=64, help="greedy tokens per request")
+    parser.add_argument("--pairs", type=int, default=4, help="rounds of all four ways")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    started = time.perf_counter()
+    report = asyncio.run(run(args))
+    report["total_s"] = round(time.perf_counter() - started, 1)
+    print(f"\n{args.tokens} greedy tokens, one user message, {args.pairs} rounds, medians")
+    print(f"{'way':<14}{'tokens/s':>10}{'decode':>10}{'÷ WebSocket':>13}  runs")
+    for way, row in report["ways"].items():
+        decode = "-" if row["decode_tokens_per_s"] is None else f"{row['decode_tokens_per_s']}"
+        print(
+            f"{way:<14}{row['tokens_per_s']:>10}{decode:>10}{row['ratio_to_websocket']:>13}"
+            f"  {row['runs']}"
+        )
+    print(f"target: OpenAI SSE ÷ WebSocket ≥ {TARGET}: {report['target_met']}")
+    print("BENCH_JSON " + json.dumps(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
