@@ -2,6 +2,7 @@
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import threading
@@ -101,7 +102,10 @@ def _build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(handler=_serve)
 
     chat = commands.add_parser("chat", help="chat with a running gateway in the terminal")
-    chat.add_argument("--url", default="ws://127.0.0.1:8100/ws", help="the gateway's WebSocket URL")
+    local = f"ws://127.0.0.1:{os.environ.get('FARMESH_PORT') or 8100}/ws"
+    chat.add_argument(
+        "--url", default=local, help="the gateway's WebSocket URL (default: %(default)s)"
+    )
     chat.add_argument("--max-new-tokens", type=int, default=256, help="tokens per reply at most")
     chat.add_argument("--system-prompt", default=None, help="system prompt of the session")
     chat.add_argument(

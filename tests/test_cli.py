@@ -106,6 +106,15 @@ def test_swarm_command_prints_peers_and_stops_cleanly_on_ctrl_c(
     _stop_and_check_nothing_is_left(command.process, signal.SIGINT)
 
 
+def test_chat_connects_to_the_port_serve_uses(monkeypatch: pytest.MonkeyPatch) -> None:
+    from farmesh_ws.cli import _build_parser
+
+    monkeypatch.setenv("FARMESH_PORT", "8231")
+    assert _build_parser().parse_args(["chat"]).url == "ws://127.0.0.1:8231/ws"
+    monkeypatch.delenv("FARMESH_PORT")
+    assert _build_parser().parse_args(["chat"]).url == "ws://127.0.0.1:8100/ws"
+
+
 def test_chat_takes_sampling_overrides() -> None:
     from farmesh_ws.cli import _build_parser
 

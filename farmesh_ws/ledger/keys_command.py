@@ -8,6 +8,7 @@ CLI), an unreachable database :class:`~farmesh_ws.ledger.store.LedgerUnavailable
 
 import argparse
 import json
+import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, TextIO
@@ -48,9 +49,11 @@ async def run_keys_command(
             else:
                 out.write("(no keys)\n")
         else:
-            info = await revoke_key(ledger, args.key_id)
+            now = time.time()
+            info = await revoke_key(ledger, args.key_id, now=now)
+            already = "already " if info.revoked_at != now else ""
             revoked_at = plain_value("revoked_at", info.revoked_at)
-            out.write(f"revoked {info.key_id} (wallet {info.wallet}) at {revoked_at}\n")
+            out.write(f"{already}revoked {info.key_id} (wallet {info.wallet}) at {revoked_at}\n")
     finally:
         await ledger.aclose()
 
