@@ -12,9 +12,7 @@ a request that fails or reaches its budget after it started sends
 goes away cancels the request, which is billed for what it delivered.
 """
 
-import asyncio
 import uuid
-from collections.abc import AsyncIterator
 from decimal import Decimal
 from typing import Annotated
 
@@ -22,7 +20,7 @@ import msgspec
 from msgspec import Meta
 
 from farmesh_ws import protocol as p
-from farmesh_ws.api.openai.adapter import JsonReply, StreamReply
+from farmesh_ws.api.openai.adapter import JsonReply, SseQueue, StreamReply
 from farmesh_ws.api.openai.objects import error_reply, sse
 from farmesh_ws.core.money import far_text
 from farmesh_ws.core.principal import Principal
@@ -76,10 +74,9 @@ class SeedGenerate:
     def error(self, error: FarmeshError) -> JsonReply:
         """A refusal before the request started (counted like an error frame)."""
         self._engine.error_sent(error.code)
-        status = error_reply(error).status
+        reply = error_reply(error)
         body = {"error": error.code, "message": error.message, "retryable": error.retryable}
-        headers = error_reply(error).headers
-        return JsonReply(status, body, headers)
+        return JsonReply(reply.status, body, reply.headers)
 
     async def generate(self, principal: Principal, body: bytes) -> JsonReply | StreamReply:
         try:
@@ -109,15 +106,15 @@ class SeedGenerate:
         return StreamReply(active, stream.events(active))
 
 
-class _Events:
+class _Events(SseQueue):
     """The engine's sink: one SSE line per token, then ``done``."""
 
     def __init__(self, engine: Engine) -> None:
+        super().__init__()
         self._engine = engine
-        self._queue: asyncio.Queue[bytes | None] = asyncio.Queue()
 
     async def token(self, active: ActiveRequest, event: TokenEvent) -> None:
-        self._queue.put_nowait(
+        self.put_event(
             sse(
                 {
                     "token": event.text,
@@ -132,15 +129,8 @@ class _Events:
         error = settlement.error
         if error is not None:  # a failure or a budget stop: say why before done
             self._engine.error_sent(error.code)
-            self._queue.put_nowait(
+            self.put_event(
                 sse({"error": error.code, "message": error.message, "retryable": error.retryable})
             )
-        self._queue.put_nowait(DONE)
-        self._queue.put_nowait(None)
-
-    async def events(self, active: ActiveRequest) -> AsyncIterator[bytes]:
-        try:
-            while (item := await self._queue.get()) is not None:
-                yield item
-        finally:
-            active.cancel()  # a no-op once it settled; else the client went away
+        self.put_event(DONE)
+        self.end()

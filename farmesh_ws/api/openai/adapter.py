@@ -167,7 +167,28 @@ class _Collect:
             self.result.set_result(("".join(self._text), settlement))
 
 
-class _Stream:
+class SseQueue:
+    """Server-sent events of one started request, in order, for the HTTP response to stream;
+    a response closed early (the client went away) cancels the request."""
+
+    def __init__(self) -> None:
+        self._queue: asyncio.Queue[bytes | None] = asyncio.Queue()
+
+    def put_event(self, event: bytes) -> None:
+        self._queue.put_nowait(event)
+
+    def end(self) -> None:
+        self._queue.put_nowait(None)
+
+    async def events(self, active: ActiveRequest) -> AsyncIterator[bytes]:
+        try:
+            while (item := await self._queue.get()) is not None:
+                yield item
+        finally:
+            active.cancel()  # a no-op once it settled; else the client went away
+
+
+class _Stream(SseQueue):
     """The engine's sink for a streaming request: SSE chunks into a queue, in order. A
     failure after the start is an ``error`` event (with what was billed), then the end."""
 
@@ -175,7 +196,7 @@ class _Stream:
         self._head = head
         self._chat = chat
         self._usage = include_usage
-        self._queue: asyncio.Queue[bytes | None] = asyncio.Queue()
+        super().__init__()
         if chat:  # OpenAI's first chunk names the role
             self._put(o.chat_chunk(head, {"role": "assistant", "content": ""}, None, **self._u))
 
@@ -184,7 +205,7 @@ class _Stream:
         return {"usage_field": self._usage}
 
     def _put(self, data: o.Json | bytes) -> None:
-        self._queue.put_nowait(data if isinstance(data, bytes) else o.sse(data))
+        self.put_event(data if isinstance(data, bytes) else o.sse(data))
 
     def _chunk(self, text: str, reason: str | None) -> o.Json:
         if self._chat:
@@ -210,11 +231,4 @@ class _Stream:
                 )
             self._put({**last, "farmesh": extra})
             self._put(o.DONE)
-        self._queue.put_nowait(None)
-
-    async def events(self, active: ActiveRequest) -> AsyncIterator[bytes]:
-        try:
-            while (item := await self._queue.get()) is not None:
-                yield item
-        finally:
-            active.cancel()  # a no-op once it settled; else the client went away
+        self.end()
