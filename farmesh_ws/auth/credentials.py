@@ -83,10 +83,6 @@ class Authenticator:
         configured = settings.address_hash_key.encode()
         self._address_key = configured or secrets.token_bytes(32)
 
-    @property
-    def required(self) -> bool:
-        return self.mode == "required"
-
     def address_hash(self, address: str) -> str:
         return hash_address(address, self._address_key)
 
