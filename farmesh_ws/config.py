@@ -111,6 +111,12 @@ class Settings:
     anonymous_requests_per_minute: float = 30.0
     anonymous_tokens_per_day: int = 50000
     anonymous_max_cache_share: float = 0.5
+    # Reuse of the mesh's attention caches for stateless requests (http.md §5).
+    reuse_sessions_per_principal: int = 4
+    reuse_max_sessions: int = 64
+    reuse_ttl_s: float = 120.0
+    reuse_max_length: int = 0
+    reuse_max_cache_share: float = 0.25
 
     @property
     def embedded_mesh(self) -> bool:
@@ -286,6 +292,17 @@ def _validated(settings: Settings) -> Settings:
             "anonymous_max_cache_share must be above 0 and at most 1",
         ),
         *((getattr(settings, name) >= 1, f"{name} must be at least 1") for name in _CAPS),
+        (settings.reuse_sessions_per_principal >= 0, "reuse_sessions_per_principal must be >= 0"),
+        (settings.reuse_max_sessions >= 0, "reuse_max_sessions must not be negative"),
+        (settings.reuse_ttl_s > 0, "reuse_ttl_s must be positive"),
+        (
+            0 <= settings.reuse_max_length <= settings.max_length_limit,
+            "reuse_max_length must be between 0 (default_max_length) and max_length_limit",
+        ),
+        (
+            0 < settings.reuse_max_cache_share <= 1,
+            "reuse_max_cache_share must be above 0 and at most 1",
+        ),
     ]
     for ok, message in checks:
         if not ok:

@@ -13,8 +13,10 @@ from collections.abc import Callable
 from farmesh_ws.config import Settings
 from farmesh_ws.engine.allowances import BalanceHolds, FreeTokens
 from farmesh_ws.engine.events import ErrorSent, Observer
+from farmesh_ws.engine.one_shot import OneShots
 from farmesh_ws.engine.quotas import MeshCapacity, Quotas
 from farmesh_ws.engine.request import ActiveRequest
+from farmesh_ws.engine.reuse import ReuseCache
 from farmesh_ws.engine.runner import RequestRunner
 from farmesh_ws.engine.sessions import SessionManager
 from farmesh_ws.mesh.base import MeshBackend
@@ -46,9 +48,11 @@ class Engine:
         self.sessions = SessionManager(
             settings=settings, backend=backend, registry=registry, quotas=self.quotas
         )
+        self.reuse = ReuseCache(settings, self.quotas)
+        self.quotas.reclaim = self.reuse.reclaim
         self.runner = RequestRunner(
             settings=settings,
-            backend=backend,
+            one_shots=OneShots(settings, backend, self.quotas, self.reuse),
             store=registry.store,
             observer=observer,
             stopping=lambda: self.sessions.stopping,
@@ -60,6 +64,12 @@ class Engine:
     def error_sent(self, code: str) -> None:
         """A surface sent an error frame with ``code`` (for the error counters)."""
         self.observer.notify(ErrorSent(code))
+
+    async def aclose(self) -> None:
+        """After :meth:`drain`: close the kept mesh sessions and write the last free-token
+        counts."""
+        await self.reuse.aclose()
+        await self.free_tokens.aclose()
 
     async def drain(self, grace_s: float) -> None:
         """Refuse new work, wait up to ``grace_s`` for running requests to end, then cancel

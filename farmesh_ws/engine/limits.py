@@ -8,7 +8,7 @@ import asyncio
 from collections.abc import Iterable
 
 from farmesh_ws.config import Settings
-from farmesh_ws.errors import InvalidRequest, MeshTimeout, ModelNotFound
+from farmesh_ws.errors import ContextOverflow, InvalidRequest, MeshTimeout, ModelNotFound
 from farmesh_ws.mesh.base import MeshBackend, MeshSession
 
 MAX_MODEL_NAME_CHARS = 200
@@ -43,6 +43,16 @@ def check_max_length(settings: Settings, value: int) -> None:
     """A session's ``max_length`` is at most ``max_length_limit``."""
     if value > settings.max_length_limit:
         raise InvalidRequest(f"max_length {value} is above the limit {settings.max_length_limit}")
+
+
+def check_room(mesh: MeshSession, token_ids: list[int]) -> None:
+    """The session has room for its pending token and ``token_ids``; raises
+    :class:`ContextOverflow` (protocol.md §5)."""
+    needed = mesh.pending_tokens + len(token_ids)
+    if mesh.position + needed > mesh.max_length:
+        raise ContextOverflow.session_full(
+            position=mesh.position, needed=needed, max_length=mesh.max_length
+        )
 
 
 def check_model(backend: MeshBackend, model_id: str) -> None:

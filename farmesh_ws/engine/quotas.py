@@ -91,6 +91,9 @@ class Quotas:
         self._usage: dict[str, _Usage] = {}
         self._reservations: set[Reservation] = set()
         self.totals = _Totals()
+        self.reclaim: Callable[[str], bool] = lambda quota_key: False
+        """Frees a reservation the principal ``quota_key`` holds without using it (a kept
+        session: :meth:`~farmesh_ws.engine.reuse.ReuseCache.reclaim`); False if none."""
 
     def caps(self, principal: Principal) -> Caps:
         """The configured caps of the principal's kind, with its own limits over them."""
@@ -150,6 +153,10 @@ class Quotas:
             self._check(
                 usage.sessions + 1 <= caps.sessions, principal, f"{caps.sessions} open sessions"
             )
+        while usage.reserved_tokens + tokens > caps.reserved_tokens and self.reclaim(
+            principal.quota_key
+        ):
+            pass  # a kept session of the principal gave its reservation back
         held = usage.reserved_tokens
         self._check(
             held + tokens <= caps.reserved_tokens,
@@ -200,15 +207,26 @@ class Quotas:
             if r.model_id == model_id and (r.allocated_at is None or r.allocated_at >= checked_at)
         )
 
+    def could_hold(self, model_id: str) -> int | None:
+        """Context tokens this gateway could hold on ``model_id``: what the mesh has free plus
+        what it reserves now (None: the mesh's capacity is unknown)."""
+        free = self._free(model_id)
+        return None if free is None else max(free, 0) + self.totals.reserved[model_id]
+
+    def _free(self, model_id: str) -> int | None:
+        if self._capacity is None:
+            return None
+        capacity = self._capacity(model_id)
+        if capacity.cache_tokens_left is None:
+            return None
+        return capacity.cache_tokens_left - self.uncounted_tokens(model_id, capacity.checked_at)
+
     def _check_mesh(self, model_id: str, tokens: int, *, anonymous: bool) -> None:
         """``tokens`` fit in what the mesh has free; anonymous use all together holds at most
         ``anonymous_max_cache_share`` of what this gateway could hold (free + reserved)."""
-        if self._capacity is None:
+        free = self._free(model_id)
+        if free is None:
             return
-        capacity = self._capacity(model_id)
-        if capacity.cache_tokens_left is None:
-            return
-        free = capacity.cache_tokens_left - self.uncounted_tokens(model_id, capacity.checked_at)
         if tokens > free:
             raise QuotaExceeded(
                 f"the mesh has attention cache for {max(free, 0)} more tokens; this needs "

@@ -8,8 +8,8 @@ It is made only by :class:`~farmesh_ws.engine.runner.RequestRunner` after admiss
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass, field, replace
 from decimal import Decimal
 
 from farmesh_ws.core.money import Prices
@@ -101,8 +101,8 @@ class ActiveRequest:
         budget_far: Decimal | None,
         prices: Prices,
         observer: Observer,
-        one_shot: bool,
         on_end: Callable[["ActiveRequest"], None],
+        after: Callable[["ActiveRequest"], Awaitable[None]] | None = None,
     ) -> None:
         self.context = context
         self.client = client
@@ -111,13 +111,19 @@ class ActiveRequest:
         self.token_ids = list(token_ids)
         self.sampling = sampling
         self.budget_far = budget_far
-        self.one_shot = one_shot
+        self.carried_tokens = 0
+        """Prompt ids not sent because the mesh session already had them (its transcript,
+        the pending token included: generated and paid for by the previous request); at
+        least this many are reported as cached, and none is billed."""
+        self.failed = False
+        """Settled with an error (its mesh session is not kept for reuse)."""
         self.balance_bound = False
         """True when the budget is the prepaid hold (smaller than any ``max_cost_far``)."""
         self.free_tokens_left: int | None = None
         """When the anonymous free quota is smaller than what the request may generate: how
         many tokens it may generate over all its steps (None: the quota does not bind)."""
         self._on_end = on_end
+        self._after = after
         self.ended = asyncio.Event()
         self.task: asyncio.Task[None] | None = None
         self._prices = prices
@@ -218,7 +224,10 @@ class ActiveRequest:
         """Settle once: bill what was generated (and not held back) and tell the observers.
         ``error``: what ended the request, if anything. The client stays busy until
         :meth:`release`, after the request's last frames."""
-        done = self.result = self._tally.result()
+        done = self._tally.result()
+        if self.carried_tokens > done.cached_tokens:
+            done = replace(done, cached_tokens=self.carried_tokens)
+        self.result = done
         reason: SettledReason = done.finish_reason
         if error is None and self.last_step is not None:
             error = self.last_step.error
@@ -233,6 +242,7 @@ class ActiveRequest:
             )
         elif error is not None:
             reason = "error"
+        self.failed = reason == "error"
         settlement = settle(
             done, self._prices, finish_reason=reason, completion_tokens=self._billed, error=error
         )
@@ -250,9 +260,11 @@ class ActiveRequest:
         self.ended.set()
 
     async def aclose(self) -> None:
-        """Close the mesh session of a one-shot request (a conversation keeps its own)."""
-        if self.one_shot:
-            await self.mesh.aclose()
+        """Once settled: hand a one-shot request's mesh session on (kept for reuse or closed;
+        a conversation keeps its own). Idempotent."""
+        after, self._after = self._after, None
+        if after is not None:
+            await after(self)
 
 
 def require_step(active: ActiveRequest) -> TurnDone:

@@ -20,7 +20,7 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from decimal import Decimal
 from typing import Protocol
@@ -34,18 +34,17 @@ from farmesh_ws.engine.allowances import BalanceHolds, FreeTokens
 from farmesh_ws.engine.conversation import Client, Conversation
 from farmesh_ws.engine.events import Observer, RequestContext, RequestStarted
 from farmesh_ws.engine.limits import (
-    check_max_length,
     check_max_new_tokens,
+    check_room,
     check_text,
     check_text_total,
-    open_mesh_session,
 )
-from farmesh_ws.engine.quotas import Quotas, Reservation
+from farmesh_ws.engine.one_shot import OneShot, OneShots
+from farmesh_ws.engine.quotas import Quotas
 from farmesh_ws.engine.request import ActiveRequest
 from farmesh_ws.errors import (
     BudgetExceeded,
     Busy,
-    ContextOverflow,
     DuplicateRequestId,
     FarmeshError,
     InvalidRequest,
@@ -53,7 +52,7 @@ from farmesh_ws.errors import (
     SessionClosed,
     ShuttingDown,
 )
-from farmesh_ws.mesh.base import MeshBackend, MeshSession
+from farmesh_ws.mesh.base import MeshSession
 from farmesh_ws.state import StateStore
 
 logger = logging.getLogger(__name__)
@@ -75,7 +74,9 @@ class RequestSpec:
     conversation (system, user and assistant messages, OpenAI's stateless chat completions),
     templated as one turn in place of ``text`` (which is then ignored); the text limit
     applies to the sum of their contents. ``raw_text``: ``text`` is a raw prompt, tokenized
-    as it is with no chat template (OpenAI's completions).
+    as it is with no chat template (OpenAI's completions). ``reuse``: a one-shot request that
+    may continue a kept mesh session of the same principal and leave its own for the next
+    (:mod:`~farmesh_ws.engine.reuse`).
     """
 
     request_id: str
@@ -90,6 +91,7 @@ class RequestSpec:
     total_new_tokens: int | None = None
     messages: tuple[ChatMessage, ...] | None = None
     raw_text: bool = False
+    reuse: bool = False
 
 
 class RequestSink(Protocol):
@@ -107,7 +109,7 @@ class RequestRunner:
         self,
         *,
         settings: Settings,
-        backend: MeshBackend,
+        one_shots: OneShots,
         store: StateStore,
         observer: Observer,
         stopping: Callable[[], bool],
@@ -116,7 +118,7 @@ class RequestRunner:
         holds: BalanceHolds | None = None,
     ) -> None:
         self._settings = settings
-        self._backend = backend
+        self._one_shots = one_shots
         self._store = store
         self._observer = observer
         self._stopping = stopping
@@ -170,15 +172,25 @@ class RequestRunner:
         self, client: Client, spec: RequestSpec, sampling: SamplingParams, wallet: str | None
     ) -> ActiveRequest:
         conversation = spec.conversation
-        reservation: Reservation | None = None
-        mesh = conversation.mesh if conversation is not None else await self._open_one_shot(spec)
+        shot: OneShot | None = None
+        if conversation is None:
+            shot = await self._one_shots.open(
+                client.principal,
+                wallet,
+                spec.model_id,
+                sampling.max_new_tokens,
+                lambda mesh: self._encode(spec, mesh),
+                reuse=spec.reuse,
+            )
+            mesh, token_ids = shot.mesh, shot.token_ids
+        else:
+            mesh = conversation.mesh
+            token_ids = self._encode(spec, mesh)
+            check_room(mesh, token_ids)
         hold: Decimal | None = None
         try:
-            token_ids = self._tokens(spec, mesh)
             total = spec.total_new_tokens or sampling.max_new_tokens
             free_left: int | None = None
-            if conversation is None:
-                reservation = self._reserve_one_shot(client, mesh, len(token_ids), sampling)
             budget = self._budget(spec, conversation, len(token_ids))
             if self._free.applies(client.principal):
                 allowance = await self._free.allowance(client.principal, len(token_ids))
@@ -200,12 +212,10 @@ class RequestRunner:
         except BaseException:
             if hold is not None and self._holds is not None:
                 await self._holds.release(context.hold_id)
-            if reservation is not None:
-                self._quotas.release(reservation, session=False)
-            if conversation is None:
-                await mesh.aclose()
+            if shot is not None:
+                await self._one_shots.abandon(shot)
             raise
-        active = self._start(client, spec, context, mesh, token_ids, sampling, budget, reservation)
+        active = self._start(client, spec, context, mesh, token_ids, sampling, budget, shot)
         active.free_tokens_left = free_left
         active.balance_bound = balance_bound
         return active
@@ -237,24 +247,6 @@ class RequestRunner:
                 await asyncio.shield(active.aclose())
             active.release()
 
-    async def _open_one_shot(self, spec: RequestSpec) -> MeshSession:
-        """A mesh session of up to ``max_length_limit`` tokens; :meth:`_reserve_one_shot`
-        lowers it to what the request needs before its first step."""
-        model_id = spec.model_id or self._settings.default_model_id
-        return await open_mesh_session(
-            self._backend, model_id, self._settings.max_length_limit, self._settings
-        )
-
-    def _reserve_one_shot(
-        self, client: Client, mesh: MeshSession, prompt_tokens: int, sampling: SamplingParams
-    ) -> Reservation:
-        """A one-shot request holds prompt + ``max_new_tokens`` of context, not a session's."""
-        needed = prompt_tokens + sampling.max_new_tokens
-        check_max_length(self._settings, needed)
-        reservation = self._quotas.reserve(client.principal, mesh.model_id, needed, session=False)
-        mesh.limit_length(needed)
-        return reservation
-
     async def _hold(
         self, context: RequestContext, prompt_tokens: int, new_tokens: int
     ) -> Decimal | None:
@@ -273,23 +265,17 @@ class RequestRunner:
             maximum=maximum,
         )
 
-    def _tokens(self, spec: RequestSpec, mesh: MeshSession) -> list[int]:
+    @staticmethod
+    def _encode(spec: RequestSpec, mesh: MeshSession) -> list[int]:
         if spec.token_ids is not None:
-            token_ids = list(spec.token_ids)
-        elif spec.conversation is not None:
-            token_ids = mesh.encode_turn(spec.conversation.turn_messages(spec.text))
-        elif spec.messages is not None:
-            token_ids = mesh.encode_turn(spec.messages)
-        elif spec.raw_text:
-            token_ids = mesh.encode(spec.text)
-        else:
-            token_ids = mesh.encode_turn([ChatMessage(role="user", content=spec.text)])
-        needed = mesh.pending_tokens + len(token_ids)
-        if mesh.position + needed > mesh.max_length:
-            raise ContextOverflow.session_full(
-                position=mesh.position, needed=needed, max_length=mesh.max_length
-            )
-        return token_ids
+            return list(spec.token_ids)
+        if spec.conversation is not None:
+            return mesh.encode_turn(spec.conversation.turn_messages(spec.text))
+        if spec.messages is not None:
+            return mesh.encode_turn(spec.messages)
+        if spec.raw_text:
+            return mesh.encode(spec.text)
+        return mesh.encode_turn([ChatMessage(role="user", content=spec.text)])
 
     def _budget(
         self, spec: RequestSpec, conversation: Conversation | None, prompt_tokens: int
@@ -345,6 +331,12 @@ class RequestRunner:
             address_hash=client.principal.address_hash,
         )
 
+    def _after(self, shot: OneShot) -> Callable[[ActiveRequest], Awaitable[None]]:
+        async def after(active: ActiveRequest) -> None:
+            await self._one_shots.end(shot, failed=active.failed)
+
+        return after
+
     def _start(
         self,
         client: Client,
@@ -354,21 +346,19 @@ class RequestRunner:
         token_ids: list[int],
         sampling: SamplingParams,
         budget: Decimal | None,
-        reservation: Reservation | None,
+        shot: OneShot | None,
     ) -> ActiveRequest:
         conversation = spec.conversation
         if conversation is not None:
             conversation.reservation.allocated()
-        elif reservation is not None:
-            reservation.allocated()
+        elif shot is not None:
+            shot.reservation.allocated()
 
         def on_end(active: ActiveRequest) -> None:
             if active not in self.active:
                 return
             self.active.discard(active)
             self._quotas.end_request(client.principal)
-            if reservation is not None:
-                self._quotas.release(reservation, session=False)
             if self._free.applies(client.principal) and active.result is not None:
                 self._free.spent(client.principal, active.result.prompt_tokens + active.generated)
 
@@ -382,9 +372,10 @@ class RequestRunner:
             budget_far=budget,
             prices=self._settings.prices,
             observer=self._observer,
-            one_shot=conversation is None,
             on_end=on_end,
+            after=None if shot is None else self._after(shot),
         )
+        active.carried_tokens = 0 if shot is None else shot.carried_tokens
         client.running = active
         client.request_ids.add(spec.request_id)
         self.active.add(active)

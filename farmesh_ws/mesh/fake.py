@@ -143,6 +143,10 @@ class FakeSession:
         return 0 if self.pending is None else 1
 
     @property
+    def transcript(self) -> list[int]:
+        return self.sent + ([] if self.pending is None else [self.pending])
+
+    @property
     def tokens_sent(self) -> int:
         """Tokens that reached the scripted mesh so far."""
         return len(self.sent)

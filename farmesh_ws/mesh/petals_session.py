@@ -76,6 +76,12 @@ class PetalsChatSession:
         """1 if the last generated token has not been sent to the mesh yet, else 0."""
         return 0 if self._pending_id is None else 1
 
+    @property
+    def transcript(self) -> list[int]:
+        """The ids the mesh holds, then the pending one if any (a copy)."""
+        pending = [] if self._pending_id is None else [self._pending_id]
+        return self._held_ids + pending
+
     def encode_turn(self, messages: Sequence[ChatMessage]) -> list[int]:
         """The chat template over ``messages`` only: the first turn while the session holds
         nothing, else the continuation after the previous reply. Content is literal."""

@@ -136,6 +136,11 @@ class SyntheticSession:
     def pending_tokens(self) -> int:
         return 0
 
+    @property
+    def transcript(self) -> list[int]:
+        """Every synthetic token has the same id: ``position`` of them."""
+        return [SYNTHETIC_TOKEN_ID] * self._position
+
     def encode_turn(self, messages: Sequence[ChatMessage]) -> list[int]:
         """One id per word, plus the template's tokens per message."""
         count = sum(len(m.content.split()) + TEMPLATE_TOKENS_PER_MESSAGE for m in messages)

@@ -160,7 +160,7 @@ class GatewayServer:
         self.http.stop_accepting()
         await self.engine.drain(self.settings.shutdown_grace_s)
         await self.http.shutdown()
-        await self.engine.free_tokens.aclose()  # the last requests' free-token counts
+        await self.engine.aclose()  # kept mesh sessions, the last free-token counts
         closing = [
             connection.close(CloseCode.GOING_AWAY, "server shutting down")
             for connection in self._connections

@@ -108,7 +108,8 @@ def decode(body: bytes, kind: type[R]) -> R:
 
 
 def chat_spec(request: ChatCompletionRequest, request_id: str) -> RequestSpec:
-    """A one-shot request over the whole conversation on a fresh mesh session."""
+    """A one-shot request over the whole conversation: it continues the principal's kept mesh
+    session whose transcript its prompt extends, else opens a fresh one (engine/reuse.py)."""
     messages = tuple(_message(message, index) for index, message in enumerate(request.messages))
     max_tokens = request.max_completion_tokens or request.max_tokens
     return RequestSpec(
@@ -118,11 +119,13 @@ def chat_spec(request: ChatCompletionRequest, request_id: str) -> RequestSpec:
         messages=messages,
         sampling=_sampling(request, max_tokens),
         model_id=request.model,
+        reuse=True,
     )
 
 
 def completion_spec(request: CompletionRequest, request_id: str) -> RequestSpec:
-    """A one-shot request whose prompt is raw text (no chat template)."""
+    """A one-shot request whose prompt is raw text (no chat template), reusing kept mesh
+    sessions as chat completions do."""
     prompt = request.prompt if isinstance(request.prompt, str) else request.prompt[0]
     if not prompt:
         raise OpenAIRequestError("prompt must not be empty", "prompt")
@@ -133,6 +136,7 @@ def completion_spec(request: CompletionRequest, request_id: str) -> RequestSpec:
         raw_text=True,
         sampling=_sampling(request, request.max_tokens),
         model_id=request.model,
+        reuse=True,
     )
 
 
