@@ -23,12 +23,12 @@ from farmesh_ws.mesh.base import MeshBackend, MeshSession
 @dataclass(slots=True, eq=False)
 class OneShot:
     """``session``: the mesh session with its reservation; ``token_ids``: what the first step
-    sends; ``carried_tokens``: the prompt's ids the session already had (0 when fresh);
-    ``reusable``: keep the session after the request if it ends well."""
+    sends (the prompt after the ids the session holds); ``reused``: the session was kept from
+    an earlier request; ``reusable``: keep it after this request if it ends well."""
 
     session: KeptSession
     token_ids: list[int]
-    carried_tokens: int
+    reused: bool
     reusable: bool
 
     @property
@@ -82,10 +82,11 @@ class OneShots:
             await mesh.aclose()
             raise
         if kept is None:
-            return OneShot(KeptSession(owner, mesh, reservation), prompt, 0, reuse)
+            return OneShot(KeptSession(owner, mesh, reservation), prompt, False, reuse)
         await mesh.aclose()  # never stepped: nothing on the servers
-        carried = len(kept.mesh.transcript)
-        return OneShot(kept, prompt[carried:], carried, True)
+        # the previous reply's last token was never sent: the prompt says what follows it
+        kept.mesh.discard_pending()
+        return OneShot(kept, prompt[kept.mesh.position :], True, True)
 
     def _reserve(
         self, principal: Principal, model_id: str, needed: int, *, reuse: bool
@@ -100,7 +101,7 @@ class OneShots:
 
     async def abandon(self, shot: OneShot) -> None:
         """The request was refused after :meth:`open`: a kept session goes back untouched."""
-        if shot.carried_tokens:
+        if shot.reused:
             self.cache.keep(shot.session)
         else:
             await self._close(shot.session)

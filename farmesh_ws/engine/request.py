@@ -9,7 +9,7 @@ It is made only by :class:`~farmesh_ws.engine.runner.RequestRunner` after admiss
 import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from decimal import Decimal
 
 from farmesh_ws.core.money import Prices
@@ -111,10 +111,6 @@ class ActiveRequest:
         self.token_ids = list(token_ids)
         self.sampling = sampling
         self.budget_far = budget_far
-        self.carried_tokens = 0
-        """Prompt ids not sent because the mesh session already had them (its transcript,
-        the pending token included: generated and paid for by the previous request); at
-        least this many are reported as cached, and none is billed."""
         self.failed = False
         """Settled with an error (its mesh session is not kept for reuse)."""
         self.balance_bound = False
@@ -224,10 +220,7 @@ class ActiveRequest:
         """Settle once: bill what was generated (and not held back) and tell the observers.
         ``error``: what ended the request, if anything. The client stays busy until
         :meth:`release`, after the request's last frames."""
-        done = self._tally.result()
-        if self.carried_tokens > done.cached_tokens:
-            done = replace(done, cached_tokens=self.carried_tokens)
-        self.result = done
+        done = self.result = self._tally.result()
         reason: SettledReason = done.finish_reason
         if error is None and self.last_step is not None:
             error = self.last_step.error

@@ -375,7 +375,6 @@ class RequestRunner:
             on_end=on_end,
             after=None if shot is None else self._after(shot),
         )
-        active.carried_tokens = 0 if shot is None else shot.carried_tokens
         client.running = active
         client.request_ids.add(spec.request_id)
         self.active.add(active)

@@ -31,9 +31,9 @@ class MeshSession(Protocol):
     - ``position``: tokens the mesh holds for this session; ``pending_tokens`` (0 or 1): a
       generated token not yet sent to the mesh, which the next turn sends first. A turn of
       ``n`` new tokens fits when ``position + pending_tokens + n <= max_length``.
-    - ``transcript``: every token id of the conversation so far, in order: the ``position``
-      ids the mesh holds, then the pending one if any (what a later prompt must start with
-      to continue this session: :mod:`farmesh_ws.engine.reuse`).
+    - ``transcript``: the ``position`` token ids the mesh holds, in order (a prompt that
+      starts with them continues this session: :mod:`farmesh_ws.engine.reuse`);
+      ``discard_pending()`` forgets the pending token, which then is never sent.
     - ``encode_turn(messages)``: the chat template over ``messages`` only (the first turn if
       the session holds nothing yet, else a continuation after the previous reply); message
       content is tokenized literally, so user text never becomes a control token.
@@ -59,6 +59,8 @@ class MeshSession(Protocol):
 
     @property
     def transcript(self) -> Sequence[int]: ...
+
+    def discard_pending(self) -> None: ...
 
     def limit_length(self, max_length: int) -> None:
         """Lower ``max_length`` before the first step: servers allocate the attention cache

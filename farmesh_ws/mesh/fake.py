@@ -144,7 +144,10 @@ class FakeSession:
 
     @property
     def transcript(self) -> list[int]:
-        return self.sent + ([] if self.pending is None else [self.pending])
+        return list(self.sent)
+
+    def discard_pending(self) -> None:
+        self.pending = None
 
     @property
     def tokens_sent(self) -> int:

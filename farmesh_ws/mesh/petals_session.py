@@ -78,9 +78,12 @@ class PetalsChatSession:
 
     @property
     def transcript(self) -> list[int]:
-        """The ids the mesh holds, then the pending one if any (a copy)."""
-        pending = [] if self._pending_id is None else [self._pending_id]
-        return self._held_ids + pending
+        """The ids the mesh holds (a list no step changes: a step makes a new one)."""
+        return self._held_ids
+
+    def discard_pending(self) -> None:
+        """Forget the last generated token, not sent to the mesh (between turns only)."""
+        self._pending_id = None
 
     def encode_turn(self, messages: Sequence[ChatMessage]) -> list[int]:
         """The chat template over ``messages`` only: the first turn while the session holds

@@ -141,6 +141,9 @@ class SyntheticSession:
         """Every synthetic token has the same id: ``position`` of them."""
         return [SYNTHETIC_TOKEN_ID] * self._position
 
+    def discard_pending(self) -> None:
+        """No token is ever pending here."""
+
     def encode_turn(self, messages: Sequence[ChatMessage]) -> list[int]:
         """One id per word, plus the template's tokens per message."""
         count = sum(len(m.content.split()) + TEMPLATE_TOKENS_PER_MESSAGE for m in messages)

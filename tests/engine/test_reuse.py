@@ -119,9 +119,9 @@ async def test_each_turn_sends_only_its_new_tokens_and_reports_the_rest_cached()
             assert s.cached_tokens == 0
         else:
             assert s.cached_tokens > 0
-            # the mesh received the new prompt ids and the generated tokens but one (the
-            # last is pending), plus the previous reply's pending token: nothing of the history
-            assert sent == s.prompt_tokens + s.completion_tokens
+            # the mesh received the prompt after what it holds and each generated token but
+            # the last (pending, never sent): nothing of the history again
+            assert sent == s.prompt_tokens + s.completion_tokens - 1
         assert s.cost_far == Decimal("0.0001") * s.completion_tokens
         meshes.add(answer.mesh)
         history.append(assistant(answer.text))
@@ -145,12 +145,17 @@ async def test_an_edited_history_opens_a_fresh_session_and_keeps_the_other_branc
     assert branch.settlement.cached_tokens > 0
 
 
-async def test_a_reply_edited_by_the_client_is_not_a_continuation() -> None:
+async def test_a_reply_edited_by_the_client_continues_only_from_what_still_matches() -> None:
     engine = make_engine()
     first = await ask(engine, [user("hello")])
-    second = await ask(engine, [user("hello"), assistant(first.text + " (edited)"), user("x")])
-    assert second.mesh is not first.mesh
-    assert second.settlement.cached_tokens == 0
+    assert first.text == "ok"
+    rewritten = await ask(engine, [user("hello"), assistant("OK"), user("x")])
+    assert rewritten.mesh is not first.mesh
+    assert rewritten.settlement.cached_tokens == 0
+    # text added after the reply still extends what the mesh holds: its caches stay valid
+    extended = await ask(engine, [user("hello"), assistant("ok, and more"), user("x")])
+    assert extended.mesh is first.mesh
+    assert extended.settlement.cached_tokens == prompt_length([user("hello")]) + len("ok")
 
 
 async def test_sessions_are_never_shared_across_principals_or_wallets() -> None:
