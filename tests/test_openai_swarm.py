@@ -103,7 +103,7 @@ async def test_ten_stateless_turns_reuse_the_mesh_caches_and_equal_the_websocket
             sent_before = prompt_tokens_sent(server)
             answer = await client.chat.completions.create(
                 model=BUNDLED_MODEL_ID,
-                messages=history,  # type: ignore[arg-type]
+                messages=history,
                 max_tokens=24,
                 temperature=0,
                 extra_headers=NO_KEY,
