@@ -111,7 +111,7 @@ class Settings:
     anonymous_requests_per_minute: float = 30.0
     anonymous_tokens_per_day: int = 50000
     anonymous_max_cache_share: float = 0.5
-    # Reuse of the mesh's attention caches for stateless requests (http.md §5).
+    # Reuse of the mesh's attention caches for stateless requests (http.md §9).
     reuse_sessions_per_principal: int = 4
     reuse_max_sessions: int = 64
     reuse_ttl_s: float = 120.0

@@ -32,6 +32,11 @@ class Metrics:
         self.sessions_active = Gauge(
             "farmesh_sessions_active", "Chat sessions open now", registry=r
         )
+        self.reuse_sessions_kept = Gauge(
+            "farmesh_reuse_sessions_kept",
+            "Mesh sessions kept for the next stateless request of their principal (http.md §9)",
+            registry=r,
+        )
         self.turns_total = Counter(
             "farmesh_turns_total",
             "Turns and one-shot generations finished, by kind and finish reason",

@@ -119,6 +119,7 @@ class StatusRoutes:
 
     def metrics(self) -> bytes:
         self._metrics.sessions_active.set(self._engine.sessions.count)
+        self._metrics.reuse_sessions_kept.set(len(self._engine.reuse))
         return self._metrics.render()
 
 

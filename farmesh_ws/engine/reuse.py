@@ -1,4 +1,4 @@
-"""Reuse of the mesh's attention caches across stateless requests (http.md §5).
+"""Reuse of the mesh's attention caches across stateless requests (http.md §9).
 
 OpenAI clients send the whole conversation with every request. After such a request the
 engine keeps its mesh session, whose servers hold the attention caches of the prompt and the
@@ -9,7 +9,7 @@ it reach the mesh. Anything else (an edited or branched history, another model, 
 principal) finds nothing here and opens a fresh session. A kept session serves one request at
 a time: :meth:`ReuseCache.take` removes it from the cache until :meth:`ReuseCache.keep`.
 
-Bounds, all configurable (README "Configuration"): ``reuse_sessions_per_principal`` kept
+Bounds, all configurable (.env.example): ``reuse_sessions_per_principal`` kept
 sessions per principal (0 turns reuse off) and ``reuse_max_sessions`` in all, the least
 recently used evicted first; each kept session's ``max_length`` stays reserved
 (:mod:`~farmesh_ws.engine.quotas`) against its principal's reserved-token cap, where

@@ -1,6 +1,8 @@
 """Reuse of the mesh's caches through the OpenAI endpoints (http.md §5), with the official
 `openai` SDK over real sockets and the scripted mesh."""
 
+import asyncio
+import urllib.request
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -33,6 +35,17 @@ async def make() -> AsyncIterator[Callable[..., Any]]:
         await server.shutdown()
 
 
+def kept_sessions(server: GatewayServer) -> float:
+    """``farmesh_reuse_sessions_kept`` as /metrics reports it."""
+    url = f"http://127.0.0.1:{server.port}/metrics"
+    with urllib.request.urlopen(url, timeout=10) as reply:
+        text: str = reply.read().decode()
+    (line,) = [
+        line for line in text.splitlines() if line.startswith("farmesh_reuse_sessions_kept ")
+    ]
+    return float(line.split()[1])
+
+
 def cached(usage: Any) -> int:
     assert usage is not None
     assert usage.prompt_tokens_details is not None
@@ -62,6 +75,7 @@ async def test_a_streamed_second_turn_reports_its_cached_tokens(make: Any) -> No
     (mesh,) = {session for session in backend.sessions if session.tokens_sent}
     # one mesh session holds both turns; the second sent only what followed its transcript
     assert mesh.tokens_sent == usage.prompt_tokens + usage.completion_tokens - 1
+    assert await asyncio.to_thread(kept_sessions, server) == 1
 
 
 async def test_a_completion_that_extends_the_last_prompt_and_reply_reuses_them(make: Any) -> None:
