@@ -115,7 +115,7 @@ class Settings:
     reuse_sessions_per_principal: int = 4
     reuse_max_sessions: int = 64
     reuse_ttl_s: float = 120.0
-    reuse_max_length: int = 0
+    reuse_max_length: int = 1024
     reuse_max_cache_share: float = 0.25
 
     @property
@@ -295,10 +295,7 @@ def _validated(settings: Settings) -> Settings:
         (settings.reuse_sessions_per_principal >= 0, "reuse_sessions_per_principal must be >= 0"),
         (settings.reuse_max_sessions >= 0, "reuse_max_sessions must not be negative"),
         (settings.reuse_ttl_s > 0, "reuse_ttl_s must be positive"),
-        (
-            0 <= settings.reuse_max_length <= settings.max_length_limit,
-            "reuse_max_length must be between 0 (default_max_length) and max_length_limit",
-        ),
+        (settings.reuse_max_length >= 1, "reuse_max_length must be at least 1"),
         (
             0 < settings.reuse_max_cache_share <= 1,
             "reuse_max_cache_share must be above 0 and at most 1",

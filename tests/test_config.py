@@ -54,7 +54,7 @@ def test_postgres_url_wins_over_database_url() -> None:
         ({"LOG_LEVEL": "LOUD"}, "log_level"),
         ({"FARMESH_IDLE_TIMEOUT_S": "inf"}, "finite"),
         ({"FARMESH_DEFAULT_MAX_LENGTH": "5000"}, "default_max_length"),
-        ({"FARMESH_REUSE_MAX_LENGTH": "5000"}, "reuse_max_length"),
+        ({"FARMESH_REUSE_MAX_LENGTH": "0"}, "reuse_max_length"),
         ({"FARMESH_REUSE_TTL_S": "0"}, "reuse_ttl_s"),
         ({"FARMESH_REUSE_MAX_CACHE_SHARE": "1.5"}, "reuse_max_cache_share"),
         ({"FARMESH_REUSE_SESSIONS_PER_PRINCIPAL": "-1"}, "reuse_sessions_per_principal"),

@@ -49,7 +49,7 @@ class Engine:
             settings=settings, backend=backend, registry=registry, quotas=self.quotas
         )
         self.reuse = ReuseCache(settings, self.quotas)
-        self.quotas.reclaim = self.reuse.reclaim
+        self.quotas.kept = self.reuse
         self.runner = RequestRunner(
             settings=settings,
             one_shots=OneShots(settings, backend, self.quotas, self.reuse),

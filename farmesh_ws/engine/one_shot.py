@@ -2,12 +2,14 @@
 the :class:`~farmesh_ws.engine.reuse.ReuseCache` that the request's prompt continues.
 
 A fresh session reserves prompt + ``max_new_tokens`` of context (a refused reservation raises
-:class:`~farmesh_ws.errors.QuotaExceeded`); one that may be kept for reuse reserves
-``reuse_max_length`` (``default_max_length`` when 0) if that is more and fits, so that the
-conversation can grow in it. After the request (:meth:`OneShots.end`) a reusable session that
-ended without an error is kept; any other is closed and its reservation released.
+:class:`~farmesh_ws.errors.QuotaExceeded`); one that may be kept for reuse reserves room for
+the conversation to grow, ``reuse_max_length`` or twice what it needs, whichever is more (at
+most ``max_length_limit``), when that fits without closing another kept session. After the
+request (:meth:`OneShots.end`) a reusable session that ended without an error is kept; any
+other is closed and its reservation released.
 """
 
+import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -69,6 +71,8 @@ class OneShots:
         mesh = await open_mesh_session(self._backend, model_id, settings.max_length_limit, settings)
         owner = (principal.quota_key, wallet)
         reuse = reuse and self.cache.enabled
+        kept: KeptSession | None = None
+        reservation: Reservation | None = None
         try:
             prompt = encode(mesh)
             check_room(mesh, prompt)
@@ -78,23 +82,33 @@ class OneShots:
             if kept is None:
                 reservation = self._reserve(principal, mesh.model_id, needed, reuse=reuse)
                 mesh.limit_length(reservation.tokens)
+                shot = OneShot(KeptSession(owner, mesh, reservation), prompt, False, reuse)
+            else:
+                await mesh.aclose()  # never stepped: nothing on the servers
+                # the previous reply's last token was never sent: the prompt says what follows
+                kept.mesh.discard_pending()
+                shot = OneShot(kept, prompt[kept.mesh.position :], True, True)
         except BaseException:
-            await mesh.aclose()
+            if kept is not None:
+                self.cache.put_back(kept)
+            if reservation is not None:
+                self._quotas.release(reservation, session=False)
+            await asyncio.shield(mesh.aclose())
             raise
-        if kept is None:
-            return OneShot(KeptSession(owner, mesh, reservation), prompt, False, reuse)
-        await mesh.aclose()  # never stepped: nothing on the servers
-        # the previous reply's last token was never sent: the prompt says what follows it
-        kept.mesh.discard_pending()
-        return OneShot(kept, prompt[kept.mesh.position :], True, True)
+        return shot
 
     def _reserve(
         self, principal: Principal, model_id: str, needed: int, *, reuse: bool
     ) -> Reservation:
-        size = self._settings.reuse_max_length or self._settings.default_max_length
-        if reuse and size > needed:
+        """Room to grow when that fits as it is (no other kept session closed for it),
+        else what the request needs."""
+        limit = self._settings.max_length_limit
+        grown = min(limit, max(self._settings.reuse_max_length, 2 * needed))
+        if reuse and grown > needed:
             try:
-                return self._quotas.reserve(principal, model_id, size, session=False)
+                return self._quotas.reserve(
+                    principal, model_id, grown, session=False, reclaim=False
+                )
             except QuotaExceeded:
                 pass  # no room to grow: reserve what this request needs, as without reuse
         return self._quotas.reserve(principal, model_id, needed, session=False)
@@ -102,13 +116,13 @@ class OneShots:
     async def abandon(self, shot: OneShot) -> None:
         """The request was refused after :meth:`open`: a kept session goes back untouched."""
         if shot.reused:
-            self.cache.keep(shot.session)
+            self.cache.put_back(shot.session)
         else:
             await self._close(shot.session)
 
     async def end(self, shot: OneShot, *, failed: bool) -> None:
         """The request settled: keep its session for reuse, or close it."""
-        if shot.reusable and not failed and shot.mesh.position > 0:
+        if shot.reusable and not failed:
             self.cache.keep(shot.session)
         else:
             await self._close(shot.session)

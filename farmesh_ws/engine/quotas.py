@@ -21,6 +21,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from farmesh_ws.config import Settings
 from farmesh_ws.core.principal import Principal, PrincipalKind
@@ -60,6 +61,34 @@ class Reservation:
             self.allocated_at = time.time()
 
 
+class KeptReservations(Protocol):
+    """Reservations that sessions kept for reuse hold while idle, which give way on demand."""
+
+    def held_by(self, quota_key: str) -> int:
+        """Tokens the principal's idle kept sessions hold."""
+        ...
+
+    def reclaim(self, quota_key: str) -> bool:
+        """Release the principal's least recently used kept session; False if none."""
+        ...
+
+    def give_way(self, model_id: str, tokens: int) -> None:
+        """Close idle kept sessions on ``model_id`` (least recently used first) holding up to
+        ``tokens``: the mesh frees their cache, for a later request."""
+        ...
+
+
+class _NothingKept:
+    def held_by(self, quota_key: str) -> int:
+        return 0
+
+    def reclaim(self, quota_key: str) -> bool:
+        return False
+
+    def give_way(self, model_id: str, tokens: int) -> None:
+        return None
+
+
 @dataclass(slots=True)
 class _Usage:
     connections: int = 0
@@ -91,9 +120,8 @@ class Quotas:
         self._usage: dict[str, _Usage] = {}
         self._reservations: set[Reservation] = set()
         self.totals = _Totals()
-        self.reclaim: Callable[[str], bool] = lambda quota_key: False
-        """Frees a reservation the principal ``quota_key`` holds without using it (a kept
-        session: :meth:`~farmesh_ws.engine.reuse.ReuseCache.reclaim`); False if none."""
+        self.kept: KeptReservations = _NothingKept()
+        """Reservations held by idle kept sessions (:mod:`~farmesh_ws.engine.reuse`)."""
 
     def caps(self, principal: Principal) -> Caps:
         """The configured caps of the principal's kind, with its own limits over them."""
@@ -143,23 +171,29 @@ class Quotas:
         self.totals.requests -= 1
 
     def reserve(
-        self, principal: Principal, model_id: str, tokens: int, *, session: bool
+        self,
+        principal: Principal,
+        model_id: str,
+        tokens: int,
+        *,
+        session: bool,
+        reclaim: bool = True,
     ) -> Reservation:
         """Hold ``tokens`` of context for a session (``session``: also counts one session)
-        or a one-shot request; raises QuotaExceeded if the principal or the mesh is full."""
+        or a one-shot request; raises QuotaExceeded if the principal or the mesh is full.
+        With ``reclaim``, the principal's idle kept sessions give their reservations back when
+        that makes the tokens fit its cap (only then: a refusal closes none of them), and on a
+        mesh too full, idle kept sessions on the model are closed for a later retry."""
         usage = self._usage_of(principal)
         caps = self.caps(principal)
         if session:
             self._check(
                 usage.sessions + 1 <= caps.sessions, principal, f"{caps.sessions} open sessions"
             )
-        while usage.reserved_tokens + tokens > caps.reserved_tokens and self.reclaim(
-            principal.quota_key
-        ):
-            pass  # a kept session of the principal gave its reservation back
         held = usage.reserved_tokens
+        spare = self.kept.held_by(principal.quota_key) if reclaim else 0
         self._check(
-            held + tokens <= caps.reserved_tokens,
+            held - spare + tokens <= caps.reserved_tokens,
             principal,
             f"{caps.reserved_tokens} reserved context tokens ({held} held, {tokens} asked)",
         )
@@ -167,8 +201,13 @@ class Quotas:
         try:
             self._check_mesh(model_id, tokens, anonymous=anonymous)
         except QuotaExceeded:
+            if reclaim:
+                self.kept.give_way(model_id, tokens)
             self._forget_if_idle(principal)
             raise
+        while held + tokens > caps.reserved_tokens and self.kept.reclaim(principal.quota_key):
+            held = self._usage_of(principal).reserved_tokens
+        usage = self._usage_of(principal)  # a reclaim may have dropped an idle entry
         reservation = Reservation(principal.quota_key, model_id, tokens, anonymous)
         self._reservations.add(reservation)
         usage.reserved_tokens += tokens

@@ -32,7 +32,8 @@ class MeshSession(Protocol):
       generated token not yet sent to the mesh, which the next turn sends first. A turn of
       ``n`` new tokens fits when ``position + pending_tokens + n <= max_length``.
     - ``transcript``: the ``position`` token ids the mesh holds, in order (a prompt that
-      starts with them continues this session: :mod:`farmesh_ws.engine.reuse`);
+      starts with them continues this session: :mod:`farmesh_ws.engine.reuse`), or empty
+      when the session does not keep them;
       ``discard_pending()`` forgets the pending token, which then is never sent.
     - ``encode_turn(messages)``: the chat template over ``messages`` only (the first turn if
       the session holds nothing yet, else a continuation after the previous reply); message

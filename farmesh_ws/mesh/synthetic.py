@@ -138,8 +138,9 @@ class SyntheticSession:
 
     @property
     def transcript(self) -> list[int]:
-        """Every synthetic token has the same id: ``position`` of them."""
-        return [SYNTHETIC_TOKEN_ID] * self._position
+        """None kept: every synthetic token has the same id, so no prompt could be checked
+        against the history (such a session is never reused)."""
+        return []
 
     def discard_pending(self) -> None:
         """No token is ever pending here."""

@@ -16,8 +16,9 @@ from farmesh_ws.engine.conversation import Client
 from farmesh_ws.engine.engine import Engine
 from farmesh_ws.engine.quotas import MeshCapacity
 from farmesh_ws.engine.request import ActiveRequest
+from farmesh_ws.engine.reuse import KeptSession
 from farmesh_ws.engine.runner import RequestSpec
-from farmesh_ws.errors import BudgetExceeded
+from farmesh_ws.errors import BudgetExceeded, QuotaExceeded
 from farmesh_ws.mesh.fake import FAKE_MODEL_ID, FakeBackend, FakeSession
 from farmesh_ws.state import MemoryStateStore
 from farmesh_ws.state.registry import SessionRegistry
@@ -218,14 +219,15 @@ async def test_a_failed_request_closes_its_session() -> None:
     assert len(engine.reuse) == 0
 
 
-async def test_a_session_without_room_for_the_next_request_is_closed() -> None:
+async def test_a_session_without_room_for_the_next_request_is_not_used() -> None:
     engine = make_engine(reuse_max_length=80)
     first = await ask(engine, [user("hello")])
-    assert first.mesh.max_length == 80
-    long = [user("hello"), assistant(first.text), user("x" * 40)]
+    needed = prompt_length([user("hello")]) + 8
+    assert first.mesh.max_length == 2 * needed  # room to grow: twice what it needed
+    long = [user("hello"), assistant(first.text), user("x" * 2 * needed)]
     second = await ask(engine, long)
     assert second.mesh is not first.mesh
-    assert first.mesh.closed
+    assert second.settlement.cached_tokens == 0
 
 
 async def test_at_most_the_configured_sessions_per_principal_are_kept() -> None:
@@ -234,18 +236,27 @@ async def test_at_most_the_configured_sessions_per_principal_are_kept() -> None:
     assert answers[0].mesh.closed
     assert not answers[2].mesh.closed
     assert len(engine.reuse) == 2
-    assert engine.quotas.totals.reserved[FAKE_MODEL_ID] == 2 * 2048
+    assert engine.quotas.totals.reserved[FAKE_MODEL_ID] == 2 * 1024
 
 
 async def test_kept_sessions_give_way_to_their_principals_next_reservation() -> None:
-    engine = make_engine(max_reserved_tokens_per_principal=4096)
+    engine = make_engine(max_reserved_tokens_per_principal=2048)
     first = await ask(engine, [user("one")])
     second = await ask(engine, [user("two")])
     assert len(engine.reuse) == 2
-    conversation = await engine.sessions.open(kind="chat", principal=ALICE, max_length=2048)
-    assert first.mesh.closed
+    conversation = await engine.sessions.open(kind="chat", principal=ALICE, max_length=1024)
+    assert first.mesh.closed  # the least recently used went
     assert not second.mesh.closed
     await engine.sessions.close(conversation)
+
+
+async def test_a_refused_reservation_closes_no_kept_session() -> None:
+    engine = make_engine(max_reserved_tokens_per_principal=1500)
+    first = await ask(engine, [user("one")])
+    with pytest.raises(QuotaExceeded):  # more than the cap even with the kept session gone
+        await engine.sessions.open(kind="chat", principal=ALICE, max_length=1600)
+    assert not first.mesh.closed
+    assert len(engine.reuse) == 1
 
 
 async def test_with_reuse_off_every_request_closes_its_session() -> None:
@@ -260,9 +271,9 @@ async def test_with_reuse_off_every_request_closes_its_session() -> None:
 
 
 async def test_kept_sessions_hold_at_most_their_share_of_the_mesh() -> None:
-    # this gateway could hold 16,384 tokens: 20 % of it is room for one kept 2,048-token session
+    # this gateway could hold 16,384 tokens: 10 % of it is room for one kept 1,024-token session
     capacity = MeshCapacity(cache_tokens_left=16384, checked_at=0.0)
-    engine = make_engine(reuse_max_cache_share=0.2, capacity=lambda model_id: capacity)
+    engine = make_engine(reuse_max_cache_share=0.1, capacity=lambda model_id: capacity)
     answers = [await ask(engine, [user(f"conversation {n}")]) for n in range(3)]
     kept = [a for a in answers if not a.mesh.closed]
     assert len(kept) == 1
@@ -298,3 +309,93 @@ async def test_no_room_for_the_larger_reservation_reserves_only_what_is_needed()
     first = await ask(engine, [user("hello")])
     assert first.settlement.finish_reason == "stop"
     assert first.mesh.max_length == prompt_length([user("hello")]) + 8
+
+
+async def test_room_to_grow_never_costs_a_principal_its_running_requests() -> None:
+    """Every request of the default per-principal cap runs at once, reuse on or off."""
+    gate = asyncio.Semaphore(0)
+    engine = make_engine(FakeBackend(reply="ok", gate=gate))
+    requests = engine.settings.max_requests_per_principal
+    running = [
+        await engine.runner.admit(Client(f"c{n}", ALICE), spec([user(f"topic {n}")], f"r{n}"))
+        for n in range(requests)
+    ]
+    assert len(running) == requests
+    for active in running:
+        engine.runner.launch(active, _Sink())
+    for _ in range(requests * 3):
+        gate.release()
+    await asyncio.gather(*(a.task for a in running if a.task is not None))
+
+
+async def test_a_full_mesh_closes_idle_kept_sessions_for_a_later_retry() -> None:
+    capacity = MeshCapacity(cache_tokens_left=3072, checked_at=0.0)
+    engine = make_engine(reuse_max_cache_share=1.0, capacity=lambda model_id: capacity)
+    kept = [await ask(engine, [user(f"conversation {n}")]) for n in range(2)]
+    with pytest.raises(QuotaExceeded, match="attention cache"):  # 1,024 left
+        await engine.sessions.open(kind="chat", principal=BOB, max_length=2048)
+    assert len(engine.reuse) == 0  # enough of them, least recently used first, gave way
+    assert engine.quotas.totals.reserved[FAKE_MODEL_ID] == 0
+    await engine.aclose()  # waits for their mesh sessions to close
+    assert all(answer.mesh.closed for answer in kept)
+
+
+async def test_a_cancelled_admission_puts_the_kept_session_back() -> None:
+    backend = FakeBackend(reply="ok")
+    engine = make_engine(backend)
+    first = await ask(engine, [user("hello")])
+    backend.close_gate = asyncio.Event()  # the probe session's close waits
+    taken = asyncio.Event()
+    take = engine.reuse.take
+
+    def recording_take(*args: Any) -> KeptSession | None:
+        kept = take(*args)
+        taken.set()
+        return kept
+
+    engine.reuse.take = recording_take  # type: ignore[method-assign]
+    history = [user("hello"), assistant(first.text), user("more")]
+    admitting = asyncio.create_task(engine.runner.admit(Client("c", ALICE), spec(history, "x")))
+    await taken.wait()  # the request holds the kept session and waits for the probe's close
+    assert len(engine.reuse) == 0
+    admitting.cancel()
+    backend.close_gate.set()
+    with pytest.raises(asyncio.CancelledError):
+        await admitting
+    assert len(engine.reuse) == 1
+    assert (await ask(engine, history)).mesh is first.mesh
+    assert engine.quotas.totals.requests == 0
+
+
+async def test_over_its_share_a_model_evicts_only_its_own_kept_sessions() -> None:
+    capacity = MeshCapacity(cache_tokens_left=16384, checked_at=0.0)
+    backend = FakeBackend(reply="ok", model_ids=[FAKE_MODEL_ID, "other"])
+    engine = make_engine(backend, reuse_max_cache_share=0.1, capacity=lambda model_id: capacity)
+    other = await ask(engine, [user("b")], principal=BOB, model_id="other")
+    first = await ask(engine, [user("a1")])
+    second = await ask(engine, [user("a2")])
+    assert first.mesh.closed
+    assert not second.mesh.closed
+    assert not other.mesh.closed
+
+
+async def test_a_session_handed_back_after_shutdown_is_closed() -> None:
+    gate = asyncio.Semaphore(0)
+    engine = make_engine(FakeBackend(reply="ok", gate=gate))
+    active = await engine.runner.admit(Client("c", ALICE), spec([user("hi")], "r"))
+    engine.runner.launch(active, _Sink())
+    await engine.aclose()
+    for _ in range(3):
+        gate.release()
+    assert active.task is not None
+    await active.task
+    assert len(engine.reuse) == 0
+    assert engine.quotas.totals.reserved[FAKE_MODEL_ID] == 0
+
+
+async def test_the_per_principal_bound_counts_the_principal_whatever_wallets_it_names() -> None:
+    engine = make_engine(reuse_sessions_per_principal=1)
+    proxy = Principal(PrincipalKind.OPEN, "", None, "addr-proxy")
+    for n in range(3):
+        await ask(engine, [user("hi")], principal=proxy, wallet="0x" + str(n) * 40)
+    assert len(engine.reuse) == 1

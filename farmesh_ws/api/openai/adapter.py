@@ -2,9 +2,10 @@
 
 Each HTTP request is its own :class:`~farmesh_ws.engine.conversation.Client` for the
 principal its credential proved: the per-principal caps, rate limit and prepaid holds are the
-engine's admission, as on the WebSocket. A stateless request is a one-shot request on a fresh
-mesh session. A refused request gets only its error (nothing reaches the mesh or is billed);
-an admitted one always settles, billed for what was generated.
+engine's admission, as on the WebSocket. A stateless request is a one-shot request; its mesh
+session may continue one the principal's previous request left (http.md §9). A refused
+request gets only its error (nothing reaches the mesh or is billed); an admitted one always
+settles, billed for what was generated.
 """
 
 import asyncio
