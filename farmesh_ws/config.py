@@ -117,6 +117,9 @@ class Settings:
     reuse_ttl_s: float = 120.0
     reuse_max_length: int = 1024
     reuse_max_cache_share: float = 0.25
+    # Sessions that outlive their connection (protocol.md §2.2).
+    resume_grace_s: float = 60.0
+    resume_outbox_frames: int = 2048
 
     @property
     def embedded_mesh(self) -> bool:
@@ -296,6 +299,8 @@ def _validated(settings: Settings) -> Settings:
         (settings.reuse_max_sessions >= 0, "reuse_max_sessions must not be negative"),
         (settings.reuse_ttl_s > 0, "reuse_ttl_s must be positive"),
         (settings.reuse_max_length >= 1, "reuse_max_length must be at least 1"),
+        (settings.resume_grace_s >= 0, "resume_grace_s must not be negative"),
+        (settings.resume_outbox_frames >= 16, "resume_outbox_frames must be at least 16"),
         (
             0 < settings.reuse_max_cache_share <= 1,
             "reuse_max_cache_share must be above 0 and at most 1",

@@ -85,6 +85,19 @@ class AlreadyOpen(RequestRefused):
     code = "already_open"
 
 
+class ResumeDenied(RequestRefused):
+    """A ``resume`` that cannot re-attach: wrong token, another principal, or frames after
+    its ``last_seq`` no longer kept (protocol.md §2.2)."""
+
+    code = "resume_denied"
+
+
+class SessionExpired(RequestRefused):
+    """A ``resume`` of a session that is gone: closed, past ``resume_grace_s``, or unknown."""
+
+    code = "session_expired"
+
+
 class Busy(RequestRefused):
     code = "busy"
 

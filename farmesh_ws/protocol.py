@@ -91,6 +91,14 @@ class Close(_ClientMessage, tag="close", frozen=True):
     pass
 
 
+class Resume(_ClientMessage, tag="resume", frozen=True):
+    """§2.2: re-attach a session whose connection dropped; ``last_seq``: the last frame seen."""
+
+    session_id: Annotated[str, Meta(min_length=1, max_length=64)]
+    resume_token: Annotated[str, Meta(min_length=1, max_length=128)]
+    last_seq: Annotated[int, Meta(ge=0)]
+
+
 class Ping(_ClientMessage, tag="ping", frozen=True):
     data: Annotated[str, Meta(max_length=128)] | None = None
 
@@ -109,13 +117,14 @@ class Auth(_ClientMessage, tag="auth", frozen=True):
     siwe: SiweProof | None = None
 
 
-ClientMessage = Auth | Open | Turn | Generate | Cancel | Close | Ping
+ClientMessage = Auth | Open | Resume | Turn | Generate | Cancel | Close | Ping
 
 
 class _ServerMessage(
     msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, tag_field="type"
 ):
-    pass
+    seq: int | None = None
+    """§2.2: the frame's number in its session (every frame of an open session but ``pong``)."""
 
 
 class Authenticated(_ServerMessage, tag="authenticated", frozen=True):
@@ -134,6 +143,17 @@ class Opened(_ServerMessage, tag="opened", frozen=True):
     price_per_token_far: str
     price_per_prompt_token_far: str
     protocol_version: int  # no default: omit_defaults would drop it (§4.1 shows it)
+    resume_token: str | None = None
+
+
+class Resumed(_ServerMessage, tag="resumed", frozen=True):
+    """§2.2: the session is attached to this connection; the frames after the client's
+    ``last_seq`` follow (``last_seq`` here: the session's latest), then the live ones."""
+
+    session_id: str
+    model: str
+    max_length: int
+    last_seq: int
 
 
 class Token(_ServerMessage, tag="token", frozen=True):
@@ -211,7 +231,9 @@ class Error(_ServerMessage, tag="error", frozen=True):
     retry_after_s: float | None = None
 
 
-ServerMessage = Authenticated | Opened | Token | Done | ContributionReport | Pong | Closed | Error
+ServerMessage = (
+    Authenticated | Opened | Resumed | Token | Done | ContributionReport | Pong | Closed | Error
+)
 
 _decoder: Final = msgspec.json.Decoder(ClientMessage)
 _encoder: Final = msgspec.json.Encoder()

@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable
 from decimal import Decimal
 
 from farmesh_ws import protocol as p
+from farmesh_ws.api.v1_resume import Outbox, ResumableSessions, new_resume_token
 from farmesh_ws.auth.connection import ConnectionIdentity
 from farmesh_ws.core.money import far_text
 from farmesh_ws.core.settlement import Settlement
@@ -26,6 +27,7 @@ from farmesh_ws.errors import (
     QuotaExceeded,
     RateLimited,
     SessionClosed,
+    SessionExpired,
     UnknownRequest,
 )
 
@@ -40,15 +42,25 @@ class V1Session:
     is the connection's principal (§2.1)."""
 
     def __init__(
-        self, engine: Engine, send: Send, *, client_key: str, identity: ConnectionIdentity
+        self,
+        engine: Engine,
+        send: Send,
+        *,
+        client_key: str,
+        identity: ConnectionIdentity,
+        resumable: ResumableSessions | None = None,
     ) -> None:
         self._engine = engine
         self._send = send
         self._client_key = client_key
         self.identity = identity
+        self._resumable = resumable
         self.client: Client | None = None
         self.conversation: Conversation | None = None
+        self.outbox: Outbox | None = None
         self.closed = False
+        self.moved = False
+        """The session was resumed on another connection (§2.2): this one no longer has it."""
 
     @property
     def session_id(self) -> str | None:
@@ -82,6 +94,8 @@ class V1Session:
             self.identity.require()
         elif isinstance(message, p.Open):
             await self._open(message)
+        elif isinstance(message, p.Resume):
+            await self._resume(message)
         elif isinstance(message, p.Turn):
             await self._turn(message)
         elif isinstance(message, p.Generate):
@@ -89,14 +103,43 @@ class V1Session:
         elif isinstance(message, p.Cancel):
             self._cancel(message.request_id)
         elif isinstance(message, p.Close):
+            self._check_open()
             await self.aclose()
-            await self._send(p.Closed(session_id=self.session_id))
+            await self._emit(p.Closed(session_id=self.session_id))
+
+    async def disconnected(self) -> None:
+        """The connection ended without a ``close``: keep the session for a resume (§2.2)
+        if it may be, else close it."""
+        self.identity.close()
+        if self.moved:
+            return
+        session_id = self.session_id
+        resumable = self._resumable
+        if (
+            session_id is not None
+            and not self.closed
+            and resumable is not None
+            and not self._engine.sessions.stopping
+            and self.outbox is not None
+            and resumable.detach(session_id)
+        ):
+            self.outbox.detach()
+            self.outbox.on_overflow = self._cancel_running
+            return
+        await self.aclose()
+
+    def _cancel_running(self) -> None:
+        running = self.client.running if self.client is not None else None
+        if running is not None:
+            running.cancel()
 
     async def aclose(self) -> None:
         """Cancel a running request (it still settles) and close the conversation."""
         if self.closed:
             return
         self.closed = True
+        if self._resumable is not None and self.session_id is not None:
+            self._resumable.forget(self.session_id)
         running = self.client.running if self.client is not None else None
         try:
             if running is not None:
@@ -108,9 +151,17 @@ class V1Session:
                 await self._engine.sessions.close(self.conversation)
             self.identity.close()
 
+    async def _emit(self, message: p.ServerMessage) -> None:
+        """A frame of the session (numbered, kept for a resume) or, before one is open, of
+        the connection."""
+        if self.outbox is not None:
+            await self.outbox.send(message)
+        else:
+            await self._send(message)
+
     async def send_error(self, error: FarmeshError, request_id: str | None) -> None:
         self._engine.error_sent(error.code)
-        await self._send(
+        await self._emit(
             p.Error(
                 code=error.code,
                 message=error.message,
@@ -171,7 +222,12 @@ class V1Session:
         )
         self.conversation = conversation
         settings = self._engine.settings
-        await self._send(
+        self.outbox = Outbox(settings.resume_outbox_frames, self._send)
+        token: str | None = None
+        if self._resumable is not None and self._resumable.enabled:
+            token, token_hash = new_resume_token()
+            self._resumable.add(conversation.session_id, token_hash, self)
+        await self._emit(
             p.Opened(
                 session_id=conversation.session_id,
                 model=conversation.model_id,
@@ -179,8 +235,41 @@ class V1Session:
                 price_per_token_far=far_text(settings.price_per_token_far),
                 price_per_prompt_token_far=far_text(settings.price_per_prompt_token_far),
                 protocol_version=p.PROTOCOL_VERSION,
+                resume_token=token,
             )
         )
+
+    # §2.2
+    async def _resume(self, message: p.Resume) -> None:
+        self._check_open()
+        if self.conversation is not None:
+            raise AlreadyOpen("this connection already has a chat session")
+        if self._resumable is None or not self._resumable.enabled:
+            raise SessionExpired("sessions are not kept for a resume on this server")
+        principal = (await self._requester()).principal
+        previous = self._resumable.take(
+            message.session_id,
+            message.resume_token,
+            principal,
+            self,
+            check=lambda outbox: outbox.check_replay(message.last_seq),
+        )
+        previous.moved = True  # its connection, if still open, no longer has the session
+        outbox, client, conversation = previous.outbox, previous.client, previous.conversation
+        if outbox is None or client is None or conversation is None:
+            raise SessionExpired("the session is gone")
+        outbox.detach()
+        client.principal = principal
+        self.client, self.conversation, self.outbox = client, conversation, outbox
+        await self._send(
+            p.Resumed(
+                session_id=conversation.session_id,
+                model=conversation.model_id,
+                max_length=conversation.mesh.max_length,
+                last_seq=outbox.last_seq,
+            )
+        )
+        await outbox.attach(self._send, message.last_seq)
 
     # §3.2
     async def _turn(self, message: p.Turn) -> None:
@@ -228,12 +317,14 @@ class V1Session:
         running.cancel()
 
     def _check_open(self) -> None:
+        if self.moved:
+            raise SessionClosed("the session was resumed on another connection")
         if self.closed:
             raise SessionClosed("the session is closed")
 
     # The engine's sink (RequestSink): §4.2-§4.4
     async def token(self, active: ActiveRequest, event: TokenEvent) -> None:
-        await self._send(
+        await self._emit(
             p.Token(
                 request_id=active.request_id,
                 token=event.text,
@@ -253,7 +344,7 @@ class V1Session:
         if active.context.kind == "generate":  # §3.3: the contribution, then a final done
             frames.reverse()
         for frame in frames:
-            await self._send(frame)
+            await self._emit(frame)
 
 
 def _done_frame(active: ActiveRequest, settlement: Settlement) -> p.Done:

@@ -32,6 +32,7 @@ from farmesh_ws import protocol as p
 from farmesh_ws.api.petals_v2.handler import PetalsV2Connection
 from farmesh_ws.api.status import HealthCheck, StatusRoutes
 from farmesh_ws.api.v1 import V1Session
+from farmesh_ws.api.v1_resume import ResumableSessions
 from farmesh_ws.auth.credentials import Authenticator
 from farmesh_ws.config import Settings
 from farmesh_ws.engine.allowances import BalanceHolds
@@ -95,6 +96,7 @@ class GatewayServer:
             capacity=capacity,
             holds=holds,
         )
+        self.resumable = ResumableSessions(settings)
         self.gate = HandshakeGate(
             settings, authenticator or Authenticator(settings), self.engine.quotas
         )
@@ -159,6 +161,7 @@ class GatewayServer:
         self._server.close(close_connections=False)
         self.http.stop_accepting()
         await self.engine.drain(self.settings.shutdown_grace_s)
+        await self.resumable.aclose()
         await self.http.shutdown()
         await self.engine.aclose()  # kept mesh sessions, the last free-token counts
         closing = [
@@ -259,7 +262,11 @@ class GatewayServer:
                 await self._serve_v1(
                     connection,
                     V1Session(
-                        self.engine, _sender(connection), client_key=client_key, identity=identity
+                        self.engine,
+                        _sender(connection),
+                        client_key=client_key,
+                        identity=identity,
+                        resumable=self.resumable,
                     ),
                 )
         finally:
@@ -281,7 +288,7 @@ class GatewayServer:
                 )
                 await connection.close(CloseCode.INTERNAL_ERROR, "internal error")
         finally:
-            await session.aclose()
+            await session.disconnected()
 
     async def _read_loop(self, connection: ServerConnection, session: V1Session) -> None:
         errors_in_a_row = 0
