@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable
 from decimal import Decimal
 
 from farmesh_ws import protocol as p
+from farmesh_ws.api.v1_frames import error_frame, settled_frames
 from farmesh_ws.api.v1_resume import Outbox, ResumableSessions, new_resume_token
 from farmesh_ws.auth.connection import ConnectionIdentity
 from farmesh_ws.core.money import far_text
@@ -24,8 +25,6 @@ from farmesh_ws.errors import (
     FarmeshError,
     InvalidRequest,
     NoSession,
-    QuotaExceeded,
-    RateLimited,
     SessionClosed,
     SessionExpired,
     UnknownRequest,
@@ -160,16 +159,11 @@ class V1Session:
             await self._send(message)
 
     async def send_error(self, error: FarmeshError, request_id: str | None) -> None:
+        """An ``error`` frame of the session (or, when it moved to another connection, to
+        this connection only)."""
         self._engine.error_sent(error.code)
-        await self._emit(
-            p.Error(
-                code=error.code,
-                message=error.message,
-                retryable=error.retryable,
-                request_id=request_id,
-                retry_after_s=error.retry_after_s if isinstance(error, _RETRY_LATER) else None,
-            )
-        )
+        frame = error_frame(error, request_id)
+        await (self._send(frame) if self.moved else self._emit(frame))
 
     # §2.1
     async def _auth(self, message: p.Auth) -> None:
@@ -334,47 +328,10 @@ class V1Session:
         )
 
     async def finished(self, active: ActiveRequest, settlement: Settlement) -> None:
-        request_id = active.request_id
         if settlement.error is not None:
-            await self.send_error(settlement.error, request_id)
-        frames: list[p.ServerMessage] = [
-            _done_frame(active, settlement),
-            _contribution_frame(request_id, settlement),
-        ]
-        if active.context.kind == "generate":  # §3.3: the contribution, then a final done
-            frames.reverse()
-        for frame in frames:
+            self._engine.error_sent(settlement.error.code)
+        for frame in settled_frames(active, settlement):
             await self._emit(frame)
-
-
-def _done_frame(active: ActiveRequest, settlement: Settlement) -> p.Done:
-    result = active.result
-    if result is None:
-        raise FarmeshError("a request was reported before it settled")
-    ttft = result.time_to_first_token_s
-    return p.Done(
-        request_id=active.request_id,
-        finish_reason=settlement.finish_reason,
-        usage=p.Usage(
-            prompt_tokens=settlement.prompt_tokens,
-            completion_tokens=settlement.completion_tokens,
-            cached_tokens=settlement.cached_tokens,
-            cost_far=far_text(settlement.cost_far),
-        ),
-        position=result.position,
-        max_length=result.max_length,
-        duration_ms=round(result.duration_s * 1000, 3),
-        time_to_first_token_ms=None if ttft is None else round(ttft * 1000, 3),
-        error=settlement.error.code if settlement.error is not None else None,
-    )
-
-
-def _contribution_frame(request_id: str, settlement: Settlement) -> p.ContributionReport:
-    return p.ContributionReport(
-        request_id=request_id,
-        cost_far=far_text(settlement.cost_far),
-        nodes=p.node_shares(settlement),
-    )
 
 
 def _overrides(message: p.Sampling | p.Turn) -> SamplingOverrides:
@@ -387,9 +344,6 @@ def _overrides(message: p.Sampling | p.Turn) -> SamplingOverrides:
         max_new_tokens=message.max_new_tokens,
         stop=None if message.stop is None else tuple(message.stop),
     )
-
-
-_RETRY_LATER = (RateLimited, QuotaExceeded)
 
 
 def _amount(text: str | None) -> Decimal | None:
