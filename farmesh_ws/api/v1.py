@@ -106,21 +106,22 @@ class V1Session:
             await self.aclose()
             await self._emit(p.Closed(session_id=self.session_id))
 
-    async def disconnected(self) -> None:
-        """The connection ended without a ``close``: keep the session for a resume (§2.2)
-        if it may be, else close it."""
+    async def disconnected(self, *, resumable: bool) -> None:
+        """The connection ended: keep the session for a resume (§2.2) if ``resumable`` (it
+        did not close normally) and the server keeps sessions, else close it."""
         self.identity.close()
         if self.moved:
             return
         session_id = self.session_id
-        resumable = self._resumable
+        sessions = self._resumable
         if (
-            session_id is not None
+            resumable
+            and session_id is not None
             and not self.closed
-            and resumable is not None
+            and sessions is not None
             and not self._engine.sessions.stopping
             and self.outbox is not None
-            and resumable.detach(session_id)
+            and sessions.detach(session_id)
         ):
             self.outbox.detach()
             self.outbox.on_overflow = self._cancel_running

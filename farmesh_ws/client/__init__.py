@@ -24,7 +24,8 @@ this client does not know are ignored (§10). Money is ``Decimal`` end to end, a
 Every wait on the server is bounded by the client's ``timeout``.
 """
 
-from farmesh_ws.client.connection import DEFAULT_TIMEOUT_S, FarmeshClient, Sampling, connect
+from farmesh_ws.client.connecting import connect
+from farmesh_ws.client.connection import DEFAULT_TIMEOUT_S, FarmeshClient, Sampling
 from farmesh_ws.client.errors import (
     AuthUnavailable,
     ConnectFailed,

@@ -6,29 +6,34 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Generator, Mapping
+from collections.abc import Mapping
 from decimal import Decimal, InvalidOperation
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final, Self
 
-import msgspec
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
 
 from farmesh_ws import protocol as p
 from farmesh_ws.client import signin, wire
 from farmesh_ws.client.errors import ConnectionLost, FarmeshClientError, RequestTimeout
-from farmesh_ws.client.events import ChatInfo, ContributionEvent, DoneEvent, Identity, TokenEvent
-from farmesh_ws.client.handshake import open_websocket
-from farmesh_ws.client.stream import Chat, ReplyStream, StreamItem
+from farmesh_ws.client.events import ChatInfo, Identity
+from farmesh_ws.client.resume import ResumePoint, reattach
+from farmesh_ws.client.routing import FrameRouting
+from farmesh_ws.client.stream import Chat, ReplyStream
 
 if TYPE_CHECKING:
     from eth_account.signers.local import LocalAccount
+
+    from farmesh_ws.client.connecting import Connecting
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT_S: Final = 60.0
 """Seconds any single wait on the server may take: the handshake, a reply, the next frame."""
+
+RESUME_WITHIN_S: Final = 30.0
+"""Seconds to keep trying to resume a chat after its connection dropped (protocol.md §2.2)."""
 
 SIGN_IN_VALID_FOR_S: Final = 3600.0
 """How long a Sign-In with Ethereum message is valid by default (its ``Expiration Time``)."""
@@ -43,14 +48,25 @@ def _retrieve(future: "asyncio.Future[Any]") -> None:
         future.exception()
 
 
-class FarmeshClient:
+class FarmeshClient(FrameRouting):
     """One WebSocket connection to a farmesh_ws gateway. Make it with :meth:`connect`."""
 
     def __init__(
-        self, connection: ClientConnection, *, url: str, timeout: float = DEFAULT_TIMEOUT_S
+        self,
+        connection: ClientConnection,
+        *,
+        url: str,
+        timeout: float = DEFAULT_TIMEOUT_S,
+        token: str | None = None,
+        resume_within_s: float = RESUME_WITHIN_S,
     ) -> None:
         self.url = url
         self.timeout = timeout
+        self._token = token
+        self._resume_within_s = resume_within_s
+        self._resume: ResumePoint | None = None
+        self._attached = asyncio.Event()
+        self._attached.set()
         self.chat: Chat | None = None
         """The chat session opened on this connection, if any."""
         self.identity: Identity | None = None
@@ -58,10 +74,10 @@ class FarmeshClient:
         :meth:`sign_in_with_ethereum` (a credential given to :meth:`connect` is checked
         at the handshake, which answers nothing)."""
         self._ws = connection
-        self._streams: dict[str, ReplyStream] = {}
+        self._streams = {}
         self._used_request_ids: set[str] = set()
-        self._pongs: dict[str, asyncio.Future[None]] = {}
-        self._control: asyncio.Future[p.ServerMessage] | None = None
+        self._pongs = {}
+        self._control = None
         self._control_lock = asyncio.Lock()
         self._closing = False
         self._closed = asyncio.Event()
@@ -71,13 +87,22 @@ class FarmeshClient:
 
     @classmethod
     def connect(
-        cls, url: str, *, timeout: float = DEFAULT_TIMEOUT_S, token: str | None = None
-    ) -> "_Connecting":
+        cls,
+        url: str,
+        *,
+        timeout: float = DEFAULT_TIMEOUT_S,
+        token: str | None = None,
+        resume_within_s: float = RESUME_WITHIN_S,
+    ) -> "Connecting":
         """Connect to ``url`` (``ws://HOST:PORT/ws``): ``await`` the result for a client, or
         use it in ``async with``, which closes the client at the end. ``token`` (an API key
         ``fmk_…`` or a session token ``fms_…``) is sent as ``Authorization: Bearer`` in the
-        handshake (protocol.md §2.1); a refused one raises :class:`Unauthorized`."""
-        return _Connecting(url, timeout, token)
+        handshake (protocol.md §2.1); a refused one raises :class:`Unauthorized`. If the
+        connection drops while a chat is open, the client reconnects and resumes the chat
+        for up to ``resume_within_s`` seconds (0: never; protocol.md §2.2)."""
+        from farmesh_ws.client.connecting import Connecting
+
+        return Connecting(url, timeout, token, resume_within_s)
 
     @property
     def closed(self) -> bool:
@@ -96,7 +121,9 @@ class FarmeshClient:
         """Authenticate this connection with an API key or session token sent as the
         ``auth`` message (protocol.md §2.1). Raises :class:`Unauthorized` for a credential
         the gateway does not accept (the connection stays open for another try)."""
-        return await self._authenticate(p.Auth(token=token))
+        identity = await self._authenticate(p.Auth(token=token))
+        self._token = token  # a resume authenticates its new connection with it
+        return identity
 
     async def sign_in_with_ethereum(
         self, account: "LocalAccount", *, valid_for_s: float = SIGN_IN_VALID_FOR_S
@@ -117,6 +144,7 @@ class FarmeshClient:
             kind = str(type(answer).__struct_config__.tag)
             raise FarmeshClientError("protocol_error", f"expected 'authenticated', got {kind!r}")
         self.identity = Identity(answer.principal, answer.wallet, answer.token, answer.expires_at)
+        self._token = answer.token or self._token
         return self.identity
 
     async def open_chat(
@@ -155,6 +183,8 @@ class FarmeshClient:
         except InvalidOperation:
             raise FarmeshClientError("protocol_error", f"malformed prices in {opened!r}") from None
         self.chat = Chat(self, info)
+        if opened.resume_token is not None:
+            self._resume = ResumePoint(opened.session_id, opened.resume_token, opened.seq or 0)
         return self.chat
 
     def generate(
@@ -229,6 +259,9 @@ class FarmeshClient:
         await self._send_text(wire.encode(message), request_id=getattr(message, "request_id", None))
 
     async def _send_text(self, frame: str, *, request_id: str | None = None) -> None:
+        if not self._attached.is_set():  # a resume is under way: send on its connection
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._attached.wait(), self.timeout)
         if self.closed:
             raise self.lost_error()
         try:
@@ -280,11 +313,14 @@ class FarmeshClient:
     async def _read_loop(self) -> None:
         try:
             while True:
-                frame = await self._ws.recv()
+                try:
+                    frame = await self._ws.recv()
+                except ConnectionClosed:
+                    if not await self._reattach():
+                        return
+                    continue
                 if isinstance(frame, str):
                     self._route(frame)
-        except ConnectionClosed:
-            pass
         except Exception:
             logger.exception("the reader of %s failed; closing the connection", self.url)
             with contextlib.suppress(Exception):
@@ -292,61 +328,27 @@ class FarmeshClient:
         finally:
             self._on_closed()
 
-    def _route(self, frame: str) -> None:
+    async def _reattach(self) -> bool:
+        """The connection dropped: resume the chat on a new one (False: not resumable)."""
+        point = self._resume
+        if self._closing or point is None or self._resume_within_s <= 0:
+            return False
+        self._attached.clear()
         try:
-            envelope = wire.ENVELOPE.decode(frame)
-        except msgspec.MsgspecError as exc:
-            logger.warning("ignoring a frame without a message type: %s", exc)
-            return
-        if envelope.type not in wire.KNOWN_TYPES:
-            # protocol.md §10: a server may add message types within a version.
-            logger.debug("ignoring a message of unknown type %r", envelope.type)
-            return
-        try:
-            message = wire.DECODER.decode(frame)
-            item: StreamItem | p.ServerMessage = (
-                wire.decode_event(message)
-                if isinstance(message, p.Token | p.Done | p.ContributionReport)
-                else message
+            self._ws = await reattach(
+                self.url,
+                point,
+                token=self._token,
+                timeout_s=self.timeout,
+                within_s=self._resume_within_s,
             )
-        except (msgspec.MsgspecError, InvalidOperation) as exc:
-            item = FarmeshClientError(
-                "protocol_error",
-                f"malformed {envelope.type!r} frame: {exc}",
-                request_id=envelope.request_id,
-            )
-        if isinstance(item, p.Pong):
-            pong = self._pongs.get(item.data or "")
-            if pong is not None and not pong.done():
-                pong.set_result(None)
-        elif isinstance(item, p.Authenticated | p.Opened | p.Closed):
-            if self._control is not None and not self._control.done():
-                self._control.set_result(item)
-        elif isinstance(item, p.Error | FarmeshClientError):
-            self._route_error(item)
-        elif isinstance(item, TokenEvent | DoneEvent | ContributionEvent):
-            stream = self._streams.get(item.request_id)
-            if stream is not None:
-                stream._feed(item)
-
-    def _route_error(self, error: p.Error | FarmeshClientError) -> None:
-        """An error goes to its request; one without a request_id answers the pending
-        ``auth``/``open``/``close`` or else concerns every running request."""
-        if error.request_id is not None:
-            stream = self._streams.get(error.request_id)
-            if stream is not None:
-                stream._feed(error)
-            return
-        if self._control is not None and not self._control.done():
-            if isinstance(error, p.Error):
-                self._control.set_result(error)
-            else:
-                self._control.set_exception(error)
-            return
-        if not self._streams:
-            logger.warning("error from the server: %s", error)
-        for stream in list(self._streams.values()):
-            stream._feed(error)
+        except FarmeshClientError as exc:
+            logger.warning("could not resume the chat: %s", exc)
+            return False
+        finally:
+            self._attached.set()
+        logger.info("resumed the chat after frame %d", point.last_seq)
+        return True
 
     def _on_closed(self) -> None:
         """Whatever still waits on this connection learns that it is gone."""
@@ -360,40 +362,3 @@ class FarmeshClient:
                 pong.set_exception(self.lost_error())
         if self._control is not None and not self._control.done():
             self._control.set_exception(self.lost_error())
-
-
-class _Connecting:
-    """What :meth:`FarmeshClient.connect` returns: awaitable, and an async context manager."""
-
-    def __init__(self, url: str, timeout: float, token: str | None) -> None:
-        self._url = url
-        self._timeout = timeout
-        self._token = token
-        self._client: FarmeshClient | None = None
-
-    def __await__(self) -> Generator[Any, None, FarmeshClient]:
-        return self._connect().__await__()
-
-    async def __aenter__(self) -> FarmeshClient:
-        self._client = await self._connect()
-        return self._client
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        if self._client is not None:
-            await self._client.aclose()
-
-    async def _connect(self) -> FarmeshClient:
-        connection = await open_websocket(self._url, timeout_s=self._timeout, token=self._token)
-        return FarmeshClient(connection, url=self._url, timeout=self._timeout)
-
-
-def connect(
-    url: str, *, timeout: float = DEFAULT_TIMEOUT_S, token: str | None = None
-) -> _Connecting:
-    """``FarmeshClient.connect(url)``: ``await`` it, or use it in ``async with``."""
-    return FarmeshClient.connect(url, timeout=timeout, token=token)

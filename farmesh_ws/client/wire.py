@@ -26,6 +26,7 @@ class _Envelope(msgspec.Struct):
 
     type: str
     request_id: str | None = None
+    seq: int | None = None
 
 
 ENVELOPE: Final = msgspec.json.Decoder(_Envelope)

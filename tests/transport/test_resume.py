@@ -42,6 +42,11 @@ def dial(server: GatewayServer, key: str = "fmk_alice") -> Any:
     )
 
 
+def drop(ws: ClientConnection) -> None:
+    """Lose the connection as a network change does: no WebSocket close frame (1006)."""
+    ws.transport.abort()
+
+
 async def send(ws: ClientConnection, message: dict[str, Any]) -> None:
     await ws.send(json.dumps(message))
 
@@ -78,6 +83,7 @@ async def test_a_turn_cut_by_a_dropped_socket_resumes_with_every_frame_once(make
         await send(ws, {"type": "turn", "request_id": "t1", "text": "hi"})
         release(gate, 5)
         before = [await receive(ws) for _ in range(5)]
+        drop(ws)
     assert [f["seq"] for f in before] == [2, 3, 4, 5, 6]
     release(gate, len(reply) + 5)  # the turn goes on while no connection has the session
     await wait_until(lambda: not server.engine.runner.active, "the turn ended")
@@ -109,6 +115,7 @@ async def test_a_wrong_token_another_principal_or_an_unknown_session_is_refused(
     async with dial(server) as ws:
         await send(ws, {"type": "open"})
         opened = await receive(ws)
+        drop(ws)
     session = {"session_id": opened["session_id"], "last_seq": 1}
     async with dial(server) as ws:
         await send(ws, {"type": "resume", **session, "resume_token": "x" + opened["resume_token"]})
@@ -136,6 +143,7 @@ async def test_a_closed_session_or_one_past_its_grace_is_expired(make: Any) -> N
         assert (await receive(ws))["code"] == "session_expired"
         await send(ws, {"type": "open"})
         second = await receive(ws)
+        drop(ws)
     await wait_until(lambda: server.engine.sessions.count == 0, "the grace period ended")
     async with dial(server) as ws:
         await send(
@@ -160,6 +168,7 @@ async def test_without_a_grace_period_closing_the_socket_cancels_and_closes(make
         await send(ws, {"type": "turn", "request_id": "t", "text": "hi"})
         release(gate, 1)
         await receive(ws)
+        drop(ws)
     await wait_until(lambda: server.engine.sessions.count == 0, "the session closed")
     assert not server.engine.runner.active
 
@@ -175,6 +184,7 @@ async def test_a_full_outbox_cancels_the_detached_turn_and_the_replay_is_complet
         await send(ws, {"type": "turn", "request_id": "t", "text": "hi", "max_new_tokens": 200})
         release(gate, 1)
         first = await receive(ws)
+        drop(ws)
     release(gate, 200)
     await wait_until(lambda: not server.engine.runner.active, "the turn ended")
     async with dial(server) as ws:
@@ -217,3 +227,22 @@ async def test_resuming_while_the_old_socket_is_open_takes_the_session_over(make
             assert (await receive(old))["code"] == "session_closed"
             await send(new, {"type": "turn", "request_id": "t", "text": "hi"})
             assert (await until(new, "done", []))["finish_reason"] == "stop"
+
+
+async def test_a_normal_close_ends_the_session(make: Any) -> None:
+    server = await make(FakeBackend(reply="ok"))
+    async with dial(server) as ws:
+        await send(ws, {"type": "open"})
+        opened = await receive(ws)
+    await wait_until(lambda: server.engine.sessions.count == 0, "the session closed")
+    async with dial(server) as ws:
+        await send(
+            ws,
+            {
+                "type": "resume",
+                "session_id": opened["session_id"],
+                "resume_token": opened["resume_token"],
+                "last_seq": 1,
+            },
+        )
+        assert (await receive(ws))["code"] == "session_expired"
