@@ -146,6 +146,13 @@ class Opened(_ServerMessage, tag="opened", frozen=True):
     resume_token: str | None = None
 
 
+class GoingAway(_ServerMessage, tag="going_away", frozen=True):
+    """§2: the server is shutting down; running requests have ``time_left_s`` to finish,
+    then the connection closes with 1001."""
+
+    time_left_s: float
+
+
 class Resumed(_ServerMessage, tag="resumed", frozen=True):
     """§2.2: the session is attached to this connection; the frames after the client's
     ``last_seq`` follow (``last_seq`` here: the session's latest), then the live ones."""
@@ -232,7 +239,16 @@ class Error(_ServerMessage, tag="error", frozen=True):
 
 
 ServerMessage = (
-    Authenticated | Opened | Resumed | Token | Done | ContributionReport | Pong | Closed | Error
+    Authenticated
+    | Opened
+    | Resumed
+    | GoingAway
+    | Token
+    | Done
+    | ContributionReport
+    | Pong
+    | Closed
+    | Error
 )
 
 _decoder: Final = msgspec.json.Decoder(ClientMessage)

@@ -11,16 +11,19 @@ complete. After the grace period the session is closed as if the client had clos
 """
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import logging
 import secrets
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import msgspec
+from websockets.asyncio.server import ServerConnection
+from websockets.exceptions import ConnectionClosed
 
 from farmesh_ws import protocol as p
 from farmesh_ws.config import Settings
@@ -103,6 +106,19 @@ def new_resume_token() -> tuple[str, bytes]:
 
 def _digest(token: str) -> bytes:
     return hashlib.sha256(token.encode()).digest()
+
+
+async def announce_going_away(
+    connections: Iterable[ServerConnection], time_left_s: float, *, path: str
+) -> None:
+    """Tell every protocol v1 connection (those on ``path``) the server is going away (§2),
+    before its 1001."""
+    frame = p.encode_server_message(p.GoingAway(time_left_s=time_left_s))
+    for connection in connections:
+        request = connection.request
+        if request is not None and request.path.split("?")[0] == path:
+            with contextlib.suppress(ConnectionClosed):
+                await connection.send(frame)
 
 
 class ResumableSessions:

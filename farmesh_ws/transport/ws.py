@@ -32,7 +32,7 @@ from farmesh_ws import protocol as p
 from farmesh_ws.api.petals_v2.handler import PetalsV2Connection
 from farmesh_ws.api.status import HealthCheck, StatusRoutes
 from farmesh_ws.api.v1 import V1Session
-from farmesh_ws.api.v1_resume import ResumableSessions
+from farmesh_ws.api.v1_resume import ResumableSessions, announce_going_away
 from farmesh_ws.auth.credentials import Authenticator
 from farmesh_ws.config import Settings
 from farmesh_ws.engine.allowances import BalanceHolds
@@ -160,6 +160,8 @@ class GatewayServer:
         self._shutting_down = True
         self._server.close(close_connections=False)
         self.http.stop_accepting()
+        grace_s = self.settings.shutdown_grace_s
+        await announce_going_away(list(self._connections), grace_s, path=WEBSOCKET_PATH)
         await self.engine.drain(self.settings.shutdown_grace_s)
         await self.resumable.aclose()
         await self.http.shutdown()

@@ -181,6 +181,7 @@ async def test_shutdown_lets_running_requests_finish_on_both_paths() -> None:
     await v2.send(json.dumps({"type": "generate", "inputs": "hi", "max_new_tokens": 2}))
     await asyncio.wait_for(started.ready.wait(), 10)
     shutdown = asyncio.create_task(server.shutdown())
+    assert await _recv(v1) == {"type": "going_away", "time_left_s": 30.0}  # v1 only
     await v1.send(json.dumps({"type": "generate", "request_id": "new", "prompt": "hi"}))
     refused = await _recv(v1)
     assert (refused["code"], refused["retryable"]) == ("shutting_down", True)
