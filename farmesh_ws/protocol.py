@@ -72,6 +72,26 @@ class Turn(_ClientMessage, tag="turn", frozen=True):
     max_cost_far: FarAmount | None = None
 
 
+class Regenerate(_ClientMessage, tag="regenerate", frozen=True):
+    """§3.8: the last turn again, in place of its reply; sampling as in ``turn``."""
+
+    request_id: RequestId
+    temperature: Temperature | None = None
+    top_p: TopP | None = None
+    top_k: TopK | None = None
+    repetition_penalty: RepetitionPenalty | None = None
+    seed: Seed | None = None
+    max_new_tokens: PositiveTokens | None = None
+    stop: StopList | None = None
+    max_cost_far: FarAmount | None = None
+
+
+class Rewind(_ClientMessage, tag="rewind", frozen=True):
+    """§3.9: drop the last ``turns`` turns."""
+
+    turns: PositiveTokens
+
+
 class Generate(_ClientMessage, tag="generate", frozen=True):
     request_id: RequestId
     prompt: Annotated[str, Meta(min_length=1)]
@@ -117,7 +137,7 @@ class Auth(_ClientMessage, tag="auth", frozen=True):
     siwe: SiweProof | None = None
 
 
-ClientMessage = Auth | Open | Resume | Turn | Generate | Cancel | Close | Ping
+ClientMessage = Auth | Open | Resume | Turn | Regenerate | Rewind | Generate | Cancel | Close | Ping
 
 
 class _ServerMessage(
@@ -153,6 +173,14 @@ class GoingAway(_ServerMessage, tag="going_away", frozen=True):
     time_left_s: float
 
 
+class Rewound(_ServerMessage, tag="rewound", frozen=True):
+    """§3.9: ``turns`` dropped; the session holds ``position`` tokens; ``method``: how."""
+
+    turns: int
+    position: int
+    method: str
+
+
 class Resumed(_ServerMessage, tag="resumed", frozen=True):
     """§2.2: the session is attached to this connection; the frames after the client's
     ``last_seq`` follow (``last_seq`` here: the session's latest), then the live ones."""
@@ -186,6 +214,7 @@ class Done(_ServerMessage, tag="done", frozen=True):
     duration_ms: float
     time_to_first_token_ms: float | None = None
     error: str | None = None
+    rewound: str | None = None
 
 
 class NodeShare(msgspec.Struct, frozen=True, kw_only=True):
@@ -242,6 +271,7 @@ ServerMessage = (
     Authenticated
     | Opened
     | Resumed
+    | Rewound
     | GoingAway
     | Token
     | Done
@@ -277,7 +307,7 @@ def decode_client_message(frame: str | bytes) -> ClientMessage:
 
 def request_id_of(message: ClientMessage) -> str | None:
     """The ``request_id`` a message carries, if its type has one."""
-    if isinstance(message, Turn | Generate | Cancel):
+    if isinstance(message, Turn | Regenerate | Generate | Cancel):
         return message.request_id
     return None
 

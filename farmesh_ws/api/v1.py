@@ -18,6 +18,7 @@ from farmesh_ws.core.settlement import Settlement
 from farmesh_ws.core.types import SamplingOverrides, TokenEvent
 from farmesh_ws.engine.conversation import Client, Conversation
 from farmesh_ws.engine.engine import Engine
+from farmesh_ws.engine.history import rewind_idle
 from farmesh_ws.engine.request import ActiveRequest
 from farmesh_ws.engine.runner import RequestSpec
 from farmesh_ws.errors import (
@@ -95,8 +96,10 @@ class V1Session:
             await self._open(message)
         elif isinstance(message, p.Resume):
             await self._resume(message)
-        elif isinstance(message, p.Turn):
+        elif isinstance(message, p.Turn | p.Regenerate):
             await self._turn(message)
+        elif isinstance(message, p.Rewind):
+            await self._rewind(message)
         elif isinstance(message, p.Generate):
             await self._generate(message)
         elif isinstance(message, p.Cancel):
@@ -267,20 +270,32 @@ class V1Session:
         await outbox.attach(self._send, message.last_seq)
 
     # §3.2
-    async def _turn(self, message: p.Turn) -> None:
-        self._check_open()
-        conversation = self.conversation
-        if conversation is None:
-            raise NoSession("send an 'open' message first")
+    async def _turn(self, message: p.Turn | p.Regenerate) -> None:
+        conversation = self._conversation()
+        regenerate = isinstance(message, p.Regenerate)
         spec = RequestSpec(
             request_id=message.request_id,
-            kind="turn",
-            text=message.text,
+            kind="regenerate" if regenerate else "turn",
+            text=message.text if isinstance(message, p.Turn) else "",
             sampling=_overrides(message).over(conversation.sampling),
             conversation=conversation,
             max_cost_far=_amount(message.max_cost_far),
+            regenerate=regenerate,
         )
         await self._launch(spec)
+
+    # §3.9
+    async def _rewind(self, message: p.Rewind) -> None:
+        conversation = self._conversation()
+        method = await rewind_idle(await self._requester(), conversation, message.turns)
+        position = conversation.mesh.position
+        await self._emit(p.Rewound(turns=message.turns, position=position, method=method))
+
+    def _conversation(self) -> Conversation:
+        self._check_open()
+        if self.conversation is None:
+            raise NoSession("send an 'open' message first")
+        return self.conversation
 
     # §3.3
     async def _generate(self, message: p.Generate) -> None:
@@ -335,7 +350,7 @@ class V1Session:
             await self._emit(frame)
 
 
-def _overrides(message: p.Sampling | p.Turn) -> SamplingOverrides:
+def _overrides(message: p.Sampling | p.Turn | p.Regenerate) -> SamplingOverrides:
     return SamplingOverrides(
         temperature=message.temperature,
         top_p=message.top_p,

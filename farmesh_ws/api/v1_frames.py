@@ -54,6 +54,7 @@ def _done_frame(active: ActiveRequest, settlement: Settlement) -> p.Done:
         duration_ms=round(result.duration_s * 1000, 3),
         time_to_first_token_ms=None if ttft is None else round(ttft * 1000, 3),
         error=settlement.error.code if settlement.error is not None else None,
+        rewound=active.rewound,
     )
 
 

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 from farmesh_ws.core.principal import Principal
 from farmesh_ws.core.types import ChatMessage, SamplingOverrides
 from farmesh_ws.engine.quotas import Reservation
-from farmesh_ws.mesh.base import MeshSession
+from farmesh_ws.mesh.base import Mark, MeshSession
 
 if TYPE_CHECKING:
     from farmesh_ws.engine.request import ActiveRequest
@@ -35,12 +35,21 @@ class Client:
         return self.running is not None
 
 
+@dataclass(frozen=True, slots=True)
+class TurnMark:
+    """Where a turn began in its session (``mark``) and the token ids it sent."""
+
+    mark: Mark
+    token_ids: tuple[int, ...]
+
+
 @dataclass(slots=True)
 class Conversation:
     """One chat session over one mesh session. ``kind``: ``chat`` (protocol v1) or
     ``petals_v2``; ``wallet``: the wallet it bills; ``principal``: who opened it;
     ``reservation``: its ``max_length`` held against the principal's and the mesh's caps;
-    ``budget_far``: the session's ``max_cost_far`` (None: no limit)."""
+    ``budget_far``: the session's ``max_cost_far`` (None: no limit); ``history``: its chat
+    turns that reached the mesh, oldest first (for ``rewind`` and ``regenerate``)."""
 
     session_id: str
     kind: str
@@ -54,6 +63,7 @@ class Conversation:
     budget_far: Decimal | None = None
     spent_far: Decimal = Decimal(0)
     closed: bool = False
+    history: list[TurnMark] = field(default_factory=list)
 
     @property
     def budget_left_far(self) -> Decimal | None:

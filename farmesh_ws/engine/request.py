@@ -30,7 +30,7 @@ from farmesh_ws.engine.events import (
     TokensDelivered,
 )
 from farmesh_ws.errors import BudgetExceeded, FarmeshError, MeshError
-from farmesh_ws.mesh.base import MeshSession, MeshTurn
+from farmesh_ws.mesh.base import MeshSession, MeshTurn, RewindMethod
 
 
 @dataclass(slots=True)
@@ -113,6 +113,8 @@ class ActiveRequest:
         self.budget_far = budget_far
         self.failed = False
         """Settled with an error (its mesh session is not kept for reuse)."""
+        self.rewound: RewindMethod | None = None
+        """How the session went back before a ``regenerate`` ran (None: it did not)."""
         self.balance_bound = False
         """True when the budget is the prepaid hold (smaller than any ``max_cost_far``)."""
         self.free_tokens_left: int | None = None

@@ -17,7 +17,6 @@ billed or recorded; protocol.md §3.2). An admitted request always settles
 
 import asyncio
 import logging
-import math
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -27,12 +26,12 @@ from typing import Protocol
 
 from farmesh_ws.config import Settings
 from farmesh_ws.core.money import far_text
-from farmesh_ws.core.principal import PrincipalKind
 from farmesh_ws.core.settlement import Settlement
 from farmesh_ws.core.types import ChatMessage, SamplingOverrides, SamplingParams, TokenEvent
 from farmesh_ws.engine.allowances import BalanceHolds, FreeTokens
-from farmesh_ws.engine.conversation import Client, Conversation
+from farmesh_ws.engine.conversation import Client, Conversation, TurnMark
 from farmesh_ws.engine.events import Observer, RequestContext, RequestStarted
+from farmesh_ws.engine.history import last_turn, rewind
 from farmesh_ws.engine.limits import (
     check_max_new_tokens,
     check_room,
@@ -41,6 +40,7 @@ from farmesh_ws.engine.limits import (
 )
 from farmesh_ws.engine.one_shot import OneShot, OneShots
 from farmesh_ws.engine.quotas import Quotas
+from farmesh_ws.engine.rate_limit import take_rate_token
 from farmesh_ws.engine.request import ActiveRequest
 from farmesh_ws.errors import (
     BudgetExceeded,
@@ -48,7 +48,6 @@ from farmesh_ws.errors import (
     DuplicateRequestId,
     FarmeshError,
     InvalidRequest,
-    RateLimited,
     SessionClosed,
     ShuttingDown,
 )
@@ -76,7 +75,8 @@ class RequestSpec:
     applies to the sum of their contents. ``raw_text``: ``text`` is a raw prompt, tokenized
     as it is with no chat template (OpenAI's completions). ``reuse``: a one-shot request that
     may continue a kept mesh session of the same principal and leave its own for the next
-    (:mod:`~farmesh_ws.engine.reuse`).
+    (:mod:`~farmesh_ws.engine.reuse`). ``regenerate``: the conversation's last turn again,
+    in place of its reply (the session goes back to where that turn began; ``text`` ignored).
     """
 
     request_id: str
@@ -92,6 +92,7 @@ class RequestSpec:
     messages: tuple[ChatMessage, ...] | None = None
     raw_text: bool = False
     reuse: bool = False
+    regenerate: bool = False
 
 
 class RequestSink(Protocol):
@@ -183,6 +184,9 @@ class RequestRunner:
                 reuse=spec.reuse,
             )
             mesh, token_ids = shot.mesh, shot.token_ids
+        elif spec.regenerate:
+            mesh = conversation.mesh
+            token_ids = list(last_turn(conversation).token_ids)  # it fitted where it began
         else:
             mesh = conversation.mesh
             token_ids = self._encode(spec, mesh)
@@ -206,9 +210,12 @@ class RequestRunner:
                 context = replace(context, held_far=hold)
             # after the hold: a request refused for its balance uses no rate token, and a
             # rate-limited one gives its hold back (below)
-            await self._take_rate_token(client)
+            await take_rate_token(self._store, self._settings, client.principal)
             if self._stopping():  # shutdown began while this request was being admitted
                 raise ShuttingDown("the server is shutting down; retry on another server")
+            rewound = None
+            if conversation is not None and spec.regenerate:
+                rewound = await rewind(conversation, 1)
         except BaseException:
             if hold is not None and self._holds is not None:
                 await self._holds.release(context.hold_id)
@@ -216,6 +223,7 @@ class RequestRunner:
                 await self._one_shots.abandon(shot)
             raise
         active = self._start(client, spec, context, mesh, token_ids, sampling, budget, shot)
+        active.rewound = rewound
         active.free_tokens_left = free_left
         active.balance_bound = balance_bound
         return active
@@ -297,25 +305,6 @@ class RequestRunner:
             )
         return budget
 
-    async def _take_rate_token(self, client: Client) -> None:
-        """Requests per principal (anonymous: per client address), shared across processes."""
-        principal = client.principal
-        settings = self._settings
-        per_minute = principal.limits.requests_per_minute or (
-            settings.anonymous_requests_per_minute
-            if principal.kind is PrincipalKind.ANONYMOUS
-            else settings.requests_per_minute
-        )
-        burst = settings.requests_burst
-        if principal.limits.requests_per_minute is not None:  # a key's own rate: its own burst
-            burst = min(burst, max(1, math.ceil(principal.limits.requests_per_minute)))
-        decision = await self._store.take_tokens(
-            f"requests:{principal.quota_key}", rate_per_s=per_minute / 60, burst=burst
-        )
-        if not decision.allowed:
-            wait = round(decision.retry_after_s, 1)
-            raise RateLimited(f"too many requests; retry in {wait:.1f} s", retry_after_s=wait)
-
     def _context(
         self, client: Client, spec: RequestSpec, mesh: MeshSession, wallet: str | None
     ) -> RequestContext:
@@ -353,12 +342,18 @@ class RequestRunner:
             conversation.reservation.allocated()
         elif shot is not None:
             shot.reservation.allocated()
+        before = mesh.mark() if spec.kind in ("turn", "regenerate") else None
+        prices = self._settings.prices
+        if spec.regenerate:  # the turn's prompt was billed the first time
+            prices = replace(prices, per_prompt_token=Decimal(0))
 
         def on_end(active: ActiveRequest) -> None:
             if active not in self.active:
                 return
             self.active.discard(active)
             self._quotas.end_request(client.principal)
+            if conversation is not None and before is not None and mesh.mark() != before:
+                conversation.history.append(TurnMark(before, tuple(token_ids)))
             if self._free.applies(client.principal) and active.result is not None:
                 self._free.spent(client.principal, active.result.prompt_tokens + active.generated)
 
@@ -370,7 +365,7 @@ class RequestRunner:
             token_ids=token_ids,
             sampling=sampling,
             budget_far=budget,
-            prices=self._settings.prices,
+            prices=prices,
             observer=self._observer,
             on_end=on_end,
             after=None if shot is None else self._after(shot),

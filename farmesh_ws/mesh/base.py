@@ -12,9 +12,22 @@ check context room and budget before anything reaches the mesh. A turn yields
 """
 
 from collections.abc import AsyncIterator, Sequence
-from typing import Protocol
+from dataclasses import dataclass
+from typing import Literal, Protocol
 
 from farmesh_ws.core.types import ChatMessage, SamplingParams, TurnEvent
+
+RewindMethod = Literal["rollback", "replay"]
+"""How a session went back: the servers rolled their caches back, or a new remote session was
+opened and the kept history replayed into it (Petals 2.2 servers cannot roll back)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Mark:
+    """A point in a session's history: ``position`` tokens held and the ``pending`` token."""
+
+    position: int
+    pending: int | None
 
 
 class MeshTurn(Protocol):
@@ -35,6 +48,9 @@ class MeshSession(Protocol):
       starts with them continues this session: :mod:`farmesh_ws.engine.reuse`), or empty
       when the session does not keep them;
       ``discard_pending()`` forgets the pending token, which then is never sent.
+    - ``mark()`` / ``rewind(mark)``: go back to an earlier point of the history (between turns):
+      what the mesh holds after it is forgotten, and its pending token restored. Returns the
+      :data:`RewindMethod`; raises ValueError for a mark beyond the current position.
     - ``encode_turn(messages)``: the chat template over ``messages`` only (the first turn if
       the session holds nothing yet, else a continuation after the previous reply); message
       content is tokenized literally, so user text never becomes a control token.
@@ -62,6 +78,10 @@ class MeshSession(Protocol):
     def transcript(self) -> Sequence[int]: ...
 
     def discard_pending(self) -> None: ...
+
+    def mark(self) -> Mark: ...
+
+    async def rewind(self, mark: Mark) -> RewindMethod: ...
 
     def limit_length(self, max_length: int) -> None:
         """Lower ``max_length`` before the first step: servers allocate the attention cache

@@ -41,7 +41,7 @@ from farmesh_ws.errors import (
     ModelNotFound,
     SessionClosed,
 )
-from farmesh_ws.mesh.base import lowered_length
+from farmesh_ws.mesh.base import Mark, RewindMethod, lowered_length
 from farmesh_ws.mesh.discovery import ModelCoverage, ServerSpan
 from farmesh_ws.mesh.text_stream import StopMatcher
 
@@ -148,6 +148,15 @@ class FakeSession:
 
     def discard_pending(self) -> None:
         self.pending = None
+
+    def mark(self) -> Mark:
+        return Mark(len(self.sent), self.pending)
+
+    async def rewind(self, mark: Mark) -> RewindMethod:
+        if mark.position > self.position:
+            raise ValueError(f"cannot rewind to {mark.position} from {self.position}")
+        self.sent, self.pending = self.sent[: mark.position], mark.pending
+        return "replay"
 
     @property
     def tokens_sent(self) -> int:

@@ -16,7 +16,7 @@ from typing import Any
 from farmesh_ws.core.types import ChatMessage, SamplingParams, TurnDone
 from farmesh_ws.errors import ContextOverflow, FarmeshError, SessionClosed
 from farmesh_ws.mesh.attribution import StepRecorder
-from farmesh_ws.mesh.base import lowered_length
+from farmesh_ws.mesh.base import Mark, RewindMethod, lowered_length
 from farmesh_ws.mesh.petals_errors import translate_error
 from farmesh_ws.mesh.petals_model import LoadedModel
 from farmesh_ws.mesh.petals_turn import PetalsTurn, TurnState
@@ -84,6 +84,24 @@ class PetalsChatSession:
     def discard_pending(self) -> None:
         """Forget the last generated token, not sent to the mesh (between turns only)."""
         self._pending_id = None
+
+    def mark(self) -> Mark:
+        return Mark(len(self._held_ids), self._pending_id)
+
+    async def rewind(self, mark: Mark) -> RewindMethod:
+        """Keep the first ``mark.position`` ids and close the remote session: the next step
+        opens a new one and replays them (Petals 2.2.0.post1 servers keep no way to move a
+        session's position back)."""
+        if mark.position > self.position:
+            raise ValueError(f"cannot rewind to {mark.position} from {self.position}")
+        await asyncio.to_thread(self._rewind_locked, mark)
+        return "replay"
+
+    def _rewind_locked(self, mark: Mark) -> None:
+        with self._lock:
+            self._held_ids = self._held_ids[: mark.position]
+            self._pending_id = mark.pending
+            self._drop_inference()
 
     def encode_turn(self, messages: Sequence[ChatMessage]) -> list[int]:
         """The chat template over ``messages`` only: the first turn while the session holds

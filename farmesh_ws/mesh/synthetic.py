@@ -29,7 +29,7 @@ from farmesh_ws.core.types import (
     TurnEvent,
 )
 from farmesh_ws.errors import ContextOverflow, InvalidRequest, ModelNotFound, SessionClosed
-from farmesh_ws.mesh.base import lowered_length
+from farmesh_ws.mesh.base import Mark, RewindMethod, lowered_length
 from farmesh_ws.mesh.discovery import ModelCoverage, ServerSpan
 
 SYNTHETIC_MODEL_ID = "synthetic/bench-only"
@@ -144,6 +144,15 @@ class SyntheticSession:
 
     def discard_pending(self) -> None:
         """No token is ever pending here."""
+
+    def mark(self) -> Mark:
+        return Mark(self._position, None)
+
+    async def rewind(self, mark: Mark) -> RewindMethod:
+        if mark.position > self._position:
+            raise ValueError(f"cannot rewind to {mark.position} from {self._position}")
+        self._position = mark.position
+        return "replay"
 
     def encode_turn(self, messages: Sequence[ChatMessage]) -> list[int]:
         """One id per word, plus the template's tokens per message."""
