@@ -1,0 +1,7 @@
+"""Payout identity: which wallet a Petals server's work is paid to, proven by its libp2p key.
+
+- :mod:`.statement`: the signed statement binding a wallet to a peer id, and its verification;
+- :mod:`.identity`: the persistent identity file a server's p2p daemon runs with;
+- :mod:`.dht`: where statements are published (one DHT key) and how they are fetched;
+- :mod:`.bindings`: the coordinator's cache of verified bindings, read by attribution.
+"""
