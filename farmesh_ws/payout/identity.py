@@ -3,8 +3,8 @@
 hivemind 1.1.x (``hivemind.p2p.P2P.create(identity_path=...)``, Petals' ``--identity_path``)
 keeps the identity as a serialized libp2p ``PrivateKey`` protobuf whose ``key_type`` is RSA and
 whose ``data`` is the 2048-bit key in PKCS#1 DER, mode 0400; the daemon loads it with ``-id``,
-so the peer id (SHA-256 multihash of the public key, ``Qm…``) survives restarts. Files are
-created by hivemind's own ``P2P.generate_identity``, so they are exactly what it would make.
+so the peer id (SHA-256 multihash of the public key, ``Qm…``) survives restarts. hivemind
+creates the file itself when it is missing (``P2P.generate_identity``); this module reads it.
 """
 
 from pathlib import Path
@@ -14,22 +14,11 @@ from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 from google.protobuf.message import DecodeError
 from hivemind.proto import crypto_pb2
 
-from farmesh_ws.payout.statement import SigningKey, peer_id_of, public_key_bytes
+from farmesh_ws.payout.statement import SigningKey
 
 
 class IdentityError(ValueError):
     """An identity file that cannot be read as a libp2p RSA or Ed25519 private key."""
-
-
-def ensure_identity(path: Path) -> str:
-    """Create the identity file at ``path`` (and its directory) if it does not exist; return the
-    peer id (base58) it gives. Raises :class:`IdentityError` for an unreadable file."""
-    if not path.exists():
-        from hivemind.p2p import P2P
-
-        path.parent.mkdir(parents=True, exist_ok=True)
-        P2P.generate_identity(str(path))
-    return peer_id_of(public_key_bytes(load_identity(path)))
 
 
 def load_identity(path: Path) -> SigningKey:
