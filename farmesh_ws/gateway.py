@@ -16,6 +16,8 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from eth_utils.address import to_checksum_address
+
 from farmesh_ws.auth.credentials import Authenticator
 from farmesh_ws.auth.siwe import SiweAuth
 from farmesh_ws.config import ConfigError, Settings
@@ -33,6 +35,7 @@ from farmesh_ws.metrics import Metrics
 from farmesh_ws.models import BUNDLED_MODEL_ID, dht_prefix_for
 from farmesh_ws.models.bundled import prepare_bundled_model
 from farmesh_ws.models.generation import recommended_sampling
+from farmesh_ws.payout.bindings import BindingPolicy
 from farmesh_ws.state import open_state_store
 from farmesh_ws.state.registry import SessionRegistry
 from farmesh_ws.state.wallet_observer import WalletUsageObserver
@@ -99,6 +102,11 @@ async def running_gateway(settings: Settings, *, progress: bool = True) -> Async
                     log_dir=home / "swarm-logs",
                     num_servers=settings.local_servers,
                     inference_max_length=settings.max_length_limit,
+                    payout_wallets=(
+                        (("", to_checksum_address(settings.local_payout_wallet)),)
+                        if settings.local_payout_wallet
+                        else ()
+                    ),
                 )
             )
             logger.info("starting the local swarm (%d servers)", settings.local_servers)
@@ -116,6 +124,12 @@ async def running_gateway(settings: Settings, *, progress: bool = True) -> Async
                 max_retries=settings.mesh_max_retries,
                 connect_timeout_s=settings.mesh_connect_timeout_s,
                 request_timeout_s=settings.mesh_request_timeout_s,
+                payout=BindingPolicy(
+                    ttl_s=settings.payout_binding_ttl_s,
+                    fetch_timeout_s=settings.payout_fetch_timeout_s,
+                    max_age_s=settings.payout_statement_max_age_s,
+                    max_clock_skew_s=settings.payout_max_clock_skew_s,
+                ),
             )
         )
         stack.push_async_callback(backend.aclose)

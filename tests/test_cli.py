@@ -96,14 +96,36 @@ def cleanup() -> Iterator[list[Command]]:
 def test_swarm_command_prints_peers_and_stops_cleanly_on_ctrl_c(
     tmp_path: Path, bundled_model_path: Path, cleanup: list[Command]
 ) -> None:
-    command = Command(["swarm", "--log-dir", str(tmp_path / "logs")], tmp_path)
+    wallet = "0x5aAeb6053F3E94C9b9A09f33669435E7Ef1BeAed"
+    command = Command(
+        ["swarm", "--log-dir", str(tmp_path / "logs"), "--payout-wallet", f"server1={wallet}"],
+        tmp_path,
+    )
     cleanup.append(command)
     command.wait_for_line(r"^swarm ready", 120)
+    server0 = command.wait_for_line(r"^server0: ", 5)
+    server1 = command.wait_for_line(r"^server1: ", 5)
+    assert re.match(r"^server0: Qm\w+ blocks 0:15 payout unbound$", server0.strip())
+    assert re.match(rf"^server1: Qm\w+ blocks 15:30 payout {wallet}$", server1.strip())
     peers = command.wait_for_line(r"^initial peers: ", 5)
     assert re.match(r"^initial peers: /ip4/127\.0\.0\.1/tcp/\d+/p2p/\w+$", peers.strip())
     logs = sorted(path.name for path in (tmp_path / "logs").iterdir())
-    assert logs == ["dht.log", "server0.log", "server1.log"]
+    assert logs == ["dht.log", "identities", "server0.log", "server1.log"]
+    identities = sorted(path.name for path in (tmp_path / "logs" / "identities").iterdir())
+    assert identities == ["server0.key", "server1.key"]
     _stop_and_check_nothing_is_left(command.process, signal.SIGINT)
+
+
+def test_swarm_refuses_a_payout_wallet_that_is_no_address(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "farmesh_ws", "swarm", "--payout-wallet", "server0=far1wallet"],
+        env={**os.environ, "FARMESH_HOME": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    assert "is not an Ethereum address" in result.stderr
 
 
 def test_chat_connects_to_the_port_serve_uses(monkeypatch: pytest.MonkeyPatch) -> None:
