@@ -18,6 +18,7 @@ from farmesh_ws import __version__
 from farmesh_ws.chat_cli import add_credential_arguments
 from farmesh_ws.home import farmesh_home
 from farmesh_ws.logcontext import LogContextFilter
+from farmesh_ws.payout.command import add_payout_parser
 
 logger = logging.getLogger("farmesh_ws.cli")
 
@@ -167,6 +168,8 @@ def _build_parser() -> argparse.ArgumentParser:
     charges.add_argument("--wallet", required=True, help="the wallet charged")
     charges.add_argument("--json", action="store_true", help="one JSON object per line")
     charges.set_defaults(handler=_balances)
+
+    add_payout_parser(commands)
 
     keys = commands.add_parser("keys", help="manage API keys (bound to a wallet, stored hashed)")
     key_commands = keys.add_subparsers(

@@ -12,6 +12,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import openai
 import psutil
@@ -126,6 +127,52 @@ def test_swarm_refuses_a_payout_wallet_that_is_no_address(tmp_path: Path) -> Non
     )
     assert result.returncode == 2
     assert "is not an Ethereum address" in result.stderr
+
+
+def test_payout_publish_proves_a_servers_wallet_in_the_swarms_dht(
+    tmp_path: Path, swarm: Any, cleanup: list[Command]
+) -> None:
+    """A provider's flow: a key file as Petals' --identity_path makes it, then `payout publish`
+    next to the server; the gateway's fetch finds a statement that verifies."""
+    from hivemind.p2p import P2P, PeerID
+
+    from farmesh_ws.payout.dht import fetch_statements
+    from farmesh_ws.payout.statement import PayoutStatement, verify_statement
+
+    identity = tmp_path / "server.key"
+    P2P.generate_identity(str(identity))
+    peer_id = PeerID.from_identity(identity.read_bytes()).to_base58()
+    wallet = "0x5aAeb6053F3E94C9b9A09f33669435E7Ef1BeAed"
+    peers = ",".join(swarm.initial_peers)
+    args = ["payout", "publish", "--identity", str(identity), "--wallet", wallet.lower()]
+    args += ["--initial-peers", peers, "--host-maddr", "/ip4/127.0.0.1/tcp/0"]
+    command = Command(args, tmp_path)
+    cleanup.append(command)
+    line = command.wait_for_line(r"^publishing: ", 120)
+    assert line.strip() == f"publishing: peer {peer_id} is paid to {wallet}"
+    found = [
+        statement
+        for statement in map(PayoutStatement.from_json, fetch_statements(swarm.client_dht(), 10))
+        if statement.peer_id == peer_id
+    ]
+    assert [statement.wallet for statement in found] == [wallet]
+    verify_statement(found[0])
+    _stop_and_check_nothing_is_left(command.process, signal.SIGTERM)
+
+
+def test_payout_publish_refuses_a_bad_wallet_or_key(tmp_path: Path) -> None:
+    (tmp_path / "bad.key").write_bytes(b"not a key")
+    for wallet, identity in (("far1", "bad.key"), ("0x" + "ab" * 20, "bad.key")):
+        args = ["payout", "publish", "--wallet", wallet, "--identity", str(tmp_path / identity)]
+        args += ["--initial-peers", "/ip4/127.0.0.1/tcp/1"]
+        result = subprocess.run(
+            [sys.executable, "-m", "farmesh_ws", *args],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert result.returncode == 2, result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1
 
 
 def test_chat_connects_to_the_port_serve_uses(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -71,6 +71,9 @@ class StatementPublisher:
         )
 
     def start(self) -> None:
+        """Publish once now (so the statement is in the DHT when this returns, unless the
+        store failed, which is logged), then every ``period_s`` in the thread."""
+        self._publish_logged()
         self._thread.start()
 
     def stop(self) -> None:
@@ -91,11 +94,12 @@ class StatementPublisher:
         return bool(stored)
 
     def _run(self) -> None:
-        while True:
-            try:
-                if not self.publish():
-                    logger.warning("the DHT did not store the payout statement; will retry")
-            except Exception as exc:  # noqa: BLE001 - the next period tries again
-                logger.warning("publishing the payout statement failed (%s)", type(exc).__name__)
-            if self._stop.wait(self._period_s):
-                return
+        while not self._stop.wait(self._period_s):
+            self._publish_logged()
+
+    def _publish_logged(self) -> None:
+        try:
+            if not self.publish():
+                logger.warning("the DHT did not store the payout statement; will retry")
+        except Exception as exc:  # noqa: BLE001 - the next period tries again
+            logger.warning("publishing the payout statement failed (%s)", type(exc).__name__)
