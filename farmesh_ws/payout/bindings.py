@@ -98,7 +98,7 @@ class PayoutBindings:
         except InvalidStatement as exc:
             if (claimed, str(exc)) not in self._reported:
                 self._reported.add((claimed, str(exc)))
-                logger.warning("ignoring the payout statement of peer %s: %s", claimed, exc)
+                logger.warning("ignoring the payout statement of peer %r: %s", claimed, exc)
             return None
         return statement
 
