@@ -16,8 +16,6 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from eth_utils.address import to_checksum_address
-
 from farmesh_ws.auth.credentials import Authenticator
 from farmesh_ws.auth.siwe import SiweAuth
 from farmesh_ws.config import ConfigError, Settings
@@ -36,6 +34,7 @@ from farmesh_ws.models import BUNDLED_MODEL_ID, dht_prefix_for
 from farmesh_ws.models.bundled import prepare_bundled_model
 from farmesh_ws.models.generation import recommended_sampling
 from farmesh_ws.payout.bindings import BindingPolicy
+from farmesh_ws.payout.wallet import checksum_wallet
 from farmesh_ws.state import open_state_store
 from farmesh_ws.state.registry import SessionRegistry
 from farmesh_ws.state.wallet_observer import WalletUsageObserver
@@ -103,7 +102,7 @@ async def running_gateway(settings: Settings, *, progress: bool = True) -> Async
                     num_servers=settings.local_servers,
                     inference_max_length=settings.max_length_limit,
                     payout_wallets=(
-                        (("", to_checksum_address(settings.local_payout_wallet)),)
+                        (("", checksum_wallet(settings.local_payout_wallet)),)
                         if settings.local_payout_wallet
                         else ()
                     ),

@@ -98,7 +98,7 @@ def parse_payout_wallets(values: Sequence[str]) -> tuple[tuple[str, str], ...]:
     """``--payout-wallet`` values, ``WALLET`` (every server) or ``NAME=WALLET`` (server
     ``NAME``), as :attr:`SwarmConfig.payout_wallets` pairs with EIP-55 wallets. Raises
     ValueError for a wallet that is not an Ethereum address or a name given twice."""
-    from farmesh_ws.payout.statement import checksum_wallet
+    from farmesh_ws.payout.wallet import checksum_wallet
 
     pairs: dict[str, str] = {}
     for value in values:

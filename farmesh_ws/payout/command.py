@@ -51,7 +51,7 @@ def run_publish(args: argparse.Namespace) -> int:
     from farmesh_ws.mesh import compat
     from farmesh_ws.payout.dht import StatementPublisher
     from farmesh_ws.payout.identity import IdentityError, load_identity
-    from farmesh_ws.payout.statement import checksum_wallet
+    from farmesh_ws.payout.wallet import checksum_wallet
 
     if not 0 < args.period_s < args.expiration_s:
         logger.error("--period-s must be positive and below --expiration-s")

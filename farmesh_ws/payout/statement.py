@@ -33,9 +33,10 @@ import base58
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa
-from eth_utils.address import is_address, to_checksum_address
 from google.protobuf.message import DecodeError
 from hivemind.proto import crypto_pb2
+
+from farmesh_ws.payout.wallet import checksum_wallet
 
 STATEMENT_VERSION = 1
 SIGNING_DOMAIN = b"farmesh-payout-binding/v1\n"
@@ -98,14 +99,6 @@ class PayoutStatement:
             issued_at=issued_at,
             signature=_b64(data.get("signature"), "signature"),
         )
-
-
-def checksum_wallet(wallet: str) -> str:
-    """``wallet`` in its EIP-55 checksummed form; raises ValueError if it is not a 20-byte hex
-    address (any case is accepted)."""
-    if not is_address(wallet):
-        raise ValueError(f"{wallet!r} is not an Ethereum address (0x and 40 hex digits)")
-    return str(to_checksum_address(wallet))
 
 
 def signed_bytes(peer_id: str, wallet: str, public_key: bytes, issued_at: int) -> bytes:
