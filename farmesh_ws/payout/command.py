@@ -48,9 +48,6 @@ def add_payout_parser(commands: Any) -> None:
 
 
 def run_publish(args: argparse.Namespace) -> int:
-    from farmesh_ws.mesh import compat
-    from farmesh_ws.payout.dht import StatementPublisher
-    from farmesh_ws.payout.identity import IdentityError, load_identity
     from farmesh_ws.payout.wallet import checksum_wallet
 
     if not 0 < args.period_s < args.expiration_s:
@@ -58,8 +55,16 @@ def run_publish(args: argparse.Namespace) -> int:
         return 2
     try:
         wallet = checksum_wallet(args.wallet)
+    except ValueError as exc:
+        logger.error("%s", exc)
+        return 2
+    from farmesh_ws.mesh import compat
+    from farmesh_ws.payout.dht import StatementPublisher
+    from farmesh_ws.payout.identity import IdentityError, load_identity
+
+    try:
         key = load_identity(args.identity)
-    except (ValueError, IdentityError) as exc:
+    except IdentityError as exc:
         logger.error("%s", exc)
         return 2
     compat.apply()
