@@ -247,7 +247,13 @@ def test_binds_that_may_start(host: str, overrides: dict[str, object], mode: str
 def test_serve_runs_the_embedded_default_and_stops_cleanly_on_sigterm(
     tmp_path: Path, bundled_model_path: Path, cleanup: list[Command]
 ) -> None:
-    command = Command(["serve", "--port", "0"], tmp_path, FARMESH_SHUTDOWN_GRACE_S="5")
+    wallet = "0x5aAeb6053F3E94C9b9A09f33669435E7Ef1BeAed"
+    command = Command(
+        ["serve", "--port", "0"],
+        tmp_path,
+        FARMESH_SHUTDOWN_GRACE_S="5",
+        FARMESH_LOCAL_PAYOUT_WALLET=wallet.lower(),
+    )
     cleanup.append(command)
     ready = command.wait_for_line(r"^farmesh-ws ready: ws://127\.0\.0\.1:\d+/ws", 180)
     url = ready.split()[2]
@@ -256,11 +262,14 @@ def test_serve_runs_the_embedded_default_and_stops_cleanly_on_sigterm(
         ws.send(json.dumps({"type": "open"}))
         assert json.loads(ws.recv(timeout=30))["type"] == "opened"
         ws.send(json.dumps({"type": "turn", "request_id": "1", "text": "Hi!", "max_new_tokens": 4}))
-        kinds = []
-        while not kinds or kinds[-1] != "contribution":
-            kinds.append(json.loads(ws.recv(timeout=60))["type"])
+        frames = []
+        while not frames or frames[-1]["type"] != "contribution":
+            frames.append(json.loads(ws.recv(timeout=60)))
+    kinds = [frame["type"] for frame in frames]
     assert kinds[0] == "token"
     assert "done" in kinds
+    payouts = {(node["payout_wallet"], node["payout_bound"]) for node in frames[-1]["nodes"]}
+    assert payouts == {(wallet, True)}  # every local server proves FARMESH_LOCAL_PAYOUT_WALLET
     found = re.search(r"OpenAI API: (http://127\.0\.0\.1:(\d+)/v1)$", ready)
     assert found is not None, ready
     assert found.group(2) != url.split(":")[2].split("/")[0]  # its own port
@@ -275,6 +284,8 @@ def test_serve_runs_the_embedded_default_and_stops_cleanly_on_sigterm(
         )
     assert reply.usage is not None
     assert reply.usage.completion_tokens >= 1
+    assert reply.model_extra is not None
+    assert {node["payout_wallet"] for node in reply.model_extra["farmesh"]["nodes"]} == {wallet}
     _stop_and_check_nothing_is_left(command.process, signal.SIGTERM)
 
 
