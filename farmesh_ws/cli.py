@@ -18,6 +18,7 @@ from farmesh_ws import __version__
 from farmesh_ws.chat_cli import add_credential_arguments
 from farmesh_ws.home import farmesh_home
 from farmesh_ws.logcontext import LogContextFilter
+from farmesh_ws.payout.command import add_payout_parser
 
 logger = logging.getLogger("farmesh_ws.cli")
 
@@ -67,7 +68,20 @@ def _build_parser() -> argparse.ArgumentParser:
     swarm.add_argument("--replicas", type=int, default=1, help="servers per span")
     swarm.add_argument("--dht-port", type=int, default=0, help="DHT port (0: any free port)")
     swarm.add_argument("--num-handlers", type=int, default=2, help="handler processes per server")
-    swarm.add_argument("--log-dir", type=Path, default=None, help="per-process log files")
+    swarm.add_argument(
+        "--log-dir",
+        type=Path,
+        default=None,
+        help="per-process log files, and the servers' identity files under identities/",
+    )
+    swarm.add_argument(
+        "--payout-wallet",
+        action="append",
+        default=[],
+        metavar="[NAME=]WALLET",
+        help="the 0x wallet servers are paid to: WALLET for every server, NAME=WALLET for one "
+        "(server0, server1, ...); repeatable",
+    )
     swarm.set_defaults(handler=_swarm)
 
     serve = commands.add_parser(
@@ -154,6 +168,8 @@ def _build_parser() -> argparse.ArgumentParser:
     charges.add_argument("--wallet", required=True, help="the wallet charged")
     charges.add_argument("--json", action="store_true", help="one JSON object per line")
     charges.set_defaults(handler=_balances)
+
+    add_payout_parser(commands)
 
     keys = commands.add_parser("keys", help="manage API keys (bound to a wallet, stored hashed)")
     key_commands = keys.add_subparsers(
@@ -315,8 +331,19 @@ def _model_prepare(args: argparse.Namespace) -> int:
 def _swarm(args: argparse.Namespace) -> int:
     from farmesh_ws.models import BUNDLED_MODEL_ID, dht_prefix_for
     from farmesh_ws.models.bundled import prepare_bundled_model
-    from farmesh_ws.swarm import LocalSwarm, SwarmConfig, SwarmError, read_num_blocks
+    from farmesh_ws.swarm import (
+        LocalSwarm,
+        SwarmConfig,
+        SwarmError,
+        parse_payout_wallets,
+        read_num_blocks,
+    )
 
+    try:
+        payout_wallets = parse_payout_wallets(args.payout_wallet)
+    except ValueError as exc:
+        logger.error("%s", exc)
+        return 2
     model_path = prepare_bundled_model(farmesh_home())
     spans = tuple(span for span in args.spans.split(",") if span)
     config = SwarmConfig(
@@ -329,6 +356,7 @@ def _swarm(args: argparse.Namespace) -> int:
         replicas=args.replicas,
         dht_port=args.dht_port,
         num_handlers=args.num_handlers,
+        payout_wallets=payout_wallets,
     )
     try:
         config.server_spans()
@@ -345,8 +373,14 @@ def _swarm(args: argparse.Namespace) -> int:
     swarm = LocalSwarm(config)
     try:
         swarm.start()
+        servers = "".join(
+            f"{node.name}: {node.peer_id} blocks {node.span} "
+            f"payout {node.payout_wallet or 'unbound'}\n"
+            for node in swarm.servers
+        )
         sys.stdout.write(
             f"swarm ready: model {BUNDLED_MODEL_ID}, {len(swarm.servers)} servers\n"
+            f"{servers}"
             f"initial peers: {' '.join(swarm.initial_peers)}\n"
             f"logs: {config.log_dir}\n"
         )

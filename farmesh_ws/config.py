@@ -12,6 +12,8 @@ from dataclasses import dataclass, field, fields, replace
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
+from eth_utils.address import is_address
+
 from farmesh_ws.core.money import Prices
 from farmesh_ws.models import BUNDLED_MODEL_ID
 from farmesh_ws.transport.origin import parse_origin
@@ -85,6 +87,12 @@ class Settings:
     mesh_max_retries: int = 2
     mesh_request_timeout_s: float = 30.0
     mesh_connect_timeout_s: float = 5.0
+    # Payout identity (README "Getting paid: binding a payout wallet").
+    payout_binding_ttl_s: float = 60.0
+    payout_fetch_timeout_s: float = 2.0
+    payout_statement_max_age_s: float = 86400.0
+    payout_max_clock_skew_s: float = 300.0
+    local_payout_wallet: str = ""
     # Identity and admission (README "Authentication and limits").
     auth: str = ""
     insecure_no_auth: bool = False
@@ -276,6 +284,17 @@ def _validated(settings: Settings) -> Settings:
         (settings.mesh_max_retries >= 1, "mesh_max_retries must be at least 1"),
         (settings.mesh_request_timeout_s > 0, "mesh_request_timeout_s must be positive"),
         (settings.mesh_connect_timeout_s > 0, "mesh_connect_timeout_s must be positive"),
+        (settings.payout_binding_ttl_s > 0, "payout_binding_ttl_s must be positive"),
+        (settings.payout_fetch_timeout_s > 0, "payout_fetch_timeout_s must be positive"),
+        (
+            settings.payout_statement_max_age_s > 0,
+            "payout_statement_max_age_s must be positive",
+        ),
+        (settings.payout_max_clock_skew_s >= 0, "payout_max_clock_skew_s must not be negative"),
+        (
+            not settings.local_payout_wallet or is_address(settings.local_payout_wallet),
+            "local_payout_wallet must be an Ethereum address (0x and 40 hex digits)",
+        ),
         (settings.auth in (*AUTH_MODES, ""), f"auth must be one of {AUTH_MODES}"),
         (settings.balances in BALANCE_MODES, f"balances must be one of {BALANCE_MODES}"),
         (settings.auth_timeout_s > 0, "auth_timeout_s must be positive"),

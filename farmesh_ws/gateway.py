@@ -33,6 +33,8 @@ from farmesh_ws.metrics import Metrics
 from farmesh_ws.models import BUNDLED_MODEL_ID, dht_prefix_for
 from farmesh_ws.models.bundled import prepare_bundled_model
 from farmesh_ws.models.generation import recommended_sampling
+from farmesh_ws.payout.bindings import BindingPolicy
+from farmesh_ws.payout.wallet import checksum_wallet
 from farmesh_ws.state import open_state_store
 from farmesh_ws.state.registry import SessionRegistry
 from farmesh_ws.state.wallet_observer import WalletUsageObserver
@@ -99,6 +101,11 @@ async def running_gateway(settings: Settings, *, progress: bool = True) -> Async
                     log_dir=home / "swarm-logs",
                     num_servers=settings.local_servers,
                     inference_max_length=settings.max_length_limit,
+                    payout_wallets=(
+                        (("", checksum_wallet(settings.local_payout_wallet)),)
+                        if settings.local_payout_wallet
+                        else ()
+                    ),
                 )
             )
             logger.info("starting the local swarm (%d servers)", settings.local_servers)
@@ -116,6 +123,12 @@ async def running_gateway(settings: Settings, *, progress: bool = True) -> Async
                 max_retries=settings.mesh_max_retries,
                 connect_timeout_s=settings.mesh_connect_timeout_s,
                 request_timeout_s=settings.mesh_request_timeout_s,
+                payout=BindingPolicy(
+                    ttl_s=settings.payout_binding_ttl_s,
+                    fetch_timeout_s=settings.payout_fetch_timeout_s,
+                    max_age_s=settings.payout_statement_max_age_s,
+                    max_clock_skew_s=settings.payout_max_clock_skew_s,
+                ),
             )
         )
         stack.push_async_callback(backend.aclose)

@@ -226,6 +226,8 @@ class NodeShare(msgspec.Struct, frozen=True, kw_only=True):
     replayed_tokens: int
     work: int
     share_far: str
+    payout_wallet: str | None = None
+    payout_bound: bool = False
 
 
 def node_shares(settlement: Settlement) -> list[NodeShare]:
@@ -240,6 +242,8 @@ def node_shares(settlement: Settlement) -> list[NodeShare]:
             replayed_tokens=node.contribution.replayed_tokens,
             work=node.contribution.work,
             share_far=far_text(node.share_far),
+            payout_wallet=node.contribution.payout_wallet,
+            payout_bound=node.contribution.payout_bound,
         )
         for node in settlement.nodes
     ]

@@ -1,6 +1,9 @@
 """A local Far Mesh on 127.0.0.1: one DHT bootstrap node plus N Petals servers.
 
 This is the embedded default (no ``FAR_MESH_DHT_BOOTSTRAP``) and what the tests run against.
+Each server runs with a persistent libp2p identity, ``LOG_DIR/identities/serverN.key``, so a
+restarted swarm or server keeps its peer id; a server given a payout wallet publishes a
+signed payout statement for it (:mod:`farmesh_ws.payout`).
 Every node is a child process in its own process group (``python -m farmesh_ws.swarm_node``),
 logging to its own file. Stopping sends SIGTERM (a graceful shutdown in the node) and, after a
 grace period, SIGKILL to the whole group, so nothing is orphaned. ``kill_server`` SIGKILLs a
@@ -53,6 +56,17 @@ class SwarmConfig:
     start_timeout_s: float = 120.0
     stop_timeout_s: float = 20.0
     log_level: str = "INFO"
+    payout_wallets: tuple[tuple[str, str], ...] = ()
+    """(server name, wallet) pairs; the name ``""`` gives every server without its own one."""
+
+    @property
+    def identity_dir(self) -> Path:
+        return self.log_dir / "identities"
+
+    def payout_wallet(self, name: str) -> str | None:
+        """The payout wallet of server ``name`` (e.g. ``server0``), or None."""
+        wallets = dict(self.payout_wallets)
+        return wallets.get(name, wallets.get(""))
 
     def server_spans(self) -> list[str]:
         """The span of every server to start: explicit spans, or an even split; × replicas."""
@@ -80,6 +94,21 @@ def parse_span(span: str, num_blocks: int) -> tuple[int, int]:
     return start, end
 
 
+def parse_payout_wallets(values: Sequence[str]) -> tuple[tuple[str, str], ...]:
+    """``--payout-wallet`` values, ``WALLET`` (every server) or ``NAME=WALLET`` (server
+    ``NAME``), as :attr:`SwarmConfig.payout_wallets` pairs with EIP-55 wallets. Raises
+    ValueError for a wallet that is not an Ethereum address or a name given twice."""
+    from farmesh_ws.payout.wallet import checksum_wallet
+
+    pairs: dict[str, str] = {}
+    for value in values:
+        name, _, wallet = value.rpartition("=")
+        if name in pairs:
+            raise ValueError(f"--payout-wallet names {name or 'every server'} twice")
+        pairs[name] = checksum_wallet(wallet)
+    return tuple(pairs.items())
+
+
 def even_spans(num_blocks: int, num_servers: int) -> list[str]:
     """Split blocks into contiguous spans as evenly as possible, earlier spans one longer."""
     if not 1 <= num_servers <= num_blocks:
@@ -104,6 +133,7 @@ class SwarmNode:
     peer_id: str = ""
     span: str = ""
     maddrs: list[str] = field(default_factory=list)
+    payout_wallet: str | None = None
 
     @property
     def alive(self) -> bool:
@@ -155,6 +185,17 @@ class LocalSwarm:
         parse_span(span, self.config.num_blocks)
         index = self._next_server_index
         self._next_server_index += 1
+        return self._start_server(index, span, wait=wait)
+
+    def restart_server(self, name: str) -> SwarmNode:
+        """Stop server ``name`` gracefully and start it again over the same span, with the same
+        identity file (so the same peer id) and payout wallet; wait until the DHT lists it."""
+        node = self._server(name)
+        self._stop_node(node)
+        self.servers.remove(node)
+        return self._start_server(int(name.removeprefix("server")), node.span, wait=True)
+
+    def _start_server(self, index: int, span: str, *, wait: bool) -> SwarmNode:
         name = f"server{index}"
         node = self._spawn(
             name,
@@ -172,6 +213,8 @@ class LocalSwarm:
                 "session_timeout_s": self.config.session_timeout_s,
                 "update_period_s": self.config.update_period_s,
                 "expiration_s": self.config.expiration_s,
+                "identity_path": str(self.config.identity_dir / f"{name}.key"),
+                "payout_wallet": self.config.payout_wallet(name),
             },
         )
         node.span = span
@@ -271,6 +314,7 @@ class LocalSwarm:
             self._stop_node(node)
             raise
         node.peer_id = str(ready["peer_id"])
+        node.payout_wallet = ready.get("payout_wallet")
         node.maddrs = [str(maddr) for maddr in ready.get("maddrs", [])]
         return node
 

@@ -12,6 +12,7 @@ import os
 import signal
 import sys
 import threading
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
@@ -59,10 +60,17 @@ def run_dht(options: dict[str, Any]) -> None:
 
 
 def run_server(options: dict[str, Any]) -> None:
-    """Run one Petals server over a span of blocks until SIGTERM."""
+    """Run one Petals server over a span of blocks until SIGTERM, with the persistent identity
+    ``identity_path`` (hivemind creates it if missing); with ``payout_wallet``, publish its
+    payout statement every ``update_period_s``."""
     from petals.server.server import Server
 
+    from farmesh_ws.payout.dht import StatementPublisher
+    from farmesh_ws.payout.identity import load_identity
+
     _sigterm_as_keyboard_interrupt()
+    identity_path = Path(options["identity_path"])
+    identity_path.parent.mkdir(parents=True, exist_ok=True)
     server = Server(
         initial_peers=options["initial_peers"],
         dht_prefix=options["dht_prefix"],
@@ -82,13 +90,32 @@ def run_server(options: dict[str, Any]) -> None:
         use_relay=False,
         use_auto_relay=False,
         skip_reachability_check=True,
+        identity_path=str(identity_path),
     )
-    _announce(role="server", peer_id=server.dht.peer_id.to_base58())
+    publisher = None
     try:
+        if options.get("payout_wallet"):
+            publisher = StatementPublisher(
+                server.dht,
+                load_identity(identity_path),
+                options["payout_wallet"],
+                period_s=float(options["update_period_s"]),
+                expiration_s=float(options["expiration_s"]),
+            )
+            if publisher.statement.peer_id != server.dht.peer_id.to_base58():
+                raise RuntimeError("the identity file does not give this server's peer id")
+            publisher.start()
+        _announce(
+            role="server",
+            peer_id=server.dht.peer_id.to_base58(),
+            payout_wallet=publisher.statement.wallet if publisher else None,
+        )
         server.run()
     except KeyboardInterrupt:
         logger.info("shutting down on SIGTERM")
     finally:
+        if publisher is not None:
+            publisher.stop()
         server.shutdown()
 
 

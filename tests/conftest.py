@@ -9,6 +9,7 @@ import pytest
 
 from farmesh_ws.home import farmesh_home
 
+PAYOUT_WALLET = "0x5aAeb6053F3E94C9b9A09f33669435E7Ef1BeAed"
 GOLDEN_PATH = Path(__file__).resolve().parent / "data" / "smollm2-135m-instruct-q4_1.json"
 
 
@@ -27,7 +28,8 @@ def bundled_model_path() -> Path:
 
 @pytest.fixture(scope="session")
 def swarm(bundled_model_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    """Two servers splitting the 30 blocks (0:15, 15:30), as the embedded default does.
+    """Two servers splitting the 30 blocks (0:15, 15:30), as the embedded default does;
+    server0 proves the payout wallet ``PAYOUT_WALLET``, server1 none (tests/test_payout_swarm.py).
 
     Tests that kill or add servers must leave every block served when they finish.
     """
@@ -41,6 +43,7 @@ def swarm(bundled_model_path: Path, tmp_path_factory: pytest.TempPathFactory) ->
         log_dir=tmp_path_factory.mktemp("swarm-logs"),
         update_period_s=5.0,
         expiration_s=20.0,
+        payout_wallets=(("server0", PAYOUT_WALLET),),
     )
     with LocalSwarm(config) as local_swarm:
         yield local_swarm

@@ -12,6 +12,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import openai
 import psutil
@@ -96,14 +97,82 @@ def cleanup() -> Iterator[list[Command]]:
 def test_swarm_command_prints_peers_and_stops_cleanly_on_ctrl_c(
     tmp_path: Path, bundled_model_path: Path, cleanup: list[Command]
 ) -> None:
-    command = Command(["swarm", "--log-dir", str(tmp_path / "logs")], tmp_path)
+    wallet = "0x5aAeb6053F3E94C9b9A09f33669435E7Ef1BeAed"
+    command = Command(
+        ["swarm", "--log-dir", str(tmp_path / "logs"), "--payout-wallet", f"server1={wallet}"],
+        tmp_path,
+    )
     cleanup.append(command)
     command.wait_for_line(r"^swarm ready", 120)
+    server0 = command.wait_for_line(r"^server0: ", 5)
+    server1 = command.wait_for_line(r"^server1: ", 5)
+    assert re.match(r"^server0: Qm\w+ blocks 0:15 payout unbound$", server0.strip())
+    assert re.match(rf"^server1: Qm\w+ blocks 15:30 payout {wallet}$", server1.strip())
     peers = command.wait_for_line(r"^initial peers: ", 5)
     assert re.match(r"^initial peers: /ip4/127\.0\.0\.1/tcp/\d+/p2p/\w+$", peers.strip())
     logs = sorted(path.name for path in (tmp_path / "logs").iterdir())
-    assert logs == ["dht.log", "server0.log", "server1.log"]
+    assert logs == ["dht.log", "identities", "server0.log", "server1.log"]
+    identities = sorted(path.name for path in (tmp_path / "logs" / "identities").iterdir())
+    assert identities == ["server0.key", "server1.key"]
     _stop_and_check_nothing_is_left(command.process, signal.SIGINT)
+
+
+def test_swarm_refuses_a_payout_wallet_that_is_no_address(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "farmesh_ws", "swarm", "--payout-wallet", "server0=far1wallet"],
+        env={**os.environ, "FARMESH_HOME": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    assert "is not an Ethereum address" in result.stderr
+
+
+def test_payout_publish_proves_a_servers_wallet_in_the_swarms_dht(
+    tmp_path: Path, swarm: Any, cleanup: list[Command]
+) -> None:
+    """A provider's flow: a key file as Petals' --identity_path makes it, then `payout publish`
+    next to the server; the gateway's fetch finds a statement that verifies."""
+    from hivemind.p2p import P2P, PeerID
+
+    from farmesh_ws.payout.dht import fetch_statements
+    from farmesh_ws.payout.statement import PayoutStatement, verify_statement
+
+    identity = tmp_path / "server.key"
+    P2P.generate_identity(str(identity))
+    peer_id = PeerID.from_identity(identity.read_bytes()).to_base58()
+    wallet = "0x5aAeb6053F3E94C9b9A09f33669435E7Ef1BeAed"
+    peers = ",".join(swarm.initial_peers)
+    args = ["payout", "publish", "--identity", str(identity), "--wallet", wallet.lower()]
+    args += ["--initial-peers", peers, "--host-maddr", "/ip4/127.0.0.1/tcp/0"]
+    command = Command(args, tmp_path)
+    cleanup.append(command)
+    line = command.wait_for_line(r"^publishing: ", 120)
+    assert line.strip() == f"publishing: peer {peer_id} is paid to {wallet}"
+    found = [
+        statement
+        for statement in map(PayoutStatement.from_json, fetch_statements(swarm.client_dht(), 10))
+        if statement.peer_id == peer_id
+    ]
+    assert [statement.wallet for statement in found] == [wallet]
+    verify_statement(found[0])
+    _stop_and_check_nothing_is_left(command.process, signal.SIGTERM)
+
+
+def test_payout_publish_refuses_a_bad_wallet_or_key(tmp_path: Path) -> None:
+    (tmp_path / "bad.key").write_bytes(b"not a key")
+    for wallet, identity in (("far1", "bad.key"), ("0x" + "ab" * 20, "bad.key")):
+        args = ["payout", "publish", "--wallet", wallet, "--identity", str(tmp_path / identity)]
+        args += ["--initial-peers", "/ip4/127.0.0.1/tcp/1"]
+        result = subprocess.run(
+            [sys.executable, "-m", "farmesh_ws", *args],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert result.returncode == 2, result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1
 
 
 def test_chat_connects_to_the_port_serve_uses(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -178,7 +247,13 @@ def test_binds_that_may_start(host: str, overrides: dict[str, object], mode: str
 def test_serve_runs_the_embedded_default_and_stops_cleanly_on_sigterm(
     tmp_path: Path, bundled_model_path: Path, cleanup: list[Command]
 ) -> None:
-    command = Command(["serve", "--port", "0"], tmp_path, FARMESH_SHUTDOWN_GRACE_S="5")
+    wallet = "0x5aAeb6053F3E94C9b9A09f33669435E7Ef1BeAed"
+    command = Command(
+        ["serve", "--port", "0"],
+        tmp_path,
+        FARMESH_SHUTDOWN_GRACE_S="5",
+        FARMESH_LOCAL_PAYOUT_WALLET=wallet.lower(),
+    )
     cleanup.append(command)
     ready = command.wait_for_line(r"^farmesh-ws ready: ws://127\.0\.0\.1:\d+/ws", 180)
     url = ready.split()[2]
@@ -187,11 +262,14 @@ def test_serve_runs_the_embedded_default_and_stops_cleanly_on_sigterm(
         ws.send(json.dumps({"type": "open"}))
         assert json.loads(ws.recv(timeout=30))["type"] == "opened"
         ws.send(json.dumps({"type": "turn", "request_id": "1", "text": "Hi!", "max_new_tokens": 4}))
-        kinds = []
-        while not kinds or kinds[-1] != "contribution":
-            kinds.append(json.loads(ws.recv(timeout=60))["type"])
+        frames = []
+        while not frames or frames[-1]["type"] != "contribution":
+            frames.append(json.loads(ws.recv(timeout=60)))
+    kinds = [frame["type"] for frame in frames]
     assert kinds[0] == "token"
     assert "done" in kinds
+    payouts = {(node["payout_wallet"], node["payout_bound"]) for node in frames[-1]["nodes"]}
+    assert payouts == {(wallet, True)}  # every local server proves FARMESH_LOCAL_PAYOUT_WALLET
     found = re.search(r"OpenAI API: (http://127\.0\.0\.1:(\d+)/v1)$", ready)
     assert found is not None, ready
     assert found.group(2) != url.split(":")[2].split("/")[0]  # its own port
@@ -206,6 +284,8 @@ def test_serve_runs_the_embedded_default_and_stops_cleanly_on_sigterm(
         )
     assert reply.usage is not None
     assert reply.usage.completion_tokens >= 1
+    assert reply.model_extra is not None
+    assert {node["payout_wallet"] for node in reply.model_extra["farmesh"]["nodes"]} == {wallet}
     _stop_and_check_nothing_is_left(command.process, signal.SIGTERM)
 
 

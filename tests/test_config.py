@@ -106,3 +106,19 @@ def test_the_http_api_port_defaults_to_the_websocket_port_plus_one() -> None:
     assert Settings(port=0).http_listen_port == 0  # tests: any free port
     with pytest.raises(ConfigError, match="set http_port"):
         load_settings({"FARMESH_PORT": "65535"})
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "message"),
+    [
+        ("FARMESH_LOCAL_PAYOUT_WALLET", "far1wallet", "local_payout_wallet"),
+        ("FARMESH_PAYOUT_BINDING_TTL_S", "0", "payout_binding_ttl_s"),
+        ("FARMESH_PAYOUT_FETCH_TIMEOUT_S", "-1", "payout_fetch_timeout_s"),
+        ("FARMESH_PAYOUT_STATEMENT_MAX_AGE_S", "0", "payout_statement_max_age_s"),
+        ("FARMESH_PAYOUT_MAX_CLOCK_SKEW_S", "-1", "payout_max_clock_skew_s"),
+    ],
+)
+def test_payout_settings_are_checked(name: str, value: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_settings({name: value})
+    assert load_settings({"FARMESH_LOCAL_PAYOUT_WALLET": "0x" + "ab" * 20}).local_payout_wallet

@@ -187,3 +187,34 @@ def test_a_credit_with_the_database_down_is_one_line_and_exit_1(tmp_path: Path) 
     assert (result.returncode, result.stdout) == (1, "")
     assert len(result.stderr.strip().splitlines()) == 1
     assert result.stderr.startswith("farmesh-ws: ")
+
+
+async def test_nodes_shows_earnings_per_payout_wallet_or_unbound_peer(home: CliHome) -> None:
+    turn = make_turn("r1")
+    bound = replace(turn.contributions[0], payout_wallet=WALLET, payout_bound=True)
+    ledger = Ledger(home.url)
+    await ledger.connect()
+    try:
+        await ledger.record_turn(replace(turn, contributions=(bound, turn.contributions[1])))
+    finally:
+        await ledger.aclose()
+    result = home.run("nodes", "--json")
+    assert result.returncode == 0, result.stderr
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [(r["payee"], r["payout_bound"], r["peer_ids"]) for r in rows] == [
+        (WALLET, True, ["peer-a"]),
+        ("peer-b", False, ["peer-b"]),
+    ]
+    assert [r["earned_far"] for r in rows] == ["0.00245", "0.00245"]
+    table = home.run("nodes").stdout.splitlines()
+    assert table[0].split() == [
+        "payee",
+        "payout_bound",
+        "peer_ids",
+        "public_names",
+        "spans",
+        "tokens",
+        "replayed_tokens",
+        "work",
+        "earned_far",
+    ]

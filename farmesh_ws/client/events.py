@@ -60,7 +60,8 @@ class DoneEvent:
 
 @dataclass(frozen=True, slots=True)
 class NodeShare:
-    """One server and block span that computed part of a request, and its share of the cost."""
+    """One server and block span that computed part of a request, and its share of the cost;
+    ``payout_wallet`` the wallet the server proved (``payout_bound``), else None."""
 
     peer_id: str
     name: str | None
@@ -70,6 +71,8 @@ class NodeShare:
     replayed_tokens: int
     work: int
     share_far: Decimal
+    payout_wallet: str | None = None
+    payout_bound: bool = False
 
 
 @dataclass(frozen=True, slots=True)

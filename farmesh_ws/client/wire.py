@@ -106,6 +106,8 @@ def decode_event(message: p.Token | p.Done | p.ContributionReport) -> Event:
                 replayed_tokens=node.replayed_tokens,
                 work=node.work,
                 share_far=Decimal(node.share_far),
+                payout_wallet=node.payout_wallet,
+                payout_bound=node.payout_bound,
             )
             for node in message.nodes
         ),

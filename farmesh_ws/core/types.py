@@ -48,6 +48,8 @@ class Contribution:
 
     ``tokens`` counts every token the server processed for this turn, prefill and failover
     replay included (``replayed_tokens`` of them were replay); ``work`` is tokens × blocks.
+    ``payout_wallet`` is the EIP-55 wallet the server proved with its identity key
+    (:mod:`farmesh_ws.payout`), None when it proved none: then it is paid to its peer id.
     """
 
     peer_id: str
@@ -56,10 +58,25 @@ class Contribution:
     end_block: int
     tokens: int
     replayed_tokens: int
+    payout_wallet: str | None = None
+
+    @property
+    def payout_bound(self) -> bool:
+        """True when the share goes to a proven ``payout_wallet``."""
+        return self.payout_wallet is not None
 
     @property
     def blocks(self) -> int:
         return self.end_block - self.start_block
+
+    def plus(self, earlier: "Contribution") -> "Contribution":
+        """This contribution with ``earlier``'s tokens added: the same server and span over two
+        steps of one request; the latest step's name and payout wallet win."""
+        return replace(
+            self,
+            tokens=self.tokens + earlier.tokens,
+            replayed_tokens=self.replayed_tokens + earlier.replayed_tokens,
+        )
 
     @property
     def work(self) -> int:

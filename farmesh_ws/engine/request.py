@@ -46,7 +46,7 @@ class _Tally:
     text: str = ""
     last_reason: FinishReason = "cancelled"
     first_token_at: float | None = None
-    work: dict[tuple[str, str | None, int, int], list[int]] = field(default_factory=dict)
+    work: dict[tuple[str, str | None, int, int], Contribution] = field(default_factory=dict)
     routes: list[tuple[RouteHop, ...]] = field(default_factory=list)
 
     def add_step(self, done: TurnDone) -> None:
@@ -59,9 +59,8 @@ class _Tally:
         self.last_reason = done.finish_reason
         for part in done.contributions:
             key = (part.peer_id, part.public_name, part.start_block, part.end_block)
-            totals = self.work.setdefault(key, [0, 0])
-            totals[0] += part.tokens
-            totals[1] += part.replayed_tokens
+            earlier = self.work.get(key)
+            self.work[key] = part if earlier is None else part.plus(earlier)
         self.routes.extend(done.routes)
 
     def result(self) -> TurnDone:
@@ -73,10 +72,7 @@ class _Tally:
             cached_tokens=self.position if self.cached_tokens is None else self.cached_tokens,
             position=self.position,
             max_length=self.max_length,
-            contributions=tuple(
-                Contribution(peer, name, start, end, tokens, replayed)
-                for (peer, name, start, end), (tokens, replayed) in self.work.items()
-            ),
+            contributions=tuple(self.work.values()),
             routes=tuple(self.routes),
             time_to_first_token_s=(
                 None if self.first_token_at is None else self.first_token_at - self.started

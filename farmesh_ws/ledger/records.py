@@ -13,6 +13,9 @@ from farmesh_ws.engine.events import RequestContext, RequestFinished, TokensDeli
 
 @dataclass(frozen=True, slots=True)
 class ContributionRecord:
+    """One node's part of a turn; ``payout_wallet``/``payout_bound`` default to unbound so
+    spool lines written before payout identity still load."""
+
     peer_id: str
     public_name: str | None
     start_block: int
@@ -21,6 +24,8 @@ class ContributionRecord:
     replayed_tokens: int
     work: int
     share_far_e8: int
+    payout_wallet: str | None = None
+    payout_bound: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,6 +122,8 @@ def turn_record(event: RequestFinished, *, ended_at: float) -> TurnRecord:
                 replayed_tokens=node.contribution.replayed_tokens,
                 work=node.contribution.work,
                 share_far_e8=to_e8(node.share_far),
+                payout_wallet=node.contribution.payout_wallet,
+                payout_bound=node.contribution.payout_bound,
             )
             for node in settlement.nodes
         ),

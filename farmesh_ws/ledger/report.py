@@ -1,4 +1,7 @@
-"""`farmesh-ws ledger nodes|wallets|sessions`: the payment views as tables or JSON lines."""
+"""`farmesh-ws ledger nodes|wallets|sessions`: the payment views as tables or JSON lines.
+
+``nodes`` shows earnings per payee (:mod:`farmesh_ws.ledger.payees`): a proven payout wallet
+with every peer id it was proven for, or an unbound peer id."""
 
 import json
 from dataclasses import asdict
@@ -8,6 +11,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from farmesh_ws.core.money import far_text
+from farmesh_ws.ledger.payees import payee_earnings
 from farmesh_ws.ledger.store import Ledger, database_url
 
 
@@ -18,7 +22,7 @@ async def print_report(
     await ledger.connect()
     try:
         if report == "nodes":
-            rows: list[Any] = await ledger.node_earnings()
+            rows: list[Any] = await payee_earnings(ledger)
         elif report == "wallets":
             rows = await ledger.wallet_spend()
         else:
@@ -30,7 +34,8 @@ async def print_report(
         for record in records:
             out.write(json.dumps(record) + "\n")
     else:
-        out.write(text_table(records) if records else "(no records)\n")
+        cells = [{key: table_cell(value) for key, value in record.items()} for record in records]
+        out.write(text_table(cells) if cells else "(no records)\n")
 
 
 def plain_value(key: str, value: object) -> object:
@@ -39,6 +44,13 @@ def plain_value(key: str, value: object) -> object:
         return far_text(value)
     if key.endswith("_at") and isinstance(value, float):
         return datetime.fromtimestamp(value, UTC).isoformat(timespec="seconds")
+    return value
+
+
+def table_cell(value: object) -> object:
+    """A list (peer ids, names) as one comma-separated cell; anything else as it is."""
+    if isinstance(value, tuple | list):
+        return ",".join(str(item) for item in value)
     return value
 
 

@@ -5,7 +5,9 @@ Times are Unix seconds. The views are the contract with the Payment Tracker (REA
 Version 2 adds ``api_keys`` (README, "API keys"); version 3 prepaid balances (``balances``,
 ``balance_holds``, ``balance_credits``: amounts in ``*_e8`` BIGINTs too, see balances.py) and
 who opened each session (``inference_sessions.principal``, ``client_address_hash``); version 4
-a key's own caps (``api_keys.max_*``, ``requests_per_minute``).
+a key's own caps (``api_keys.max_*``, ``requests_per_minute``); version 5 payout identity
+(``node_contributions.payout_wallet`` and ``payout_bound``, the ``payout_earnings`` view:
+farmesh_ws/payout/).
 Migrations are append-only: a database at any version upgrades in place by applying the later
 ones. A migration runs in one transaction and records its version, so a restarted or second
 process applies nothing twice.
@@ -149,6 +151,31 @@ MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
             "ALTER TABLE api_keys ADD COLUMN max_sessions INTEGER",
             "ALTER TABLE api_keys ADD COLUMN max_reserved_tokens INTEGER",
             "ALTER TABLE api_keys ADD COLUMN requests_per_minute DOUBLE PRECISION",
+        ),
+    ),
+    (
+        5,
+        (
+            # The EIP-55 wallet the node proved with its identity key when the turn was settled
+            # (payout_bound true), else NULL: the share is owed to the peer id (payout_bound
+            # false). Rows stored before version 5 are unbound.
+            "ALTER TABLE node_contributions ADD COLUMN payout_wallet TEXT",
+            "ALTER TABLE node_contributions ADD COLUMN payout_bound BOOLEAN NOT NULL DEFAULT FALSE",
+            """CREATE INDEX IF NOT EXISTS node_contributions_payout
+                ON node_contributions (payout_wallet)""",
+            # Earnings per payee and peer id: a bound wallet's rows across its peer ids and
+            # restarts, and each unbound peer id's rows (payout_wallet NULL).
+            """CREATE VIEW payout_earnings AS
+                SELECT payout_wallet,
+                       peer_id,
+                       MAX(public_name) AS public_name,
+                       COUNT(*) AS spans,
+                       SUM(tokens) AS tokens,
+                       SUM(replayed_tokens) AS replayed_tokens,
+                       SUM(work) AS work,
+                       SUM(share_far_e8) AS earned_far_e8
+                FROM node_contributions
+                GROUP BY payout_wallet, peer_id""",
         ),
     ),
 )

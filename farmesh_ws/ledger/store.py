@@ -239,9 +239,10 @@ class Ledger:
                 await db.execute(
                     """INSERT INTO node_contributions (session_id, request_id, peer_id,
                            public_name, start_block, end_block, tokens, replayed_tokens, work,
-                           share_far_e8)
+                           share_far_e8, payout_wallet, payout_bound)
                        VALUES (:session_id, :request_id, :peer_id, :public_name, :start_block,
-                           :end_block, :tokens, :replayed_tokens, :work, :share_far_e8)""",
+                           :end_block, :tokens, :replayed_tokens, :work, :share_far_e8,
+                           :payout_wallet, :payout_bound)""",
                     {
                         "session_id": record.session_id,
                         "request_id": record.request_id,

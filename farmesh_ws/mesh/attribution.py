@@ -5,6 +5,8 @@ from the server sessions themselves: a wrapper around Petals' per-server ``step`
 successful call (peer id, block span, tokens the server processed, replay included) to the
 :class:`StepRecorder` active in the calling thread. Petals runs a session's steps
 synchronously in the caller's thread, so a context variable scopes recording exactly.
+Each contribution carries the payout wallet its server proved, from the bindings of the
+backend running the turn (:func:`farmesh_ws.payout.bindings.current`), or None.
 """
 
 import contextlib
@@ -14,6 +16,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from farmesh_ws.core.types import Contribution, RouteHop
+from farmesh_ws.payout import bindings
 
 _active_recorder: contextvars.ContextVar["StepRecorder | None"] = contextvars.ContextVar(
     "farmesh_step_recorder", default=None
@@ -87,7 +90,10 @@ class StepRecorder:
         total[1] += max(tokens - self._step_tokens, 0)
 
     def contributions(self) -> tuple[Contribution, ...]:
-        """Per (server, span): tokens and replayed tokens, ordered by block then peer."""
+        """Per (server, span): tokens, replayed tokens and the proven payout wallet, ordered by
+        block then peer. May wait for one fetch of the payout bindings (their TTL elapsed)."""
+        payouts = bindings.current()
+        wallets = payouts.wallets(self._names) if payouts is not None and self._names else {}
         return tuple(
             Contribution(
                 peer_id=peer_id,
@@ -96,6 +102,7 @@ class StepRecorder:
                 end_block=end,
                 tokens=tokens,
                 replayed_tokens=replayed,
+                payout_wallet=wallets.get(peer_id),
             )
             for (peer_id, start, end), (tokens, replayed) in sorted(
                 self._totals.items(), key=lambda item: (item[0][1], item[0][0])

@@ -16,6 +16,7 @@ boundary where Petals, hivemind and torch exceptions become ours).
 
 import asyncio
 import concurrent.futures
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -27,6 +28,8 @@ from farmesh_ws.mesh.petals_errors import translate_error
 from farmesh_ws.mesh.petals_model import LoadedModel, ModelSpec, PetalsBackendConfig
 from farmesh_ws.mesh.petals_session import PetalsChatSession
 from farmesh_ws.mesh.petals_turn import PetalsTurn
+from farmesh_ws.payout.bindings import PayoutBindings, running_with
+from farmesh_ws.payout.dht import fetch_statements
 
 __all__ = [
     "ModelSpec",
@@ -48,6 +51,8 @@ class PetalsBackend:
             max_workers=config.max_concurrent_turns, thread_name_prefix="farmesh-mesh"
         )
         self._sessions: set[PetalsChatSession] = set()
+        self.payout_bindings: PayoutBindings | None = None
+        """Verified payout bindings from the DHT of the first model, once started."""
 
     @classmethod
     async def start(cls, config: PetalsBackendConfig) -> "PetalsBackend":
@@ -60,6 +65,11 @@ class PetalsBackend:
         try:
             for spec in config.models:
                 backend._models[spec.model_id] = await asyncio.to_thread(LoadedModel, spec, config)
+            if backend._models:
+                dht = next(iter(backend._models.values())).sequence_manager.dht
+                backend.payout_bindings = PayoutBindings(
+                    functools.partial(fetch_statements, dht), config.payout
+                )
         except BaseException:
             await backend.aclose()
             raise
@@ -122,5 +132,6 @@ class PetalsBackend:
             raise ModelNotFound(f"model {model_id!r} is not served here") from None
 
     def _submit(self, fn: Callable[..., None], *args: Any) -> "concurrent.futures.Future[None]":
-        """Run ``fn`` on a mesh worker thread, with the caller's log context (conn, session)."""
-        return self._executor.submit(run_in_context(fn), *args)
+        """Run ``fn`` on a mesh worker thread, with the caller's log context (conn, session)
+        and this backend's payout bindings."""
+        return self._executor.submit(run_in_context(running_with(self.payout_bindings, fn)), *args)

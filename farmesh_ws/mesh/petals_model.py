@@ -1,11 +1,12 @@
 """Configuration of the Petals backend, and a model's client half (the part run locally)."""
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from farmesh_ws.mesh.chat_turns import ChatTurns
+from farmesh_ws.payout.bindings import BindingPolicy
 
 
 @dataclass(frozen=True, slots=True)
@@ -21,7 +22,8 @@ class ModelSpec:
 @dataclass(frozen=True, slots=True)
 class PetalsBackendConfig:
     """``max_concurrent_turns``: worker threads (turns running at once); lengths in tokens;
-    timeouts and periods in seconds; ``max_retries``: Petals' tries per step and server."""
+    timeouts and periods in seconds; ``max_retries``: Petals' tries per step and server;
+    ``payout``: how servers' payout bindings are fetched and checked (:mod:`farmesh_ws.payout`)."""
 
     initial_peers: tuple[str, ...]
     models: tuple[ModelSpec, ...]
@@ -32,6 +34,7 @@ class PetalsBackendConfig:
     request_timeout_s: float = 30.0
     update_period_s: float = 10.0
     ban_timeout_s: float = 15.0
+    payout: BindingPolicy = field(default_factory=BindingPolicy)
 
 
 class LoadedModel:

@@ -144,7 +144,11 @@ async def old_ledger(url: str, version: int, monkeypatch: pytest.MonkeyPatch) ->
                        start_block, end_block, tokens, replayed_tokens, work, share_far_e8)
                    VALUES ('s1', 'r1', :peer_id, :public_name, :start_block, :end_block,
                        :tokens, :replayed_tokens, :work, :share_far_e8)""",
-                asdict(contribution),
+                {
+                    key: value
+                    for key, value in asdict(contribution).items()
+                    if key not in ("payout_wallet", "payout_bound")
+                },
             )
     finally:
         await old.aclose()
