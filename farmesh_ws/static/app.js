@@ -32,6 +32,9 @@ const state = {
   ws: null, open: false, model: null, running: null, seq: 0,
   authPending: false, // the connection's first message was `auth`; `open` follows its answer
   authRefusal: null, // why the gateway refused this connection's credential
+  resume: null, // {session_id, token, lastSeq}: what a new connection needs to resume (§2.2)
+  resumeDeadline: 0, // until when (ms, performance.now) a dropped connection is retried
+  resumeDelay: 0, // the next retry's delay (ms), doubling
 
   turns: new Map(), // request_id -> turn view
   numBlocks: new Map(), // model_id -> num_blocks (from /models)
@@ -129,6 +132,33 @@ function openSession() {
   state.ws.send(JSON.stringify({ type: "open", sampling: currentSampling() }));
 }
 
+// After the credential, if any: resume the dropped session, or open a new one.
+function startSession() {
+  const point = state.resume;
+  if (point === null) {
+    openSession();
+    return;
+  }
+  state.ws.send(JSON.stringify({ type: "resume", session_id: point.session_id,
+    resume_token: point.token, last_seq: point.lastSeq }));
+}
+
+// The socket dropped with the session open: reconnect and resume it (protocol.md §2.2), with
+// backoff from 100 ms doubling to 2 s, for up to 30 s; the running turn keeps streaming.
+const RESUME_WITHIN_MS = 30_000;
+function resumeLater() {
+  const now = performance.now();
+  if (state.resumeDelay === 0) {
+    state.resumeDeadline = now + RESUME_WITHIN_MS;
+    state.resumeDelay = 100;
+  }
+  if (now + state.resumeDelay > state.resumeDeadline) return false;
+  setStatus("connecting", "reconnecting…");
+  setTimeout(connect, state.resumeDelay);
+  state.resumeDelay = Math.min(2 * state.resumeDelay, 2000);
+  return true;
+}
+
 // A new connection presents the stored credential first (protocol.md §2.1), then opens its
 // chat session; without one it opens at once, as anonymous.
 function connect() {
@@ -142,7 +172,7 @@ function connect() {
     const auth = authMessage();
     state.authPending = auth !== null;
     if (auth) ws.send(JSON.stringify(auth));
-    else openSession();
+    else startSession();
   });
   ws.addEventListener("message", (event) => {
     if (state.ws !== ws) return;
@@ -153,10 +183,17 @@ function connect() {
       showError("invalid_frame", "the server sent a frame that is not JSON");
       return;
     }
+    if (typeof message.seq === "number" && state.resume) state.resume.lastSeq = message.seq;
     handlers[message.type]?.(message); // unknown types are ignored (protocol.md §10)
   });
   ws.addEventListener("close", (event) => {
     if (state.ws !== ws) return;
+    state.open = false;
+    if (event.code !== 1000 && state.resume !== null && resumeLater()) {
+      updateButtons();
+      return;
+    }
+    state.resume = null;
     leaveConnection();
     const reason = event.reason ? `: ${event.reason}` : "";
     ui.disconnectText.textContent = `Disconnected (code ${event.code}${reason}).`;
@@ -180,11 +217,19 @@ const handlers = {
     authenticated(m);
     if (state.authPending) {
       state.authPending = false;
-      openSession();
+      startSession();
     }
+  },
+  resumed() {
+    state.open = true;
+    state.resumeDelay = 0;
+    setStatus("open", "connected");
+    updateButtons();
   },
   opened(m) {
     state.open = true;
+    state.resume = m.resume_token
+      ? { session_id: m.session_id, token: m.resume_token, lastSeq: m.seq ?? 0 } : null;
     state.model = m.model;
     ui.model.textContent = m.model;
     // /models may list another model first; its turns then carry this one's settings.
@@ -223,6 +268,15 @@ const handlers = {
     scrollDown();
   },
   error(m) {
+    if (!m.request_id && (m.code === "resume_denied" || m.code === "session_expired")) {
+      // The session could not be resumed: it is gone; a new one starts on Reconnect.
+      state.resume = null;
+      state.resumeDelay = 0;
+      leaveConnection();
+      showError(m.code, m.message);
+      state.ws?.close(1000);
+      return;
+    }
     if (!m.request_id && state.authPending) {
       // The credential was refused; go on anonymously where the gateway allows it.
       state.authPending = false;
@@ -351,6 +405,8 @@ ui.stop.addEventListener("click", () => {
 
 // A new connection and chat session: after a disconnect, or to present a new credential.
 async function reconnect() {
+  state.resume = null;
+  state.resumeDelay = 0;
   ui.reconnect.disabled = true;
   ui.disconnect.hidden = true;
   ui.error.hidden = true;
