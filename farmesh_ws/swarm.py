@@ -50,6 +50,8 @@ class SwarmConfig:
     num_handlers: int = 2
     inference_max_length: int = 2048
     session_timeout_s: float = 600.0
+    step_timeout_s: float = 300.0
+    """A server drops an inference session with no step for this long (Petals' default)."""
     update_period_s: float = 10.0
     expiration_s: float = 30.0
     throughput: float = 100.0
@@ -211,6 +213,7 @@ class LocalSwarm:
                 "num_handlers": self.config.num_handlers,
                 "inference_max_length": self.config.inference_max_length,
                 "session_timeout_s": self.config.session_timeout_s,
+                "step_timeout_s": self.config.step_timeout_s,
                 "update_period_s": self.config.update_period_s,
                 "expiration_s": self.config.expiration_s,
                 "identity_path": str(self.config.identity_dir / f"{name}.key"),

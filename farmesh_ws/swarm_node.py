@@ -81,6 +81,7 @@ def run_server(options: dict[str, Any]) -> None:
         num_handlers=int(options["num_handlers"]),
         inference_max_length=int(options["inference_max_length"]),
         session_timeout=float(options["session_timeout_s"]),
+        step_timeout=float(options.get("step_timeout_s", 300.0)),
         update_period=float(options["update_period_s"]),
         expiration=float(options["expiration_s"]),
         device="cpu",
