@@ -59,31 +59,26 @@ class Open(_ClientMessage, tag="open", frozen=True):
     max_cost_far: FarAmount | None = None
 
 
-class Turn(_ClientMessage, tag="turn", frozen=True):
+class _TurnOptions(_ClientMessage, frozen=True):
+    """What a turn may set for itself over the session's defaults (§3.2)."""
+
     request_id: RequestId
+    temperature: Temperature | None = None
+    top_p: TopP | None = None
+    top_k: TopK | None = None
+    repetition_penalty: RepetitionPenalty | None = None
+    seed: Seed | None = None
+    max_new_tokens: PositiveTokens | None = None
+    stop: StopList | None = None
+    max_cost_far: FarAmount | None = None
+
+
+class Turn(_TurnOptions, tag="turn", frozen=True, kw_only=True):
     text: Annotated[str, Meta(min_length=1)]
-    temperature: Temperature | None = None
-    top_p: TopP | None = None
-    top_k: TopK | None = None
-    repetition_penalty: RepetitionPenalty | None = None
-    seed: Seed | None = None
-    max_new_tokens: PositiveTokens | None = None
-    stop: StopList | None = None
-    max_cost_far: FarAmount | None = None
 
 
-class Regenerate(_ClientMessage, tag="regenerate", frozen=True):
+class Regenerate(_TurnOptions, tag="regenerate", frozen=True):
     """§3.8: the last turn again, in place of its reply; sampling as in ``turn``."""
-
-    request_id: RequestId
-    temperature: Temperature | None = None
-    top_p: TopP | None = None
-    top_k: TopK | None = None
-    repetition_penalty: RepetitionPenalty | None = None
-    seed: Seed | None = None
-    max_new_tokens: PositiveTokens | None = None
-    stop: StopList | None = None
-    max_cost_far: FarAmount | None = None
 
 
 class Rewind(_ClientMessage, tag="rewind", frozen=True):
