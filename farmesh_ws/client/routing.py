@@ -54,6 +54,8 @@ class FrameRouting:
             pong = self._pongs.get(item.data or "")
             if pong is not None and not pong.done():
                 pong.set_result(None)
+        elif isinstance(item, p.GoingAway):
+            self._resume = None  # the server closes its sessions as it stops
         elif isinstance(item, p.Authenticated | p.Opened | p.Closed):
             if isinstance(item, p.Closed):
                 self._resume = None

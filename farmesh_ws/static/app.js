@@ -35,6 +35,7 @@ const state = {
   resume: null, // {session_id, token, lastSeq}: what a new connection needs to resume (§2.2)
   resumeDeadline: 0, // until when (ms, performance.now) a dropped connection is retried
   resumeDelay: 0, // the next retry's delay (ms), doubling
+  dropped: null, // the close event that started the resume attempts
 
   turns: new Map(), // request_id -> turn view
   numBlocks: new Map(), // model_id -> num_blocks (from /models)
@@ -189,14 +190,19 @@ function connect() {
   ws.addEventListener("close", (event) => {
     if (state.ws !== ws) return;
     state.open = false;
-    if (event.code !== 1000 && state.resume !== null && resumeLater()) {
-      updateButtons();
-      return;
+    if (event.code !== 1000 && state.resume !== null) {
+      state.dropped ??= { code: event.code, reason: event.reason };
+      if (resumeLater()) {
+        updateButtons();
+        return;
+      }
     }
+    const closed = state.dropped ?? event;
     state.resume = null;
+    state.dropped = null;
     leaveConnection();
-    const reason = event.reason ? `: ${event.reason}` : "";
-    ui.disconnectText.textContent = `Disconnected (code ${event.code}${reason}).`;
+    const reason = closed.reason ? `: ${closed.reason}` : "";
+    ui.disconnectText.textContent = `Disconnected (code ${closed.code}${reason}).`;
     ui.disconnect.hidden = false;
     ui.reconnect.disabled = false;
     setStatus("closed", "disconnected");
@@ -220,9 +226,13 @@ const handlers = {
       startSession();
     }
   },
+  going_away() {
+    state.resume = null; // the server closes its sessions as it stops: nothing to resume
+  },
   resumed() {
     state.open = true;
     state.resumeDelay = 0;
+    state.dropped = null;
     setStatus("open", "connected");
     updateButtons();
   },
