@@ -15,7 +15,7 @@ import threading
 from types import FrameType
 from typing import Any
 
-from farmesh_ws.mesh import compat
+from farmesh_ws.mesh import compat, hop_trace
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +63,7 @@ def run_server(options: dict[str, Any]) -> None:
     from petals.server.server import Server
 
     _sigterm_as_keyboard_interrupt()
+    hop_trace.install_from_env(server_node=options["public_name"])
     server = Server(
         initial_peers=options["initial_peers"],
         dht_prefix=options["dht_prefix"],
