@@ -125,6 +125,7 @@ def build_breakdown(
     local = hop_breakdown.summarise(local_steps)
     compute = next((row for row in mesh if row.label == "  of which servers' compute"), None)
     body = next((row for row in local if row.label.startswith("model body")), None)
+    hops = sum(row.label.endswith(": server compute") for row in mesh)
     return {
         "mesh_steps": len(mesh_steps),
         "local_steps": len(local_steps),
@@ -134,7 +135,7 @@ def build_breakdown(
         if compute and body
         else None,
         "probe_us_per_event": probe_us,
-        "events_per_mesh_step": 7 + 8 * sum(row.label.endswith(": server compute") for row in mesh),
+        "events_per_mesh_step": 7 + 11 * hops,  # 7 client events + 4 client, 7 server per hop
     }
 
 

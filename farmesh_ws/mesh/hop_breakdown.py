@@ -6,9 +6,11 @@ exactly, so their means add up to the mean step (medians need not). Per step, in
 * client embed; farmesh's own code around Petals (attribution recorder, transcript, token
   events, the turn loop); Petals' client code outside the hops (routing, history);
 * per hop, in route order: client pack + serialise + hand-off to hivemind's event-loop thread;
-  request transit (that thread → p2pd → p2pd → the server's connection handler); handler →
-  runtime task pool hand-off; the server's compute of its blocks; runtime → handler hand-back
-  and serialisation; response transit back to the client; client deserialisation and checks;
+  request transit (that thread → p2pd → p2pd → the server's connection handler); handler
+  deserialisation; the task pool's hand-off from the handler process to the runtime's prefetch
+  thread, then to its compute thread; the server's compute of its blocks; the result's way
+  back to the handler process; handler wake-up and serialisation; response transit back to
+  the client; client deserialisation and checks;
 * client final norm + LM head; sampling.
 
 All figures are milliseconds measured on ``time.perf_counter()`` (``CLOCK_MONOTONIC``).
@@ -26,13 +28,24 @@ Event = dict[str, Any]
 HOP_PARTS = (
     ("cli_step", "cli_put", "client pack + serialise + hand-off"),
     ("cli_put", "srv_recv", "request transit to the server's handler"),
-    ("srv_recv", "rt_start", "handler -> runtime task-pool hand-off"),
+    ("srv_recv", "srv_submit", "handler deserialise + prioritise"),
+    ("srv_submit", "rt_load", "task pool: handler process -> runtime prefetch thread"),
+    ("rt_load", "rt_start", "runtime prefetch thread -> compute thread"),
     ("rt_start", "rt_end", "server compute"),
-    ("rt_end", "srv_send", "runtime -> handler hand-back + serialise"),
+    ("rt_end", "srv_result", "result: shared memory + future -> handler process"),
+    ("srv_result", "srv_send", "handler wake-up + serialise"),
     ("srv_send", "cli_got", "response transit to the client"),
     ("cli_got", "cli_done", "client deserialise + checks"),
 )
-SERVER_EVENTS = ("srv_recv", "rt_start", "rt_end", "srv_send")
+SERVER_EVENTS = (
+    "srv_recv",
+    "srv_submit",
+    "rt_load",
+    "rt_start",
+    "rt_end",
+    "srv_result",
+    "srv_send",
+)
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,9 +15,11 @@ Events of one decode step, in order (``node`` is the server's public name):
   event-loop thread), ``cli_got`` (response read from the stream), ``cli_done`` (outputs
   deserialised); then ``head_start``/``head_end`` (:meth:`LoadedModel.logits`) and ``accept``
   (the sampled token reaches :meth:`TurnState.accept`).
-* connection handler: ``srv_recv`` (request reached ``rpc_inference``'s step loop), ``srv_send``
-  (serialised response leaves ``rpc_inference``).
-* server main process, runtime thread: ``rt_start``/``rt_end`` (the blocks' compute).
+* connection handler: ``srv_recv`` (request reached ``rpc_inference``'s step loop),
+  ``srv_submit`` (task handed to the task pool), ``srv_result`` (result back in the handler
+  process, on its future thread), ``srv_send`` (serialised response leaves ``rpc_inference``).
+* server main process: ``rt_load`` (the runtime's prefetch thread took the task from the pool),
+  ``rt_start``/``rt_end`` (the blocks' compute, runtime thread).
 """
 
 import functools
@@ -28,6 +30,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from farmesh_ws.mesh import compat
 
 ENV_VAR = "FARMESH_HOP_TRACE_DIR"
 _PATCHED = "_farmesh_hop_trace"
@@ -78,8 +82,7 @@ def emit(event: str, **fields: Any) -> None:
 
 def install_from_env(*, server_node: str | None = None) -> bool:
     """If ``FARMESH_HOP_TRACE_DIR`` is set, install the client probes (or, with
-    ``server_node``, a server's) and start recording; returns whether it did. Call after
-    ``compat.apply()``."""
+    ``server_node``, a server's) and start recording; returns whether it did."""
     directory = trace_dir()
     if directory is None:
         return False
@@ -115,6 +118,7 @@ def _bracket(before: str, after: str, original: Any) -> Any:
 
 def install_client_probes() -> None:
     """Wrap the client-side methods of a decode step (idempotent)."""
+    compat.apply()
     from petals.client.inference_session import InferenceSession, _ServerInferenceSession
 
     from farmesh_ws.mesh.petals_model import LoadedModel
@@ -167,8 +171,10 @@ def install_client_probes() -> None:
 def install_server_probes() -> None:
     """Wrap a Petals server's handler and runtime methods (idempotent). Call before the
     server forks its connection handlers."""
+    compat.apply()
     from hivemind.moe.server.runtime import Runtime
     from petals.server.handler import TransformerConnectionHandler
+    from petals.server.task_pool import PrioritizedTaskPool
 
     def steps(original: Any) -> Any:
         async def _iterate_inference_steps(self: Any, *args: Any, **kwargs: Any) -> Any:
@@ -196,6 +202,25 @@ def install_server_probes() -> None:
 
         return process_batch
 
+    def submit(original: Any) -> Any:
+        def submit_task(self: Any, *args: Any, **kwargs: Any) -> Any:
+            emit("srv_submit", pool=self.name)
+            future = original(self, *args, **kwargs)
+            future.add_done_callback(lambda _: emit("srv_result", pool=self.name))
+            return future
+
+        return submit_task
+
+    def load(original: Any) -> Any:
+        def load_batch_to_runtime(self: Any, *args: Any, **kwargs: Any) -> Any:
+            batch = original(self, *args, **kwargs)
+            emit("rt_load", pool=self.name)
+            return batch
+
+        return load_batch_to_runtime
+
     _wrap(TransformerConnectionHandler, "_iterate_inference_steps", steps)
     _wrap(TransformerConnectionHandler, "rpc_inference", inference)
     _wrap(Runtime, "process_batch", process)
+    _wrap(PrioritizedTaskPool, "submit_task", submit)
+    _wrap(PrioritizedTaskPool, "load_batch_to_runtime", load)

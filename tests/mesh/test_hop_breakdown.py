@@ -19,8 +19,11 @@ def _step(t0: float, tokens: int) -> list[dict[str, Any]]:
         ("cli_step", CLIENT, {"node": "n0", "blocks": "0:30"}),
         ("cli_put", CLIENT, {}),
         ("srv_recv", HANDLER, {"node": "n0"}),
+        ("srv_submit", HANDLER, {"node": "n0"}),
+        ("rt_load", RUNTIME, {"node": "n0"}),
         ("rt_start", RUNTIME, {"node": "n0"}),
         ("rt_end", RUNTIME, {"node": "n0"}),
+        ("srv_result", HANDLER, {"node": "n0"}),
         ("srv_send", HANDLER, {"node": "n0"}),
         ("cli_got", CLIENT, {}),
         ("cli_done", CLIENT, {"node": "n0"}),
@@ -48,7 +51,7 @@ def test_a_decode_step_is_cut_into_parts_that_tile_it() -> None:
         pytest.approx(0.001)
     )
     assert parts["client Petals routing + bookkeeping"] == pytest.approx(0.002)
-    assert parts["client farmesh attribution + bookkeeping"] == pytest.approx(0.002 + 0.967)
+    assert parts["client farmesh attribution + bookkeeping"] == pytest.approx(0.002 + 0.964)
 
 
 def test_steps_outside_the_windows_are_ignored() -> None:

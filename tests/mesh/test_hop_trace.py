@@ -50,10 +50,10 @@ async def test_probes_record_every_step_and_leave_greedy_output_unchanged(
 
 
 def test_server_probes_keep_rpc_inference_registrable() -> None:
+    hop_trace.install_server_probes()  # applies the compat fixes Petals needs to import
     from hivemind.proto import runtime_pb2
     from petals.server.handler import TransformerConnectionHandler
 
-    hop_trace.install_server_probes()
     fresh = type("ProbedHandler", (TransformerConnectionHandler,), {"_rpc_handlers": None})
     fresh._collect_rpc_handlers()
 
@@ -69,3 +69,27 @@ def test_tracing_is_off_without_the_environment_variable(monkeypatch: Any) -> No
     monkeypatch.delenv(hop_trace.ENV_VAR, raising=False)
     assert hop_trace.install_from_env() is False
     assert hop_trace.trace_dir() is None
+
+
+def test_task_pool_probes_record_the_hand_off_and_pass_tasks_through(tmp_path: Path) -> None:
+    hop_trace.install_server_probes()
+    import torch
+    from petals.server.task_pool import PrioritizedTaskPool
+
+    pool = PrioritizedTaskPool(lambda *args: args, max_batch_size=16, name="probe_pool")
+    pool.start()
+    hop_trace.start(tmp_path, node="n0")
+    try:
+        future = pool.submit_task(torch.ones(1, 1, 4))
+        _, batch = pool.load_batch_to_runtime()
+        # In a server the runtime answers from another process; here the origin sets it.
+        future.set_result([batch[0] * 2])
+    finally:
+        hop_trace.stop()
+        pool.shutdown()
+        pool.join()
+
+    assert torch.equal(future.result()[0], torch.full((1, 1, 4), 2.0))
+    events = hop_breakdown.load_events(tmp_path)
+    assert [e["e"] for e in events] == ["srv_submit", "rt_load", "srv_result"]
+    assert {e["node"] for e in events} == {"n0"}
