@@ -16,7 +16,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from farmesh_ws.mesh import compat
+from farmesh_ws.mesh import compat, hop_trace
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +71,7 @@ def run_server(options: dict[str, Any]) -> None:
     _sigterm_as_keyboard_interrupt()
     identity_path = Path(options["identity_path"])
     identity_path.parent.mkdir(parents=True, exist_ok=True)
+    hop_trace.install_from_env(server_node=options["public_name"])
     server = Server(
         initial_peers=options["initial_peers"],
         dht_prefix=options["dht_prefix"],
