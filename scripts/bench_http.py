@@ -23,25 +23,19 @@ Prints a table and, last, one ``BENCH_JSON {...}`` line.
 
 import argparse
 import asyncio
-import contextlib
 import json
 import logging
-import shutil
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 from typing import Any
 
 import aiohttp
 import openai
+from bench_gateway import swarm_gateways
 from websockets.asyncio.client import connect
 
-from farmesh_ws.config import Settings
-from farmesh_ws.mesh.status import MeshStatusCache
-from farmesh_ws.metrics import Metrics
 from farmesh_ws.transport.ws import GatewayServer
 
 PROMPT = "Write a long story about a lighthouse keeper."
@@ -187,35 +181,9 @@ WAYS: dict[str, Callable[[GatewayServer, int, int], Awaitable[Run]]] = {
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
-    from farmesh_ws.home import farmesh_home
-    from farmesh_ws.mesh.petals import ModelSpec, PetalsBackend, PetalsBackendConfig
-    from farmesh_ws.models import BUNDLED_MODEL_ID, dht_prefix_for
-    from farmesh_ws.models.bundled import prepare_bundled_model
-    from farmesh_ws.swarm import LocalSwarm, SwarmConfig, read_num_blocks
-
-    model_path = await asyncio.to_thread(prepare_bundled_model, farmesh_home(), progress=False)
-    log_dir = Path(tempfile.mkdtemp(prefix="farmesh-bench-http-"))
-    prefix = dht_prefix_for(BUNDLED_MODEL_ID)
-    swarm = LocalSwarm(SwarmConfig(model_path, prefix, read_num_blocks(model_path), log_dir))
     runs: dict[str, list[Run]] = {way: [] for way in WAYS}
-    async with contextlib.AsyncExitStack() as cleanup:  # runs in reverse order, always
-        cleanup.callback(shutil.rmtree, log_dir, ignore_errors=True)
-        cleanup.push_async_callback(asyncio.to_thread, swarm.stop)
-        await asyncio.to_thread(swarm.start)
-        spec = ModelSpec(BUNDLED_MODEL_ID, model_path, prefix)
-        config = PetalsBackendConfig(initial_peers=tuple(swarm.initial_peers), models=(spec,))
-        backend = await PetalsBackend.start(config)
-        cleanup.push_async_callback(backend.aclose)
-        status = MeshStatusCache(backend.model_ids, backend.coverage, refresh_s=60.0)
-        await status.refresh()
-        settings = Settings(port=0, http_port=0, auth="off", balances="off", requests_burst=1000)
-        gateway = GatewayServer(settings, backend, status, Metrics())
-        await gateway.start()
-        cleanup.push_async_callback(gateway.shutdown)
-        off = settings.with_overrides(reuse_sessions_per_principal=0)
-        no_reuse = GatewayServer(off, backend, status, Metrics())
-        await no_reuse.start()
-        cleanup.push_async_callback(no_reuse.shutdown)
+    variants = [lambda s: s, lambda s: s.with_overrides(reuse_sessions_per_principal=0)]
+    async with swarm_gateways(variants, name="http") as (gateway, no_reuse):
         names = list(WAYS)
         for way in names:  # warm-up
             await WAYS[way](gateway, args.tokens, -1)

@@ -16,23 +16,15 @@ Prints a table and, last, one ``BENCH_JSON {...}`` line.
 
 import argparse
 import asyncio
-import contextlib
 import json
 import logging
-import shutil
 import statistics
 import sys
-import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
+from bench_gateway import swarm_gateways
 from websockets.asyncio.client import ClientConnection, connect
-
-from farmesh_ws.config import Settings
-from farmesh_ws.mesh.status import MeshStatusCache
-from farmesh_ws.metrics import Metrics
-from farmesh_ws.transport.ws import GatewayServer
 
 TARGET = 1.2
 
@@ -102,33 +94,10 @@ class Session:
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
-    from farmesh_ws.home import farmesh_home
-    from farmesh_ws.mesh.petals import ModelSpec, PetalsBackend, PetalsBackendConfig
-    from farmesh_ws.models import BUNDLED_MODEL_ID, dht_prefix_for
-    from farmesh_ws.models.bundled import prepare_bundled_model
-    from farmesh_ws.swarm import LocalSwarm, SwarmConfig, read_num_blocks
-
-    model_path = await asyncio.to_thread(prepare_bundled_model, farmesh_home(), progress=False)
-    log_dir = Path(tempfile.mkdtemp(prefix="farmesh-bench-resume-"))
-    prefix = dht_prefix_for(BUNDLED_MODEL_ID)
-    swarm = LocalSwarm(SwarmConfig(model_path, prefix, read_num_blocks(model_path), log_dir))
     normal: list[float] = []
     resumed: list[float] = []
     reattach: list[float] = []
-    async with contextlib.AsyncExitStack() as cleanup:  # runs in reverse order, always
-        cleanup.callback(shutil.rmtree, log_dir, ignore_errors=True)
-        cleanup.push_async_callback(asyncio.to_thread, swarm.stop)
-        await asyncio.to_thread(swarm.start)
-        spec = ModelSpec(BUNDLED_MODEL_ID, model_path, prefix)
-        config = PetalsBackendConfig(initial_peers=tuple(swarm.initial_peers), models=(spec,))
-        backend = await PetalsBackend.start(config)
-        cleanup.push_async_callback(backend.aclose)
-        status = MeshStatusCache(backend.model_ids, backend.coverage, refresh_s=60.0)
-        await status.refresh()
-        settings = Settings(port=0, http_port=0, auth="off", balances="off", requests_burst=1000)
-        gateway = GatewayServer(settings, backend, status, Metrics())
-        await gateway.start()
-        cleanup.push_async_callback(gateway.shutdown)
+    async with swarm_gateways([lambda s: s], name="resume") as (gateway,):
         session = Session(f"ws://127.0.0.1:{gateway.port}/ws", args.tokens)
         await session.open()
         await session.turn()  # warm-up
