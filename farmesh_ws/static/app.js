@@ -190,7 +190,7 @@ function connect() {
   ws.addEventListener("close", (event) => {
     if (state.ws !== ws) return;
     state.open = false;
-    if (event.code !== 1000 && state.resume !== null) {
+    if (event.code === 1006 && state.resume !== null) { // dropped, not closed
       state.dropped ??= { code: event.code, reason: event.reason };
       if (resumeLater()) {
         updateButtons();

@@ -289,8 +289,10 @@ class GatewayServer:
                     p.Error(code="internal_error", message="internal error", retryable=False)
                 )
                 await connection.close(CloseCode.INTERNAL_ERROR, "internal error")
-        finally:  # a client that closed normally (1000) is done with its session
-            await session.disconnected(resumable=connection.close_code != CloseCode.NORMAL_CLOSURE)
+        finally:  # only a dropped socket (no close frame) may come back; a close is meant
+            await session.disconnected(
+                resumable=connection.close_code == CloseCode.ABNORMAL_CLOSURE
+            )
 
     async def _read_loop(self, connection: ServerConnection, session: V1Session) -> None:
         errors_in_a_row = 0
