@@ -33,13 +33,6 @@ def translate_error(exc: BaseException) -> FarmeshError:
     return error
 
 
-def is_missing_blocks(exc: BaseException) -> bool:
-    """No server the client knows of serves some blocks (its routing table may be stale)."""
-    from petals.client.routing.sequence_manager import MissingBlocksError
-
-    return isinstance(exc, MissingBlocksError)
-
-
 def _classify(exc: BaseException) -> MeshError:
     from petals.client.routing.sequence_manager import MissingBlocksError
 

@@ -17,7 +17,7 @@ from farmesh_ws.core.types import ChatMessage, SamplingParams, TurnDone
 from farmesh_ws.errors import ContextOverflow, FarmeshError, SessionClosed
 from farmesh_ws.mesh.attribution import StepRecorder
 from farmesh_ws.mesh.base import Mark, RewindMethod, lowered_length
-from farmesh_ws.mesh.petals_errors import is_missing_blocks, translate_error
+from farmesh_ws.mesh.petals_errors import translate_error
 from farmesh_ws.mesh.petals_model import LoadedModel
 from farmesh_ws.mesh.petals_turn import PetalsTurn, TurnState
 from farmesh_ws.mesh.sampling import make_generator, next_token
@@ -229,19 +229,7 @@ class PetalsChatSession:
 
     def _step(self, inputs: list[int], recorder: StepRecorder) -> Any:
         """Run new tokens through the mesh; reopen and replay if the remote session broke.
-        Returns the last block's hidden states ``[1, n, hidden]``. When no known server
-        serves some blocks, the routes are looked up again and the step retried once: a
-        replica may have joined since the last refresh (Petals refreshes every
-        ``update_period``)."""
-        try:
-            return self._step_once(inputs, recorder)
-        except Exception as exc:
-            if not is_missing_blocks(exc):
-                raise
-            logger.info("no known server for some blocks; looking the routes up again")
-            return self._step_once(inputs, recorder)
-
-    def _step_once(self, inputs: list[int], recorder: StepRecorder) -> Any:
+        Returns the last block's hidden states ``[1, n, hidden]``."""
         import torch
 
         replay: list[int] = []

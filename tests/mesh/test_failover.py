@@ -66,31 +66,6 @@ async def test_turn_after_a_crash_reroutes_to_the_replica_and_credits_its_replay
         )
 
 
-async def test_a_replica_that_joined_after_the_last_route_refresh_takes_over_a_crash(
-    backend: Any, swarm: Any, golden: dict[str, Any]
-) -> None:
-    """The client's routing table does not know the replica yet (no refresh since it
-    joined): the crash's MissingBlocksError makes the session look the routes up again."""
-    turn1, turn2 = golden["conversations"][0][:2]
-    session = await backend.open_session(BUNDLED_MODEL_ID, max_length=512)
-    try:
-        _, done1 = await _run(session, _messages(turn1["new_messages"]))
-        tail_peer = done1.routes[-1][-1].peer_id
-        victim = _node_serving(swarm, tail_peer)
-        replica = swarm.add_server("15:30")
-        swarm.kill_server(victim.name)
-        ids2, done2 = await _run(session, _messages(turn2["new_messages"]))
-    finally:
-        await session.aclose()
-
-    assert done2.finish_reason == "stop", done2.error
-    assert ids2 == turn2["greedy_48_ids"]
-    tail = next(c for c in done2.contributions if c.end_block == 30)
-    assert tail.peer_id != victim.peer_id
-    assert _node_serving(swarm, tail.peer_id).alive
-    assert replica.alive
-
-
 async def test_missing_span_is_a_fast_retryable_error_then_the_session_recovers(
     backend: Any, swarm: Any, golden: dict[str, Any]
 ) -> None:
