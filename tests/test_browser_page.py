@@ -278,7 +278,8 @@ async def test_chat_page_shows_disconnect_and_reconnects(
     backend: Any, chromium: BrowserThread, tmp_path: Path
 ) -> None:
     server = await start_gateway(backend)
-    port = server.port
+    # The restart below binds the same two ports: port + 1 was never ours to assume free.
+    port, http_port = server.port, server.http.port
     problems: list[str] = []
     assert chromium.browser is not None
     try:
@@ -302,7 +303,7 @@ async def test_chat_page_shows_disconnect_and_reconnects(
         await chromium.run(screenshot(page, disconnected))
 
         # A new gateway on the same port: Reconnect opens a new session and chat works again.
-        server = await start_gateway(backend, port=port)
+        server = await start_gateway(backend, port=port, http_port=http_port)
 
         async def reconnects() -> None:
             await page.get_by_test_id("reconnect").click()

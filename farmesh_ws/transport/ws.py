@@ -13,17 +13,14 @@ engine's.
 import asyncio
 import contextlib
 import dataclasses
-import json
 import logging
 import math
 import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from http import HTTPStatus
-from pathlib import Path
 from typing import Any, Final
 
 from websockets.asyncio.server import Server, ServerConnection, serve
-from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
 from websockets.frames import CloseCode
 from websockets.http11 import Request, Response
@@ -46,10 +43,16 @@ from farmesh_ws.metrics import Metrics, MetricsObserver
 from farmesh_ws.models.generation import Sampling
 from farmesh_ws.state import MemoryStateStore
 from farmesh_ws.state.registry import SessionRegistry
-from farmesh_ws.transport.handshake import HandshakeGate, Refusal, client_address
+from farmesh_ws.transport.handshake import HandshakeGate, client_address
 from farmesh_ws.transport.http import HttpApi
 from farmesh_ws.transport.nonce import NonceIssuer, nonce_route
 from farmesh_ws.transport.origin import origin_allowed, parse_origin
+from farmesh_ws.transport.responses import (
+    json_response,
+    plain_response,
+    refusal_response,
+    static_file,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -142,6 +145,7 @@ class GatewayServer:
         return self.engine.sessions.count
 
     async def start(self) -> None:
+        """Bind both ports or neither: a busy one raises OSError with nothing left listening."""
         self.registry.start()
         self._server = await serve(
             self._handle,
@@ -151,7 +155,14 @@ class GatewayServer:
             max_size=self.settings.max_frame_bytes,
             server_header=SERVER_HEADER,
         )
-        await self.http.start()
+        try:
+            await self.http.start()
+        except OSError:
+            self._server.close()
+            await self._server.wait_closed()
+            self._server = None
+            await self.registry.aclose()
+            raise
 
     async def shutdown(self) -> None:
         """Stop accepting, let running requests finish until the grace deadline, close 1001."""
@@ -181,13 +192,13 @@ class GatewayServer:
     ) -> Response | None:
         """GET (and HEAD, the same without a body; RFC 9110 §9.3.2) only: 405 otherwise."""
         if request.method not in ("GET", "HEAD"):
-            refused = _json_response(HTTPStatus.METHOD_NOT_ALLOWED, {"error": "method_not_allowed"})
+            refused = json_response(HTTPStatus.METHOD_NOT_ALLOWED, {"error": "method_not_allowed"})
             refused.headers["Allow"] = "GET, HEAD"
             return refused
         response = await self._route(connection, request)
         if request.method == "HEAD":
             if response is None:  # a handshake needs GET (RFC 6455 §4.1)
-                response = _json_response(HTTPStatus.METHOD_NOT_ALLOWED, {})
+                response = json_response(HTTPStatus.METHOD_NOT_ALLOWED, {})
                 response.headers["Allow"] = "GET"
             return dataclasses.replace(response, body=b"")
         return response
@@ -202,19 +213,19 @@ class GatewayServer:
             if refused is not None:
                 return refused
             status, body = await nonce_route(self._nonces, request, self.settings)
-            return _json_response(status, body)
+            return json_response(status, body)
         if path == "/" or path.startswith("/static/"):
-            return _static_file("index.html" if path == "/" else path.removeprefix("/static/"))
+            return static_file("index.html" if path == "/" else path.removeprefix("/static/"))
         if path not in (WEBSOCKET_PATH, PETALS_V2_PATH):
-            return _json_response(HTTPStatus.NOT_FOUND, {"error": "not_found", "path": path})
+            return json_response(HTTPStatus.NOT_FOUND, {"error": "not_found", "path": path})
         origins = request.headers.get_all("Origin")
         if not origin_allowed(origins, request.headers.get_all("Host"), self._allowed_origins):
             logger.info("refused a WebSocket handshake from origin %r", origins)
-            return _json_response(HTTPStatus.FORBIDDEN, {"error": "origin_not_allowed"})
+            return json_response(HTTPStatus.FORBIDDEN, {"error": "origin_not_allowed"})
         if self._shutting_down:
-            return _json_response(HTTPStatus.SERVICE_UNAVAILABLE, {"error": "shutting_down"})
+            return json_response(HTTPStatus.SERVICE_UNAVAILABLE, {"error": "shutting_down"})
         refusal = await self.gate.check(connection, request)
-        return None if refusal is None else _refusal_response(refusal)
+        return None if refusal is None else refusal_response(refusal)
 
     async def _nonce_rate(self, connection: ServerConnection) -> Response | None:
         """Nonces are kept in the state store until they expire: at most
@@ -226,23 +237,23 @@ class GatewayServer:
         )
         if decision.allowed:
             return None
-        refused = _json_response(HTTPStatus.TOO_MANY_REQUESTS, {"error": "rate_limited"})
+        refused = json_response(HTTPStatus.TOO_MANY_REQUESTS, {"error": "rate_limited"})
         refused.headers["Retry-After"] = str(math.ceil(decision.retry_after_s))
         return refused
 
     @staticmethod
     def _json_route(body: Callable[[], dict[str, Any]]) -> Callable[[], Awaitable[Response]]:
         async def route() -> Response:
-            return _json_response(HTTPStatus.OK, body())
+            return json_response(HTTPStatus.OK, body())
 
         return route
 
     async def _mesh_status(self) -> Response:
-        return _json_response(HTTPStatus.OK, await self.status.mesh_status())
+        return json_response(HTTPStatus.OK, await self.status.mesh_status())
 
     async def _metrics(self) -> Response:
         content_type = "text/plain; version=0.0.4; charset=utf-8"
-        return _response(HTTPStatus.OK, content_type, self.status.metrics())
+        return plain_response(HTTPStatus.OK, content_type, self.status.metrics())
 
     # WebSocket (protocol.md §2-§7)
     async def _handle(self, connection: ServerConnection) -> None:
@@ -339,56 +350,3 @@ def _sender(connection: ServerConnection) -> Callable[[p.ServerMessage], Awaitab
             await connection.send(p.encode_server_message(message))
 
     return send
-
-
-# The page's Content Security Policy (W3C CSP Level 3): its own scripts, styles and images
-# (and the data: favicon), fetches and WebSockets to itself only ('self' matches ws:/wss: to the
-# same host and port: CSP3 "Does url match expression in origin with redirect count?"), no
-# <base>, forms to itself, and no framing by any page (frame-ancestors, against clickjacking).
-PAGE_CSP: Final = (
-    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
-    "connect-src 'self'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
-)
-_STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
-_STATIC_TYPES = {
-    ".html": "text/html; charset=utf-8",
-    ".js": "text/javascript; charset=utf-8",
-    ".css": "text/css; charset=utf-8",
-    ".svg": "image/svg+xml",
-    ".png": "image/png",
-}
-
-
-def _static_file(name: str) -> Response:
-    """A file of the browser page; only plain names directly in static/ are served."""
-    path = _STATIC_DIR / name
-    content_type = _STATIC_TYPES.get(path.suffix)
-    if "/" in name or name.startswith(".") or content_type is None or not path.is_file():
-        return _json_response(HTTPStatus.NOT_FOUND, {"error": "not_found", "path": f"/{name}"})
-    page_headers = [("Cache-Control", "no-cache"), ("Content-Security-Policy", PAGE_CSP)]
-    return _response(HTTPStatus.OK, content_type, path.read_bytes(), page_headers)
-
-
-def _refusal_response(refusal: Refusal) -> Response:
-    response = _json_response(refusal.status, {"error": refusal.code, "message": refusal.message})
-    for name, value in refusal.headers:
-        response.headers[name] = value
-    return response
-
-
-def _json_response(status: HTTPStatus, body: dict[str, Any]) -> Response:
-    no_store = [("Cache-Control", "no-store")]
-    return _response(status, "application/json", json.dumps(body).encode(), no_store)
-
-
-def _response(
-    status: HTTPStatus, content_type: str, body: bytes, headers: Sequence[tuple[str, str]] = ()
-) -> Response:
-    """Every body we serve is only what its Content-Type says: no MIME sniffing (WHATWG Fetch,
-    "X-Content-Type-Options header")."""
-    return Response(
-        status.value,
-        status.phrase,
-        Headers([("Content-Type", content_type), ("X-Content-Type-Options", "nosniff"), *headers]),
-        body,
-    )

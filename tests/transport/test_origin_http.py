@@ -14,7 +14,8 @@ from websockets.datastructures import Headers
 from websockets.exceptions import InvalidStatus
 
 from farmesh_ws.mesh.fake import FakeBackend
-from farmesh_ws.transport.ws import PAGE_CSP, PETALS_V2_PATH, WEBSOCKET_PATH, GatewayServer
+from farmesh_ws.transport.responses import PAGE_CSP
+from farmesh_ws.transport.ws import PETALS_V2_PATH, WEBSOCKET_PATH, GatewayServer
 from tests.transport.support import fake_gateway
 
 PATHS = pytest.mark.parametrize("path", [WEBSOCKET_PATH, PETALS_V2_PATH])
