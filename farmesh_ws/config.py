@@ -128,6 +128,8 @@ class Settings:
     # Sessions that outlive their connection (protocol.md §2.2).
     resume_grace_s: float = 60.0
     resume_outbox_frames: int = 2048
+    # Sessions that move between gateways sharing the state store (protocol.md §2.3).
+    coordinator_lease_s: float = 10.0
 
     @property
     def embedded_mesh(self) -> bool:
@@ -320,6 +322,7 @@ def _validated(settings: Settings) -> Settings:
         (settings.reuse_max_length >= 1, "reuse_max_length must be at least 1"),
         (settings.resume_grace_s >= 0, "resume_grace_s must not be negative"),
         (settings.resume_outbox_frames >= 16, "resume_outbox_frames must be at least 16"),
+        (settings.coordinator_lease_s >= 1, "coordinator_lease_s must be at least 1"),
         (
             0 < settings.reuse_max_cache_share <= 1,
             "reuse_max_cache_share must be above 0 and at most 1",

@@ -148,6 +148,22 @@ class _RetryLater(_ClientError):
         self.retry_after_s = retry_after_s
 
 
+class SessionElsewhere(_RetryLater):
+    """A ``resume`` of a session another live gateway still holds (protocol.md §2.3): it
+    moves here once that gateway lets it go (its connection there ended and it was asked to,
+    it shut down, or its lease lapsed)."""
+
+    code = "session_elsewhere"
+
+
+class CoordinatorLost(_ClientError):
+    """A request that was running on a gateway that died before it settled (protocol.md
+    §2.3): its remaining frames are lost; the session goes on from before it."""
+
+    code = "coordinator_lost"
+    retryable = True
+
+
 class QuotaExceeded(_RetryLater):
     """A cap of the principal (connections, requests, sessions, reserved context tokens, free
     tokens) or of the mesh (attention cache left) would be exceeded."""

@@ -168,7 +168,7 @@ async def running_gateway(settings: Settings, *, progress: bool = True) -> Async
             status,
             metrics,
             observers=[ledger_observer, wallets],
-            registry=SessionRegistry(store),
+            registry=SessionRegistry(store, lease_s=settings.coordinator_lease_s),
             authenticator=Authenticator(settings, keys=verify_key, sessions=siwe, siwe=siwe),
             nonces=siwe,
             holds=holds,

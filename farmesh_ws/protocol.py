@@ -184,6 +184,8 @@ class Resumed(_ServerMessage, tag="resumed", frozen=True):
     model: str
     max_length: int
     last_seq: int
+    moved: bool = False
+    """§2.3: the session came from another gateway (rebuilt on a new mesh session)."""
 
 
 class Token(_ServerMessage, tag="token", frozen=True):

@@ -11,6 +11,8 @@ from decimal import Decimal
 
 from farmesh_ws import protocol as p
 from farmesh_ws.api.v1_frames import error_frame, settled_frames
+from farmesh_ws.api.v1_handoff import Handoff
+from farmesh_ws.api.v1_reattach import reattach
 from farmesh_ws.api.v1_resume import Outbox, ResumableSessions, new_resume_token
 from farmesh_ws.auth.connection import ConnectionIdentity
 from farmesh_ws.core.money import far_text
@@ -49,12 +51,14 @@ class V1Session:
         client_key: str,
         identity: ConnectionIdentity,
         resumable: ResumableSessions | None = None,
+        handoff: Handoff | None = None,
     ) -> None:
         self._engine = engine
         self._send = send
         self._client_key = client_key
         self.identity = identity
         self._resumable = resumable
+        self._handoff = handoff
         self.client: Client | None = None
         self.conversation: Conversation | None = None
         self.outbox: Outbox | None = None
@@ -136,13 +140,15 @@ class V1Session:
         if running is not None:
             running.cancel()
 
-    async def aclose(self) -> None:
-        """Cancel a running request (it still settles) and close the conversation."""
+    async def aclose(self, *, release: bool = False) -> None:
+        """Cancel a running request (it still settles) and close the conversation; with
+        ``release`` or at shutdown, another gateway may take it over (§2.3)."""
         if self.closed:
             return
         self.closed = True
-        if self._resumable is not None and self.session_id is not None:
-            self._resumable.forget(self.session_id)
+        session_id = self.session_id
+        if self._resumable is not None and session_id is not None:
+            self._resumable.forget(session_id)
         running = self.client.running if self.client is not None else None
         try:
             if running is not None:
@@ -150,6 +156,10 @@ class V1Session:
                 if running.task is not None:
                     await running.task
         finally:
+            if self._handoff is not None and session_id is not None:
+                release = release or self._engine.sessions.stopping
+                kept = self.outbox.kept() if release and self.outbox is not None else None
+                await self._handoff.forget(session_id, release_frames=kept)
             if self.conversation is not None:
                 await self._engine.sessions.close(self.conversation)
             self.identity.close()
@@ -225,6 +235,8 @@ class V1Session:
         if self._resumable is not None and self._resumable.enabled:
             token, token_hash = new_resume_token()
             self._resumable.add(conversation.session_id, token_hash, self)
+            if self._handoff is not None:
+                self._handoff.hold(conversation.session_id, token_hash)
         await self._emit(
             p.Opened(
                 session_id=conversation.session_id,
@@ -236,6 +248,12 @@ class V1Session:
                 resume_token=token,
             )
         )
+        await self._save()
+
+    async def _save(self, running: str | None = None) -> None:
+        """Where the session stands, for another gateway to take over (§2.3)."""
+        if self._handoff is not None and self.conversation is not None and self.outbox:
+            await self._handoff.save(self.conversation, self.outbox.last_seq, running)
 
     # §2.2
     async def _resume(self, message: p.Resume) -> None:
@@ -245,29 +263,23 @@ class V1Session:
         if self._resumable is None or not self._resumable.enabled:
             raise SessionExpired("sessions are not kept for a resume on this server")
         principal = (await self._requester()).principal
-        previous = self._resumable.take(
-            message.session_id,
-            message.resume_token,
-            principal,
+        found = await reattach(
             self,
-            check=lambda outbox: outbox.check_replay(message.last_seq),
+            message,
+            principal,
+            engine=self._engine,
+            client_key=self._client_key,
+            send=self._send,
+            resumable=self._resumable,
+            handoff=self._handoff,
         )
-        previous.moved = True  # its connection, if still open, no longer has the session
-        outbox, client, conversation = previous.outbox, previous.client, previous.conversation
-        if outbox is None or client is None or conversation is None:
-            raise SessionExpired("the session is gone")
-        outbox.detach()
-        client.principal = principal
-        self.client, self.conversation, self.outbox = client, conversation, outbox
-        await self._send(
-            p.Resumed(
-                session_id=conversation.session_id,
-                model=conversation.model_id,
-                max_length=conversation.mesh.max_length,
-                last_seq=outbox.last_seq,
-            )
-        )
-        await outbox.attach(self._send, message.last_seq)
+        self.client, self.conversation, self.outbox = found.client, found.conversation, found.outbox
+        await self._send(found.resumed)
+        await found.outbox.attach(self._send, message.last_seq)
+        for frame in found.lost:
+            await self._emit(frame)
+        if found.resumed.moved:
+            await self._save()
 
     # §3.2
     async def _turn(self, message: p.Turn | p.Regenerate) -> None:
@@ -290,6 +302,7 @@ class V1Session:
         method = await rewind_idle(await self._requester(), conversation, message.turns)
         position = conversation.mesh.position
         await self._emit(p.Rewound(turns=message.turns, position=position, method=method))
+        await self._save()
 
     def _conversation(self) -> Conversation:
         self._check_open()
@@ -317,6 +330,8 @@ class V1Session:
 
     async def _launch(self, spec: RequestSpec) -> None:
         active = await self._engine.runner.admit(await self._requester(), spec)
+        if spec.conversation is not None:
+            await self._save(running=active.request_id)
         self._engine.runner.launch(active, self)
 
     # §3.4
@@ -348,6 +363,8 @@ class V1Session:
             self._engine.error_sent(settlement.error.code)
         for frame in settled_frames(active, settlement):
             await self._emit(frame)
+        if active.context.kind != "generate":
+            await self._save()
 
 
 def _overrides(message: p.Sampling | p.Turn | p.Regenerate) -> SamplingOverrides:

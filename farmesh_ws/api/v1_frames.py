@@ -4,9 +4,9 @@ from farmesh_ws import protocol as p
 from farmesh_ws.core.money import far_text
 from farmesh_ws.core.settlement import Settlement
 from farmesh_ws.engine.request import ActiveRequest
-from farmesh_ws.errors import FarmeshError, QuotaExceeded, RateLimited
+from farmesh_ws.errors import FarmeshError, QuotaExceeded, RateLimited, SessionElsewhere
 
-_RETRY_LATER = (RateLimited, QuotaExceeded)
+_RETRY_LATER = (RateLimited, QuotaExceeded, SessionElsewhere)
 
 
 def error_frame(error: FarmeshError, request_id: str | None) -> p.Error:

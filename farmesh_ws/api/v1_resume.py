@@ -42,11 +42,14 @@ class Outbox:
     """A session's numbered frames, sent to the attached connection and kept for a resume.
     ``on_overflow`` is called once when a detached outbox reaches ``cap`` new frames."""
 
-    def __init__(self, cap: int, send: Send) -> None:
+    def __init__(
+        self, cap: int, send: Send, *, kept: Iterable[p.ServerMessage] = (), last_seq: int = 0
+    ) -> None:
+        """``kept``/``last_seq``: where a session moved from another gateway stands."""
         self._cap = cap
         self._send: Send | None = send
-        self._frames: deque[p.ServerMessage] = deque()
-        self.last_seq = 0
+        self._frames: deque[p.ServerMessage] = deque(kept)
+        self.last_seq = last_seq
         self._detached_at_seq: int | None = None
         self.on_overflow: Callable[[], None] = lambda: None
 
@@ -81,6 +84,10 @@ class Outbox:
             await send(self._frames[sent + 1 - self._first_kept()])
             sent += 1
         self._send, self._detached_at_seq = send, None
+
+    def kept(self) -> list[p.ServerMessage]:
+        """The frames kept for a resume, oldest first."""
+        return list(self._frames)
 
     def _first_kept(self) -> int:
         first = self._frames[0].seq if self._frames else None
@@ -184,12 +191,24 @@ class ResumableSessions:
         entry.holder, entry.attached = holder, True
         return previous
 
-    def _expire(self, session_id: str) -> None:
+    def waiting(self) -> list[str]:
+        """The sessions kept here with no connection, waiting for a resume."""
+        return [session_id for session_id, e in self._entries.items() if not e.attached]
+
+    def release(self, session_id: str) -> None:
+        """Let a waiting session go to another gateway (protocol.md §2.3) now."""
+        entry = self._entries.get(session_id)
+        if entry is not None and entry.expiry is not None:
+            entry.expiry.cancel()
+        self._expire(session_id, release=True)
+
+    def _expire(self, session_id: str, *, release: bool = False) -> None:
         entry = self._entries.pop(session_id, None)
         if entry is None or entry.attached:
             return
-        logger.info("session %s not resumed in time; closing", session_id[:8])
-        task = asyncio.get_running_loop().create_task(entry.holder.aclose())
+        if not release:
+            logger.info("session %s not resumed in time; closing", session_id[:8])
+        task = asyncio.get_running_loop().create_task(entry.holder.aclose(release=release))
         self._closing.add(task)
         task.add_done_callback(self._closing.discard)
 

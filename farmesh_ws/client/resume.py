@@ -1,9 +1,12 @@
 """Re-attaching a chat session after its connection dropped (protocol.md §2.2).
 
 The client remembers the session's ``resume_token`` and the ``seq`` of the last frame it
-routed; when the connection drops it reconnects with exponential backoff (0.1 s doubling up
-to 2 s) for up to ``resume_within_s`` and sends ``resume``: the server replays the frames
-after that ``seq``, so every stream continues with nothing lost or repeated.
+routed; when the connection drops, or the server closes it after ``going_away`` (it lets its
+sessions go to another gateway behind the same URL, §2.3), it reconnects with exponential
+backoff (0.1 s doubling up to 2 s) for up to ``resume_within_s`` and sends ``resume``: the
+server replays the frames after that ``seq``, so every stream continues with nothing lost or
+repeated. Retryable refusals (``session_elsewhere`` while another gateway lets the session
+go) are retried the same way.
 """
 
 import asyncio

@@ -55,7 +55,8 @@ class FrameRouting:
             if pong is not None and not pong.done():
                 pong.set_result(None)
         elif isinstance(item, p.GoingAway):
-            self._resume = None  # the server closes its sessions as it stops
+            # it lets its sessions go as it stops: the chat resumes on another gateway (§2.3)
+            logger.info("the server is going away in %.0f s", item.time_left_s)
         elif isinstance(item, p.Authenticated | p.Opened | p.Closed):
             if isinstance(item, p.Closed):
                 self._resume = None

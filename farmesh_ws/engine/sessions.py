@@ -22,7 +22,8 @@ from farmesh_ws.engine.limits import (
     open_mesh_session,
 )
 from farmesh_ws.engine.quotas import Quotas
-from farmesh_ws.errors import ShuttingDown
+from farmesh_ws.engine.snapshot import SessionSnapshot, history_of
+from farmesh_ws.errors import InvalidRequest, ShuttingDown
 from farmesh_ws.mesh.base import MeshBackend
 from farmesh_ws.state.registry import SessionRegistry
 
@@ -63,9 +64,11 @@ class SessionManager:
         system_prompt: str | None = None,
         sampling: SamplingOverrides | None = None,
         budget_far: Decimal | None = None,
+        session_id: str | None = None,
     ) -> Conversation:
         """Open a conversation for ``principal``, billing ``wallet`` (a claim: None bills the
-        principal's own). Raises ``WalletMismatch``, ``ModelNotFound``, ``InvalidRequest``,
+        principal's own); ``session_id`` is new unless given (a moved session keeps its own).
+        Raises ``WalletMismatch``, ``ModelNotFound``, ``InvalidRequest``,
         ``QuotaExceeded``, ``ShuttingDown`` or ``MeshTimeout`` (nothing is opened then)."""
         settings = self._settings
         if self.stopping:
@@ -90,7 +93,7 @@ class SessionManager:
             await mesh.aclose()
             raise ShuttingDown("the server is shutting down; retry on another server")
         conversation = Conversation(
-            session_id=uuid.uuid4().hex,
+            session_id=session_id or uuid.uuid4().hex,
             kind=kind,
             wallet=billed,
             principal=principal,
@@ -103,6 +106,31 @@ class SessionManager:
         )
         self._live[conversation.session_id] = conversation
         await self.registry.register(conversation.session_id, wallet=billed, model_id=model_id)
+        return conversation
+
+    async def restore(self, snapshot: SessionSnapshot, principal: Principal) -> Conversation:
+        """Rebuild a conversation another gateway held (protocol.md §2.3): opened as it was
+        (same id, settings, budget, spend and turns) on a new mesh session whose first step
+        replays the transcript. Raises what :meth:`open` raises, and ``InvalidRequest`` when
+        the transcript does not fit (nothing is opened then)."""
+        conversation = await self.open(
+            kind="chat",
+            principal=principal,
+            wallet=snapshot.wallet,
+            model_id=snapshot.model_id,
+            max_length=snapshot.max_length,
+            system_prompt=snapshot.system_prompt,
+            sampling=snapshot.sampling,
+            budget_far=snapshot.budget_far,
+            session_id=snapshot.session_id,
+        )
+        try:
+            conversation.mesh.restore(snapshot.transcript, snapshot.pending)
+        except ValueError as exc:
+            await self.close(conversation)
+            raise InvalidRequest(f"the session cannot be rebuilt here: {exc}") from exc
+        conversation.spent_far = snapshot.spent_far
+        conversation.history = history_of(snapshot)
         return conversation
 
     async def close(self, conversation: Conversation) -> None:

@@ -48,6 +48,7 @@ class MeshSession(Protocol):
       starts with them continues this session: :mod:`farmesh_ws.engine.reuse`), or empty
       when the session does not keep them;
       ``discard_pending()`` forgets the pending token, which then is never sent.
+    - ``restore(transcript, pending)``: start from another session's history (below).
     - ``mark()`` / ``rewind(mark)``: go back to an earlier point of the history (between turns):
       what the mesh holds after it is forgotten, and its pending token restored. Returns the
       :data:`RewindMethod`; raises ValueError for a mark beyond the current position.
@@ -82,6 +83,14 @@ class MeshSession(Protocol):
     def mark(self) -> Mark: ...
 
     async def rewind(self, mark: Mark) -> RewindMethod: ...
+
+    def restore(self, transcript: Sequence[int], pending: int | None) -> None:
+        """Take over another session's history (a session moved from another gateway,
+        protocol.md §2.3) before the first step: the first step opens the remote session and
+        replays ``transcript``, credited to the servers that run it and not billed to the
+        user, then sends ``pending``. Raises RuntimeError once this session has started and
+        ValueError when ``transcript`` does not fit ``max_length``."""
+        ...
 
     def limit_length(self, max_length: int) -> None:
         """Lower ``max_length`` before the first step: servers allocate the attention cache
@@ -120,6 +129,14 @@ class MeshBackend(Protocol):
     async def open_session(self, model_id: str, *, max_length: int) -> MeshSession: ...
 
     async def aclose(self) -> None: ...
+
+
+def check_restore(started: bool, transcript: Sequence[int], max_length: int) -> None:
+    """:meth:`MeshSession.restore`'s preconditions; raises RuntimeError or ValueError."""
+    if started:
+        raise RuntimeError("restore() is only allowed before the session's first step")
+    if len(transcript) >= max_length:
+        raise ValueError(f"{len(transcript)} tokens do not fit max_length {max_length}")
 
 
 def lowered_length(current: int, requested: int, *, started: bool) -> int:

@@ -41,7 +41,7 @@ from farmesh_ws.errors import (
     ModelNotFound,
     SessionClosed,
 )
-from farmesh_ws.mesh.base import Mark, RewindMethod, lowered_length
+from farmesh_ws.mesh.base import Mark, RewindMethod, check_restore, lowered_length
 from farmesh_ws.mesh.discovery import ModelCoverage, ServerSpan
 from farmesh_ws.mesh.text_stream import StopMatcher
 
@@ -121,6 +121,8 @@ class FakeSession:
         self.sent: list[int] = []
         self.pending: int | None = None
         self.closed = False
+        self.restored = 0
+        """Tokens taken over from another session by :meth:`restore`."""
 
     @property
     def model_id(self) -> str:
@@ -151,6 +153,12 @@ class FakeSession:
 
     def mark(self) -> Mark:
         return Mark(len(self.sent), self.pending)
+
+    def restore(self, transcript: Sequence[int], pending: int | None) -> None:
+        """Held as if sent: the scripted mesh keeps no caches to replay into."""
+        check_restore(bool(self.sent) or self.pending is not None, transcript, self._max_length)
+        self.sent, self.pending = list(transcript), pending
+        self.restored = len(transcript)
 
     async def rewind(self, mark: Mark) -> RewindMethod:
         if mark.position > self.position:

@@ -16,7 +16,7 @@ from typing import Any
 from farmesh_ws.core.types import ChatMessage, SamplingParams, TurnDone
 from farmesh_ws.errors import ContextOverflow, FarmeshError, SessionClosed
 from farmesh_ws.mesh.attribution import StepRecorder
-from farmesh_ws.mesh.base import Mark, RewindMethod, lowered_length
+from farmesh_ws.mesh.base import Mark, RewindMethod, check_restore, lowered_length
 from farmesh_ws.mesh.petals_errors import translate_error
 from farmesh_ws.mesh.petals_model import LoadedModel
 from farmesh_ws.mesh.petals_turn import PetalsTurn, TurnState
@@ -87,6 +87,13 @@ class PetalsChatSession:
 
     def mark(self) -> Mark:
         return Mark(len(self._held_ids), self._pending_id)
+
+    def restore(self, transcript: Sequence[int], pending: int | None) -> None:
+        """Hold ``transcript`` with no remote session yet: the first step replays it."""
+        started = self._inference is not None or self.position > 0
+        check_restore(started or self._pending_id is not None, transcript, self._max_length)
+        with self._lock:
+            self._held_ids, self._pending_id = list(transcript), pending
 
     async def rewind(self, mark: Mark) -> RewindMethod:
         """Keep the first ``mark.position`` ids and close the remote session: the next step

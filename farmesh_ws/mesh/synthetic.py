@@ -29,7 +29,7 @@ from farmesh_ws.core.types import (
     TurnEvent,
 )
 from farmesh_ws.errors import ContextOverflow, InvalidRequest, ModelNotFound, SessionClosed
-from farmesh_ws.mesh.base import Mark, RewindMethod, lowered_length
+from farmesh_ws.mesh.base import Mark, RewindMethod, check_restore, lowered_length
 from farmesh_ws.mesh.discovery import ModelCoverage, ServerSpan
 
 SYNTHETIC_MODEL_ID = "synthetic/bench-only"
@@ -147,6 +147,11 @@ class SyntheticSession:
 
     def mark(self) -> Mark:
         return Mark(self._position, None)
+
+    def restore(self, transcript: Sequence[int], pending: int | None) -> None:
+        """Position only: a synthetic session keeps no transcript to replay."""
+        check_restore(self._position > 0, transcript, self._max_length)
+        self._position = len(transcript) + (pending is not None)
 
     async def rewind(self, mark: Mark) -> RewindMethod:
         if mark.position > self._position:

@@ -29,6 +29,7 @@ from farmesh_ws import protocol as p
 from farmesh_ws.api.petals_v2.handler import PetalsV2Connection
 from farmesh_ws.api.status import HealthCheck, StatusRoutes
 from farmesh_ws.api.v1 import V1Session
+from farmesh_ws.api.v1_handoff import Handoff
 from farmesh_ws.api.v1_resume import ResumableSessions, announce_going_away
 from farmesh_ws.auth.credentials import Authenticator
 from farmesh_ws.config import Settings
@@ -100,6 +101,12 @@ class GatewayServer:
             holds=holds,
         )
         self.resumable = ResumableSessions(settings)
+        self.handoff = Handoff(
+            settings,
+            self.registry,
+            waiting=self.resumable.waiting,
+            release=self.resumable.release,
+        )
         self.gate = HandshakeGate(
             settings, authenticator or Authenticator(settings), self.engine.quotas
         )
@@ -147,6 +154,7 @@ class GatewayServer:
     async def start(self) -> None:
         """Bind both ports or neither: a busy one raises OSError with nothing left listening."""
         self.registry.start()
+        self.handoff.start()
         self._server = await serve(
             self._handle,
             self.settings.host,
@@ -161,6 +169,7 @@ class GatewayServer:
             self._server.close()
             await self._server.wait_closed()
             self._server = None
+            await self.handoff.aclose()
             await self.registry.aclose()
             raise
 
@@ -184,6 +193,7 @@ class GatewayServer:
         await asyncio.gather(*closing, return_exceptions=True)
         await self._server.wait_closed()
         self._server = None
+        await self.handoff.aclose()
         await self.registry.aclose()
 
     # HTTP (protocol.md §8)
@@ -280,6 +290,7 @@ class GatewayServer:
                         client_key=client_key,
                         identity=identity,
                         resumable=self.resumable,
+                        handoff=self.handoff,
                     ),
                 )
         finally:

@@ -5,10 +5,11 @@ import contextlib
 
 
 class CuttableProxy:
-    """Forwards every connection to ``127.0.0.1:target_port``; :meth:`cut` aborts them all."""
+    """Forwards every new connection to ``127.0.0.1:target_port`` (a test may change it, as a
+    load balancer sends a client to another gateway); :meth:`cut` aborts them all."""
 
     def __init__(self, target_port: int) -> None:
-        self._target_port = target_port
+        self.target_port = target_port
         self._writers: set[asyncio.StreamWriter] = set()
         self._server: asyncio.Server | None = None
         self.port = 0
@@ -31,7 +32,7 @@ class CuttableProxy:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.accepted += 1
-        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self._target_port)
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
         self._writers |= {writer, up_writer}
         try:
             await asyncio.gather(_pipe(reader, up_writer), _pipe(up_reader, writer))

@@ -15,6 +15,7 @@ from farmesh_ws.ledger.keys import KeyPrincipal
 from farmesh_ws.mesh.fake import FAKE_MODEL_ID, FakeBackend
 from farmesh_ws.mesh.status import MeshStatusCache
 from farmesh_ws.metrics import Metrics
+from farmesh_ws.state import StateStore
 from farmesh_ws.state.memory import MemoryStateStore
 from farmesh_ws.state.registry import SessionRegistry
 from farmesh_ws.transport.ws import GatewayServer
@@ -27,12 +28,14 @@ async def fake_gateway(
     keys: Mapping[str, KeyPrincipal] | None = None,
     siwe: bool = False,
     holds: BalanceHolds | None = None,
+    store: StateStore | None = None,
     **overrides: Any,
 ) -> GatewayServer:
     """A gateway on ``backend``; ``keys`` maps API keys to their principals (the ledger's key
     store is tested on its own). With ``siwe``, Sign-In with Ethereum (``/auth/nonce``, signed
     messages, session tokens) is the real :class:`SiweAuth` over the gateway's state store, as
-    ``serve`` wires it. ``holds``: prepaid holds (none by default). ``auth`` defaults to
+    ``serve`` wires it. ``holds``: prepaid holds (none by default); ``store``: a state store
+    shared with other gateways (a new in-process one by default). ``auth`` defaults to
     ``off`` (wallet claims billed as named)."""
     overrides.setdefault("auth", "off")
     settings = replace(Settings(port=0, default_model_id=FAKE_MODEL_ID), **overrides)
@@ -43,7 +46,7 @@ async def fake_gateway(
     async def verify(presented_key: str) -> KeyPrincipal | None:
         return known.get(presented_key)
 
-    store = MemoryStateStore()
+    store = store or MemoryStateStore()
     sign_in = SiweAuth(store, settings) if siwe else None
     server = GatewayServer(
         settings,

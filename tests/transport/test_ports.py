@@ -17,7 +17,7 @@ async def test_a_busy_http_port_fails_start_and_leaves_nothing_listening() -> No
         with pytest.raises(OSError, match="in use"):
             await fake_gateway(FakeBackend(), port=ws_port, http_port=busy)
     # Nothing kept the WebSocket port: a connection is refused, and a new gateway binds it.
-    with pytest.raises(OSError):
+    with pytest.raises(ConnectionRefusedError):
         await websockets.connect(f"ws://127.0.0.1:{ws_port}/ws", open_timeout=5)
     server = await fake_gateway(FakeBackend(), port=ws_port, http_port=0)
     try:
