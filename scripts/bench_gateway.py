@@ -12,6 +12,8 @@ from typing import Any
 from farmesh_ws.config import Settings
 from farmesh_ws.mesh.status import MeshStatusCache
 from farmesh_ws.metrics import Metrics
+from farmesh_ws.state.memory import MemoryStateStore
+from farmesh_ws.state.registry import SessionRegistry
 from farmesh_ws.transport.ws import GatewayServer
 
 BENCH_SETTINGS = Settings(port=0, http_port=0, auth="off", balances="off", requests_burst=1000)
@@ -20,11 +22,12 @@ BENCH_SETTINGS = Settings(port=0, http_port=0, auth="off", balances="off", reque
 
 @contextlib.asynccontextmanager
 async def swarm_gateways(
-    variants: Sequence[Callable[[Settings], Settings]], *, name: str
+    variants: Sequence[Callable[[Settings], Settings]], *, name: str, shared_state: bool = False
 ) -> AsyncIterator[list[GatewayServer]]:
     """One started gateway per entry of ``variants`` (each makes its settings from
     :data:`BENCH_SETTINGS`), all on one backend over a fresh local swarm; everything is
-    stopped and the swarm's logs removed on exit. ``name`` tags the log folder."""
+    stopped and the swarm's logs removed on exit. ``name`` tags the log folder; with
+    ``shared_state`` the gateways share one state store, as gateways sharing Redis do."""
     from farmesh_ws.home import farmesh_home
     from farmesh_ws.mesh.petals import ModelSpec, PetalsBackend, PetalsBackendConfig
     from farmesh_ws.models import BUNDLED_MODEL_ID, dht_prefix_for
@@ -46,8 +49,11 @@ async def swarm_gateways(
         status = MeshStatusCache(backend.model_ids, backend.coverage, refresh_s=60.0)
         await status.refresh()
         gateways = []
+        shared = MemoryStateStore()
         for variant in variants:
-            gateway = GatewayServer(variant(BENCH_SETTINGS), backend, status, Metrics())
+            registry = SessionRegistry(shared) if shared_state else None
+            settings = variant(BENCH_SETTINGS)
+            gateway = GatewayServer(settings, backend, status, Metrics(), registry=registry)
             await gateway.start()
             cleanup.push_async_callback(gateway.shutdown)
             gateways.append(gateway)

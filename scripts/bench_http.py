@@ -214,7 +214,7 @@ def main() -> int:
     parser.add_argument("--tokens", type=int, default=64, help="greedy tokens per request")
     parser.add_argument("--pairs", type=int, default=4, help="rounds of all four ways")
     parser.add_argument("--turns", type=int, default=10, help="turns per reuse conversation")
-    parser.add_argument("--conversations", type=int, default=2, help="reuse conversations")
+    parser.add_argument("--conversations", type=int, default=8, help="reuse conversations")
     parser.add_argument("--reuse-tokens", type=int, default=32, help="greedy tokens per turn")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)

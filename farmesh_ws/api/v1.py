@@ -6,7 +6,7 @@ engine's. Section numbers cite protocol.md.
 """
 
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from decimal import Decimal
 
 from farmesh_ws import protocol as p
@@ -250,10 +250,13 @@ class V1Session:
         )
         await self._save()
 
-    async def _save(self, running: str | None = None) -> None:
-        """Where the session stands, for another gateway to take over (§2.3)."""
+    async def _save(
+        self, running: str | None = None, frames: Sequence[p.ServerMessage] = ()
+    ) -> None:
+        """Where the session stands (``frames``: its newest, not yet delivered), for another
+        gateway to take over (§2.3)."""
         if self._handoff is not None and self.conversation is not None and self.outbox:
-            await self._handoff.save(self.conversation, self.outbox.last_seq, running)
+            await self._handoff.save(self.conversation, self.outbox.last_seq, running, frames)
 
     # §2.2
     async def _resume(self, message: p.Resume) -> None:
@@ -361,10 +364,17 @@ class V1Session:
     async def finished(self, active: ActiveRequest, settlement: Settlement) -> None:
         if settlement.error is not None:
             self._engine.error_sent(settlement.error.code)
-        for frame in settled_frames(active, settlement):
-            await self._emit(frame)
-        if active.context.kind != "generate":
-            await self._save()
+        frames = settled_frames(active, settlement)
+        if self.outbox is None or active.context.kind == "generate":
+            for frame in frames:
+                await self._emit(frame)
+            return
+        # numbered and in the snapshot before the client sees them: a gateway that dies now
+        # leaves a snapshot that has them (§2.3)
+        framed = [self.outbox.number(frame) for frame in frames]
+        await self._save(frames=framed)
+        for frame in framed:
+            await self.outbox.deliver(frame)
 
 
 def _overrides(message: p.Sampling | p.Turn | p.Regenerate) -> SamplingOverrides:

@@ -24,7 +24,7 @@ import contextlib
 import hashlib
 import hmac
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import msgspec
@@ -84,8 +84,15 @@ class Handoff:
         """Start keeping snapshots of a session this gateway opened or took over."""
         self._held[session_id] = _Held(token_digest.hex())
 
-    async def save(self, conversation: Conversation, last_seq: int, running: str | None) -> None:
-        """Write the session's snapshot now (a session that cannot move writes none)."""
+    async def save(
+        self,
+        conversation: Conversation,
+        last_seq: int,
+        running: str | None,
+        frames: Sequence[p.ServerMessage] = (),
+    ) -> None:
+        """Write the session's snapshot now, with its newest ``frames`` (the last has
+        ``last_seq``); a session that cannot move writes none."""
         held = self._held.get(conversation.session_id)
         if held is None:
             return
@@ -95,6 +102,7 @@ class Handoff:
             token_hash=held.token_hash,
             last_seq=last_seq,
             running=running,
+            frames=[p.encode_server_message(frame) for frame in frames],
         )
         if held.snapshot is not None:
             await self._put(held.snapshot)

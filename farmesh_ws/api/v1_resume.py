@@ -54,14 +54,22 @@ class Outbox:
         self.on_overflow: Callable[[], None] = lambda: None
 
     async def send(self, message: p.ServerMessage) -> None:
+        await self.deliver(self.number(message))
+
+    def number(self, message: p.ServerMessage) -> p.ServerMessage:
+        """Give ``message`` the next ``seq`` and keep it; :meth:`deliver` sends it."""
         self.last_seq += 1
         framed = msgspec.structs.replace(message, seq=self.last_seq)
         self._frames.append(framed)
+        return framed
+
+    async def deliver(self, framed: p.ServerMessage) -> None:
+        """Send a frame :meth:`number` kept to the attached connection, if any."""
         if self._send is not None:
             while len(self._frames) > self._cap:
                 self._frames.popleft()
             await self._send(framed)
-        elif self.last_seq - (self._detached_at_seq or 0) == self._cap:
+        elif (framed.seq or 0) - (self._detached_at_seq or 0) == self._cap:
             self.on_overflow()
 
     def detach(self) -> None:

@@ -36,7 +36,8 @@ class SessionSnapshot(msgspec.Struct, frozen=True, kw_only=True):
     ``token_hash``: SHA-256 of its resume token (hex); ``transcript``/``pending``: the ids the
     mesh holds and the generated token not yet sent; ``last_seq``: the seq of its last frame;
     ``running``: the id of a request started and not yet settled (lost if the owner died);
-    ``frames``: a released session's kept frames (protocol v1 JSON, the last has ``last_seq``).
+    ``frames``: its newest frames (protocol v1 JSON, the last has ``last_seq``): a settled
+    request's last ones, or every one a released session kept.
     """
 
     session_id: str
@@ -66,6 +67,7 @@ def snapshot_of(
     token_hash: str,
     last_seq: int,
     running: str | None,
+    frames: list[str] | None = None,
 ) -> SessionSnapshot | None:
     """The conversation as it stands, or None when its mesh session keeps no transcript (a
     synthetic session): such a conversation cannot move."""
@@ -94,6 +96,7 @@ def snapshot_of(
         ],
         last_seq=last_seq,
         running=running,
+        frames=frames or [],
     )
 
 
