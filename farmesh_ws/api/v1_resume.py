@@ -203,6 +203,23 @@ class ResumableSessions:
         """The sessions kept here with no connection, waiting for a resume."""
         return [session_id for session_id, e in self._entries.items() if not e.attached]
 
+    async def give_way(self, quota_key: str) -> bool:
+        """Close the oldest of the principal's sessions that wait for a resume (a new session
+        of its needs the room); False if none waits."""
+        for session_id, entry in self._entries.items():  # oldest first
+            conversation = entry.holder.conversation
+            if entry.attached or conversation is None:
+                continue
+            if conversation.principal.quota_key != quota_key:
+                continue
+            logger.info("session %s gives way to a new session of its principal", session_id[:8])
+            if entry.expiry is not None:
+                entry.expiry.cancel()
+            del self._entries[session_id]
+            await entry.holder.aclose()
+            return True
+        return False
+
     def release(self, session_id: str) -> None:
         """Let a waiting session go to another gateway (protocol.md §2.3) now."""
         entry = self._entries.get(session_id)

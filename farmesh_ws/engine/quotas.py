@@ -246,6 +246,10 @@ class Quotas:
             if r.model_id == model_id and (r.allocated_at is None or r.allocated_at >= checked_at)
         )
 
+    def sessions_full(self, principal: Principal) -> bool:
+        """Whether the principal holds as many sessions as its cap allows."""
+        return self._usage_of(principal).sessions >= self.caps(principal).sessions
+
     def could_hold(self, model_id: str) -> int | None:
         """Context tokens this gateway could hold on ``model_id``: what the mesh has free plus
         what it reserves now (None: the mesh's capacity is unknown)."""

@@ -8,6 +8,7 @@ closes them. It owns conversations, not sockets: a surface holds a reference whi
 
 import logging
 import uuid
+from collections.abc import Awaitable, Callable
 from decimal import Decimal
 
 from farmesh_ws.config import Settings
@@ -30,6 +31,10 @@ from farmesh_ws.state.registry import SessionRegistry
 logger = logging.getLogger(__name__)
 
 
+async def _nothing_waits(quota_key: str) -> bool:
+    return False
+
+
 class SessionManager:
     """Opens, tracks and closes conversations."""
 
@@ -47,6 +52,9 @@ class SessionManager:
         self._quotas = quotas
         self._live: dict[str, Conversation] = {}
         self.stopping = False
+        self.yield_waiting: Callable[[str], Awaitable[bool]] = _nothing_waits
+        """Close the oldest of a principal's sessions that wait for a resume (by quota key);
+        False if it has none (protocol.md §2.2; set by the protocol v1 surface)."""
 
     @property
     def count(self) -> int:
@@ -82,6 +90,10 @@ class SessionManager:
         check_max_new_tokens(settings, sampling.max_new_tokens)
         check_model(self._backend, model_id)
         check_max_length(settings, max_length)
+        # a session that waits for a resume gives way to its principal's new one (§2.2)
+        while self._quotas.sessions_full(principal):
+            if not await self.yield_waiting(principal.quota_key):
+                break
         reservation = self._quotas.reserve(principal, model_id, max_length, session=True)
         try:
             mesh = await open_mesh_session(self._backend, model_id, max_length, settings)

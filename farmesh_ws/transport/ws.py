@@ -101,6 +101,7 @@ class GatewayServer:
             holds=holds,
         )
         self.resumable = ResumableSessions(settings)
+        self.engine.sessions.yield_waiting = self.resumable.give_way
         self.handoff = Handoff(
             settings,
             self.registry,

@@ -246,3 +246,35 @@ async def test_a_normal_close_ends_the_session(make: Any) -> None:
             },
         )
         assert (await receive(ws))["code"] == "session_expired"
+
+
+async def test_sessions_waiting_for_a_resume_give_way_to_their_principals_new_one(
+    make: Any,
+) -> None:
+    """A tab that keeps losing its network must not lock its user out: at the session cap, the
+    oldest session waiting for a resume closes for the new one; the others stay resumable."""
+    server = await make(FakeBackend(reply="ok"), max_sessions_per_principal=2)
+    opened = []
+    for _ in range(2):
+        async with dial(server) as ws:
+            await send(ws, {"type": "open"})
+            opened.append(await receive(ws))
+            drop(ws)
+    await wait_until(lambda: len(server.resumable.waiting()) == 2, "both sessions wait")
+    async with dial(server) as ws:
+        await send(ws, {"type": "open"})
+        assert (await receive(ws))["type"] == "opened"
+    first, second = (
+        {
+            "type": "resume",
+            "session_id": o["session_id"],
+            "resume_token": o["resume_token"],
+            "last_seq": o["seq"],
+        }
+        for o in opened
+    )
+    async with dial(server) as ws:
+        await send(ws, first)
+        assert (await receive(ws))["code"] == "session_expired"
+        await send(ws, second)
+        assert (await receive(ws))["type"] == "resumed"
