@@ -18,6 +18,7 @@ from farmesh_ws.metrics import Metrics
 from farmesh_ws.models import BUNDLED_MODEL_ID
 from farmesh_ws.models.bundled import prepare_bundled_model
 from farmesh_ws.models.generation import Sampling, recommended_sampling
+from farmesh_ws.state.registry import SessionRegistry
 from farmesh_ws.transport.ws import GatewayServer
 
 PRICE = Decimal("0.0001")
@@ -31,12 +32,17 @@ def bundled_generation() -> dict[str, Sampling]:
 
 
 async def start_gateway(
-    backend: Any, *, generation: dict[str, Sampling] | None = None, **overrides: Any
+    backend: Any,
+    *,
+    generation: dict[str, Sampling] | None = None,
+    registry: SessionRegistry | None = None,
+    **overrides: Any,
 ) -> GatewayServer:
     """A gateway on ``backend``; ``generation`` defaults to :func:`bundled_generation`, as
-    ``farmesh-ws serve`` passes it; ``overrides`` are :class:`Settings` fields (``auth``
-    defaults to ``off``: these tests name the wallets they bill; tests/test_identity.py
-    covers the other modes)."""
+    ``farmesh-ws serve`` passes it; ``registry``: its session registry (one over a state
+    store other gateways share; a new in-process one by default); ``overrides`` are
+    :class:`Settings` fields (``auth`` defaults to ``off``: these tests name the wallets they
+    bill; tests/test_identity.py covers the other modes)."""
     overrides.setdefault("auth", "off")
     settings = replace(
         Settings(port=0, price_per_token_far=PRICE, price_per_prompt_token_far=PROMPT_PRICE),
@@ -46,7 +52,9 @@ async def start_gateway(
     await status.refresh()
     if generation is None:
         generation = await asyncio.to_thread(bundled_generation)
-    server = GatewayServer(settings, backend, status, Metrics(), generation=generation)
+    server = GatewayServer(
+        settings, backend, status, Metrics(), generation=generation, registry=registry
+    )
     await server.start()
     return server
 

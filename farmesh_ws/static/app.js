@@ -36,6 +36,7 @@ const state = {
   resumeDeadline: 0, // until when (ms, performance.now) a dropped connection is retried
   resumeDelay: 0, // the next retry's delay (ms), doubling
   dropped: null, // the close event that started the resume attempts
+  movesOn: false, // the server let the session go (going_away, session_elsewhere): resume it
 
   turns: new Map(), // request_id -> turn view
   numBlocks: new Map(), // model_id -> num_blocks (from /models)
@@ -144,8 +145,9 @@ function startSession() {
     resume_token: point.token, last_seq: point.lastSeq }));
 }
 
-// The socket dropped with the session open: reconnect and resume it (protocol.md §2.2), with
-// backoff from 100 ms doubling to 2 s, for up to 30 s; the running turn keeps streaming.
+// The socket dropped with the session open, or the server let the session go to another gateway
+// (protocol.md §2.2, §2.3): reconnect and resume it, with backoff from 100 ms doubling to 2 s,
+// for up to 30 s; the running turn keeps streaming.
 const RESUME_WITHIN_MS = 30_000;
 function resumeLater() {
   const now = performance.now();
@@ -190,7 +192,9 @@ function connect() {
   ws.addEventListener("close", (event) => {
     if (state.ws !== ws) return;
     state.open = false;
-    if (event.code === 1006 && state.resume !== null) { // dropped, not closed
+    const resumable = event.code === 1006 || state.movesOn; // dropped, or let go: not closed
+    state.movesOn = false;
+    if (resumable && state.resume !== null) {
       state.dropped ??= { code: event.code, reason: event.reason };
       if (resumeLater()) {
         updateButtons();
@@ -227,7 +231,7 @@ const handlers = {
     }
   },
   going_away() {
-    state.resume = null; // the server closes its sessions as it stops: nothing to resume
+    state.movesOn = true; // it lets its sessions go as it stops: resume on the next gateway
   },
   resumed() {
     state.open = true;
@@ -278,6 +282,12 @@ const handlers = {
     scrollDown();
   },
   error(m) {
+    if (!m.request_id && m.code === "session_elsewhere") {
+      // Another gateway still holds the session and lets it go soon: try again.
+      state.movesOn = true;
+      state.ws?.close(1000);
+      return;
+    }
     if (!m.request_id && (m.code === "resume_denied" || m.code === "session_expired")) {
       // The session could not be resumed: it is gone; a new one starts on Reconnect.
       state.resume = null;
