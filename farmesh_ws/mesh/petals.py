@@ -107,7 +107,7 @@ class PetalsBackend:
         """Reload one model's routing table from the DHT now, instead of at the next periodic
         update (``update_period_s``), so that servers that just joined can be chosen."""
         manager = self._model(model_id).sequence_manager
-        await asyncio.to_thread(manager.update, wait=True)
+        await asyncio.to_thread(_update_routes_now, manager)
 
     async def discover(self) -> list[ModelCoverage]:
         """Every model the DHT announces, with coverage (not only the ones served here)."""
@@ -135,3 +135,13 @@ class PetalsBackend:
         """Run ``fn`` on a mesh worker thread, with the caller's log context (conn, session)
         and this backend's payout bindings."""
         return self._executor.submit(run_in_context(running_with(self.payout_bindings, fn)), *args)
+
+
+def _update_routes_now(manager: Any) -> None:
+    """``RemoteSequenceManager.update(wait=True)`` waits for its update thread, which Petals
+    2.2.0.post1 starts only in the first ``make_sequence``: before any session, it would wait
+    forever. Start the thread first, as ``make_sequence`` does (under the same lock)."""
+    with manager._thread_start_lock:
+        if not manager.is_alive():
+            manager._thread.start()
+    manager.update(wait=True)

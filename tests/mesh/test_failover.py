@@ -66,6 +66,41 @@ async def test_turn_after_a_crash_reroutes_to_the_replica_and_credits_its_replay
         )
 
 
+async def test_a_server_killed_mid_turn_hands_the_turn_to_the_replica_unchanged(
+    backend: Any, swarm: Any, golden: dict[str, Any]
+) -> None:
+    swarm.add_server("15:30")
+    await backend.refresh_routes(BUNDLED_MODEL_ID)
+    turn1, turn2 = golden["conversations"][1][:2]  # the longer reply: 13 tokens
+    session = await backend.open_session(BUNDLED_MODEL_ID, max_length=512)
+    ids2: list[int] = []
+    after_kill = 0
+    try:
+        _, done1 = await _run(session, _messages(turn1["new_messages"]))
+        victim = _node_serving(swarm, done1.routes[-1][-1].peer_id)
+        stream = session.run_tokens(
+            session.encode_turn(_messages(turn2["new_messages"])), GREEDY_48
+        )
+        async for event in stream:
+            if not isinstance(event, TokenEvent):
+                done2 = event
+                break
+            ids2.append(event.token_id)
+            if len(ids2) == 2:
+                swarm.kill_server(victim.name)  # the turn's next steps find it dead
+            elif len(ids2) > 2:
+                after_kill += 1
+    finally:
+        await session.aclose()
+
+    assert done2.finish_reason == "stop", done2.error
+    assert after_kill >= 3
+    assert ids2 == turn2["greedy_48_ids"]
+    # the turn began on the victim and ended without it: the kill landed mid-turn
+    assert victim.peer_id in {hop.peer_id for hop in done2.routes[0]}
+    assert victim.peer_id not in {hop.peer_id for hop in done2.routes[-1]}
+
+
 async def test_missing_span_is_a_fast_retryable_error_then_the_session_recovers(
     backend: Any, swarm: Any, golden: dict[str, Any]
 ) -> None:
