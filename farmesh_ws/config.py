@@ -84,7 +84,8 @@ class Settings:
     open_timeout_s: float = 30.0
     shutdown_grace_s: float = 30.0
     mesh_status_refresh_s: float = 5.0
-    mesh_max_retries: int = 2
+    mesh_max_retries: int = 4
+    mesh_min_backoff_s: float = 0.25
     mesh_request_timeout_s: float = 30.0
     mesh_connect_timeout_s: float = 5.0
     # Payout identity (README "Getting paid: binding a payout wallet").
@@ -284,6 +285,7 @@ def _validated(settings: Settings) -> Settings:
         (settings.shutdown_grace_s >= 0, "shutdown_grace_s must not be negative"),
         (settings.mesh_status_refresh_s > 0, "mesh_status_refresh_s must be positive"),
         (settings.mesh_max_retries >= 1, "mesh_max_retries must be at least 1"),
+        (settings.mesh_min_backoff_s >= 0, "mesh_min_backoff_s must not be negative"),
         (settings.mesh_request_timeout_s > 0, "mesh_request_timeout_s must be positive"),
         (settings.mesh_connect_timeout_s > 0, "mesh_connect_timeout_s must be positive"),
         (settings.payout_binding_ttl_s > 0, "payout_binding_ttl_s must be positive"),

@@ -121,6 +121,7 @@ async def running_gateway(settings: Settings, *, progress: bool = True) -> Async
                 max_concurrent_turns=settings.max_concurrent_turns,
                 max_session_length=settings.max_length_limit,
                 max_retries=settings.mesh_max_retries,
+                min_backoff_s=settings.mesh_min_backoff_s,
                 connect_timeout_s=settings.mesh_connect_timeout_s,
                 request_timeout_s=settings.mesh_request_timeout_s,
                 payout=BindingPolicy(

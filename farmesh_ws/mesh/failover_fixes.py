@@ -1,7 +1,7 @@
 """Fixes that let a Petals 2.2.0.post1 inference session survive a dead server (Petals #587).
 
 Stock Petals never recovers when a server dies mid-session, even with a replica serving the
-same blocks. Three bugs, three wrappers, applied by :func:`apply` (via ``compat.apply``):
+same blocks. Four bugs, four wrappers, applied by :func:`apply` (via ``compat.apply``):
 
 1. ``stale_routes``: ``RemoteSequenceManager.on_request_failure`` drops the dead peer from
    ``block_infos`` but not from ``spans_containing_block``, so routing keeps choosing the dead
@@ -12,19 +12,27 @@ same blocks. Three bugs, three wrappers, applied by :func:`apply` (via ``compat.
    the replacement's first step, send that prefix followed by the current tokens.
 3. ``replayed_prefix``: the replacement returns hidden states for prefix + current tokens; a
    downstream server that already holds its cache must get only the current tokens.
+4. ``unreachable_replacement``: when the server chosen to replace a failed one cannot be
+   reached either (a dead server stays announced in the DHT until its record expires), the
+   step's failure names no peer (``on_request_failure(None)``), so the next try picks the same
+   dead server again. Opening a server session now tags its error with the peer, and the
+   failure bans that peer.
 
 Fix 3 needs to know how many tokens the current ``InferenceSession.step`` carries; the step
 runs synchronously in one thread, so a context variable set around it is exact.
 """
 
+import contextlib
 import contextvars
 import functools
+import sys
 from typing import Any
 
 _current_step_tokens: contextvars.ContextVar[int | None] = contextvars.ContextVar(
     "farmesh_current_step_tokens", default=None
 )
 _PATCHED = "_farmesh_failover_fix"
+_UNREACHABLE_PEER = "_farmesh_unreachable_peer"
 
 
 def apply() -> None:
@@ -33,6 +41,7 @@ def apply() -> None:
     from petals.client.routing import sequence_manager
 
     _fix_stale_routes(sequence_manager.RemoteSequenceManager)
+    _name_unreachable_peer(inference_session._ServerInferenceSession)
     _track_step_tokens(inference_session.InferenceSession)
     _fix_replacement_history(inference_session.InferenceSession)
     _fix_replayed_prefix(inference_session._ServerInferenceSession)
@@ -50,6 +59,8 @@ def _fix_stale_routes(manager_cls: Any) -> None:
 
     @functools.wraps(original)
     def on_request_failure(self: Any, peer_id: Any) -> None:
+        if peer_id is None:  # called while handling the step's error: fix 4 may name the peer
+            peer_id = getattr(sys.exc_info()[1], _UNREACHABLE_PEER, None)
         original(self, peer_id)
         if peer_id is None:
             return
@@ -61,6 +72,24 @@ def _fix_stale_routes(manager_cls: Any) -> None:
 
     setattr(on_request_failure, _PATCHED, True)
     manager_cls.on_request_failure = on_request_failure
+
+
+def _name_unreachable_peer(server_session_cls: Any) -> None:
+    original = server_session_cls.__dict__["create"].__func__
+    if _already(original):
+        return
+
+    @functools.wraps(original)
+    async def create(cls: Any, config: Any, p2p: Any, span: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return await original(cls, config, p2p, span, *args, **kwargs)
+        except Exception as exc:
+            with contextlib.suppress(AttributeError):  # an exception type without a __dict__
+                setattr(exc, _UNREACHABLE_PEER, span.peer_id)
+            raise
+
+    setattr(create, _PATCHED, True)
+    server_session_cls.create = classmethod(create)
 
 
 def _track_step_tokens(session_cls: Any) -> None:

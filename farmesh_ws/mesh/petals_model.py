@@ -22,14 +22,16 @@ class ModelSpec:
 @dataclass(frozen=True, slots=True)
 class PetalsBackendConfig:
     """``max_concurrent_turns``: worker threads (turns running at once); lengths in tokens;
-    timeouts and periods in seconds; ``max_retries``: Petals' tries per step and server;
+    timeouts and periods in seconds; ``max_retries``: Petals' tries per step and server,
+    ``min_backoff_s`` the wait before the second (doubling for each later one);
     ``payout``: how servers' payout bindings are fetched and checked (:mod:`farmesh_ws.payout`)."""
 
     initial_peers: tuple[str, ...]
     models: tuple[ModelSpec, ...]
     max_concurrent_turns: int = 8
     max_session_length: int = 2048
-    max_retries: int = 2
+    max_retries: int = 4
+    min_backoff_s: float = 0.25
     connect_timeout_s: float = 5.0
     request_timeout_s: float = 30.0
     update_period_s: float = 10.0
@@ -56,6 +58,7 @@ class LoadedModel:
             dht_prefix=spec.dht_prefix,
             torch_dtype=torch.float32,
             max_retries=config.max_retries,
+            min_backoff=config.min_backoff_s,
             connect_timeout=config.connect_timeout_s,
             request_timeout=config.request_timeout_s,
             update_period=config.update_period_s,

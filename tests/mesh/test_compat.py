@@ -7,6 +7,7 @@ import importlib
 import subprocess
 import sys
 import threading
+import types
 import warnings
 from pathlib import Path
 from typing import Any
@@ -118,11 +119,10 @@ def test_server_start_makes_no_version_request() -> None:
     assert attempts == []
 
 
-def test_failed_peer_leaves_routing_at_once() -> None:
-    """Fix 1: after a failure, routing must no longer offer the failed peer's span."""
-    compat.apply()
+def _routing(dead: Any, alive: Any) -> tuple[Any, Any]:
+    """A sequence manager (and its routing info) over 4 blocks, each served by ``dead``
+    (preferred: more throughput) and ``alive``."""
     from hivemind.dht.node import Blacklist
-    from hivemind.p2p import PeerID
     from petals.client.routing.sequence_info import RemoteSequenceInfo
     from petals.client.routing.sequence_manager import (
         RemoteSequenceManager,
@@ -132,7 +132,6 @@ def test_failed_peer_leaves_routing_at_once() -> None:
     from petals.data_structures import RemoteModuleInfo, ServerInfo, ServerState
 
     uids = [f"model.{index}" for index in range(4)]
-    dead, alive = PeerID(b"\x00" * 34), PeerID(b"\x01" * 34)
     info = RemoteSequenceInfo.make_empty(uids)
     info.update_(
         [
@@ -150,11 +149,46 @@ def test_failed_peer_leaves_routing_at_once() -> None:
     manager.state = SequenceManagerState(sequence_info=info, banned_peers=Blacklist(15, 2.0))
     manager.lock_changes = threading.Lock()
     manager._thread = _SequenceManagerUpdateThread(60, WeakMethod(manager.on_request_success))
+    return manager, info
+
+
+def test_failed_peer_leaves_routing_at_once() -> None:
+    """Fix 1: after a failure, routing must no longer offer the failed peer's span."""
+    compat.apply()
+    from hivemind.p2p import PeerID
+
+    dead, alive = PeerID(b"\x00" * 34), PeerID(b"\x01" * 34)
+    manager, info = _routing(dead, alive)
 
     manager.on_request_failure(dead)
 
     peers_per_block = [{span.peer_id for span in spans} for spans in info.spans_containing_block]
     assert peers_per_block == [{alive}] * 4
+    assert [span.peer_id for span in info.spans_by_priority] == [alive]
+
+
+def test_an_unreachable_replacement_is_banned_by_name() -> None:
+    """Fix 4: opening a server session that cannot be reached names its peer, so the failure
+    Petals reports without a peer (``on_request_failure(None)``) still bans it."""
+    compat.apply()
+    from hivemind.p2p import PeerID
+    from petals.client.inference_session import _ServerInferenceSession
+
+    dead, alive = PeerID(b"\x02" * 34), PeerID(b"\x03" * 34)
+    manager, info = _routing(dead, alive)
+
+    class UnreachableP2P:
+        async def iterate_protobuf_handler(self, *args: Any) -> Any:
+            raise ConnectionError("failed to dial: all dials failed")
+
+    span = types.SimpleNamespace(peer_id=dead)
+    config = types.SimpleNamespace(connect_timeout=5.0)
+    opening = _ServerInferenceSession.create(config, UnreachableP2P(), span, "m.0", {})
+    try:
+        asyncio.run(opening)
+    except ConnectionError:
+        manager.on_request_failure(None)  # as InferenceSession.step reports it
+    assert dead in manager.state.banned_peers
     assert [span.peer_id for span in info.spans_by_priority] == [alive]
 
 

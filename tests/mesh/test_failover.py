@@ -4,11 +4,13 @@ These tests SIGKILL servers of the shared swarm, so they run last (marker ``disr
 """
 
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from farmesh_ws.core.types import ChatMessage, SamplingParams, TokenEvent, TurnDone
+from farmesh_ws.mesh.petals import ModelSpec, PetalsBackend, PetalsBackendConfig
 from farmesh_ws.models import BUNDLED_MODEL_ID
 
 pytestmark = pytest.mark.disruptive
@@ -99,6 +101,37 @@ async def test_a_server_killed_mid_turn_hands_the_turn_to_the_replica_unchanged(
     # the turn began on the victim and ended without it: the kill landed mid-turn
     assert victim.peer_id in {hop.peer_id for hop in done2.routes[0]}
     assert victim.peer_id not in {hop.peer_id for hop in done2.routes[-1]}
+
+
+async def test_a_replica_unknown_to_the_routes_takes_over_a_crash(
+    swarm: Any, bundled_model_path: Path, golden: dict[str, Any]
+) -> None:
+    """The replica joins after the client's last routing update (a client of its own whose
+    periodic update never comes during the test): when the crash leaves no known server for the
+    blocks, the client looks the routes up again (Petals' on_request_failure triggers it and
+    make_sequence waits for it) instead of failing with the blocks missing."""
+    config = PetalsBackendConfig(
+        initial_peers=tuple(swarm.initial_peers),
+        models=(ModelSpec(BUNDLED_MODEL_ID, bundled_model_path, swarm.config.dht_prefix),),
+        update_period_s=3600.0,
+        ban_timeout_s=5.0,
+    )
+    stale = await PetalsBackend.start(config)
+    turn1, turn2 = golden["conversations"][0][:2]
+    try:
+        session = await stale.open_session(BUNDLED_MODEL_ID, max_length=512)
+        _, done1 = await _run(session, _messages(turn1["new_messages"]))
+        victim = _node_serving(swarm, done1.routes[-1][-1].peer_id)
+        replica = swarm.add_server(victim.span)
+        swarm.kill_server(victim.name)
+        ids2, done2 = await _run(session, _messages(turn2["new_messages"]))
+        await session.aclose()
+    finally:
+        await stale.aclose()
+
+    assert done2.finish_reason == "stop", done2.error
+    assert ids2 == turn2["greedy_48_ids"]
+    assert replica.peer_id in {hop.peer_id for hop in done2.routes[-1]}
 
 
 async def test_missing_span_is_a_fast_retryable_error_then_the_session_recovers(
