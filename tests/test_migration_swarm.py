@@ -1,7 +1,9 @@
-"""A chat moves between gateways on the real swarm (protocol.md §2.3): gateway A is a
-``farmesh-ws serve`` process, gateway B runs here, both on one Redis. After A is SIGKILLed or
-drained (SIGTERM), the chat resumes on B and its next greedy reply equals the one of a
-conversation that never moved."""
+"""A chat moves between gateways on the real swarm (protocol.md §2.3): gateways A and B are
+``farmesh-ws serve`` processes sharing one Redis and one PostgreSQL ledger. After A is
+SIGKILLed or drained (SIGTERM), the chat resumes on B, its next greedy reply equals the one of a
+conversation that never moved (on a gateway in this process), and the ledger holds the whole
+session: A's turns and B's, whose replay of the history is credited to the servers, not
+billed."""
 
 import asyncio
 import os
@@ -11,18 +13,15 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from farmesh_ws.config import Settings
 from farmesh_ws.home import farmesh_home
-from farmesh_ws.mesh.status import MeshStatusCache
-from farmesh_ws.metrics import Metrics
-from farmesh_ws.state import open_state_store
-from farmesh_ws.state.registry import SessionRegistry
 from farmesh_ws.transport.ws import GatewayServer
-from tests.helpers import open_chat, receive, run_turn, send, ws_url
+from tests.helpers import open_chat, receive, run_turn, send, start_gateway, ws_url
+from tests.ledger.conftest import _fresh_postgres_database
 from tests.test_cli import Command
 
 REDIS = "redis://127.0.0.1:6379/0"
@@ -32,29 +31,29 @@ SAMPLING = {"temperature": 0, "max_new_tokens": 20}
 
 
 @pytest.fixture
-async def gateway_b(backend: Any) -> AsyncIterator[GatewayServer]:
-    store = await open_state_store(REDIS)
-    status = MeshStatusCache(backend.model_ids, backend.coverage, refresh_s=60)
-    await status.refresh()
-    settings = Settings(port=0, auth="off", balances="off", coordinator_lease_s=LEASE_S)
-    registry = SessionRegistry(store, lease_s=LEASE_S)
-    server = GatewayServer(settings, backend, status, Metrics(), registry=registry)
-    await server.start()
+async def reference(backend: Any) -> AsyncIterator[GatewayServer]:
+    """A gateway of its own, for the conversation that never moves."""
+    server = await start_gateway(backend)
     yield server
     await server.shutdown()
-    await store.aclose()
 
 
-def _serve_a(swarm: Any, tmp_path: Path) -> Command:
-    home = tmp_path / "home"
-    home.mkdir(exist_ok=True)
-    if not (home / "models").exists():
-        (home / "models").symlink_to(farmesh_home() / "models")
+@pytest.fixture
+async def ledger_url() -> AsyncIterator[str]:
+    async for url in _fresh_postgres_database():
+        yield url.replace("postgresql+asyncpg://", "postgresql://")
+
+
+def _serve(swarm: Any, tmp_path: Path, name: str, ledger_url: str) -> Command:
+    home = tmp_path / name
+    home.mkdir()
+    (home / "models").symlink_to(farmesh_home() / "models")
     return Command(
         ["serve", "--port", "0", "--bootstrap", ",".join(swarm.initial_peers)],
-        tmp_path,
+        home,
         FARMESH_HOME=str(home),
         REDIS_URL=REDIS,
+        POSTGRES_URL=ledger_url,
         FARMESH_AUTH="off",
         FARMESH_BALANCES="off",
         FARMESH_COORDINATOR_LEASE_S=str(LEASE_S),
@@ -71,10 +70,41 @@ def _stop(command: Command) -> None:
 
 
 async def _text(ws: Any, request_id: str, text: str) -> tuple[str, dict[str, Any], int]:
-    """The turn's reply, its ``done`` and the ``seq`` of its last frame."""
+    """The turn's reply, its ``done`` and the ``seq`` of its last frame (its contribution)."""
     tokens, done, contribution = await run_turn(ws, request_id, text)
     assert done["finish_reason"] in ("stop", "length"), done
     return "".join(t["token"] for t in tokens), done, contribution["seq"]
+
+
+async def _ledger_turns(ledger_url: str, session_id: str) -> dict[str, tuple[int, int]]:
+    """Each recorded turn of the session: its prompt tokens, and the tokens its servers
+    replayed (not billed), summed over its contributions."""
+    db = await asyncpg.connect(ledger_url)
+    try:
+        rows = await db.fetch(
+            """SELECT t.request_id, t.prompt_tokens, COALESCE(SUM(c.replayed_tokens), 0)
+               FROM turns t LEFT JOIN node_contributions c
+                 ON c.session_id = t.session_id AND c.request_id = t.request_id
+               WHERE t.session_id = $1 GROUP BY t.request_id, t.prompt_tokens""",
+            session_id,
+        )
+    finally:
+        await db.close()
+    return {row[0]: (row[1], row[2]) for row in rows}
+
+
+async def _recorded(ledger_url: str, session_id: str, request_ids: set[str]) -> None:
+    """Wait until the ledger holds these turns (its writer stores them off the hot path)."""
+    deadline = time.monotonic() + 30
+    while not request_ids <= set(await _ledger_turns(ledger_url, session_id)):
+        assert time.monotonic() < deadline, f"{request_ids} never reached the ledger"
+        await asyncio.sleep(0.1)
+
+
+async def _drain(command: Command) -> None:
+    """SIGTERM, as a redeploy does: the gateway flushes its ledger and exits 0."""
+    command.process.send_signal(signal.SIGTERM)
+    assert await asyncio.to_thread(command.process.wait, 60) == 0
 
 
 async def _reference(server: GatewayServer) -> list[str]:
@@ -83,12 +113,12 @@ async def _reference(server: GatewayServer) -> list[str]:
         return [(await _text(ws, f"r{i}", turn))[0] for i, turn in enumerate(TURNS)]
 
 
-async def _resume_when_free(server: GatewayServer, resume: dict[str, Any]) -> Any:
-    """Resume on ``server``, retrying while the old gateway still holds the session (as the
-    Python client does); the open connection and the ``resumed`` frame."""
+async def _resume_when_free(url: str, resume: dict[str, Any]) -> Any:
+    """Resume on the gateway at ``url``, retrying while the old gateway still holds the session
+    (as the Python client does); the open connection and the ``resumed`` frame."""
     deadline = time.monotonic() + 60
     while True:
-        ws = await connect(ws_url(server))
+        ws = await connect(url)
         await send(ws, resume)
         answer = await receive(ws)
         if answer["type"] == "resumed":
@@ -123,53 +153,67 @@ async def _ready(command: Command) -> str:
 
 
 async def test_a_chat_resumes_on_b_after_a_is_killed_with_the_same_greedy_reply(
-    swarm: Any, gateway_b: GatewayServer, tmp_path: Path
+    swarm: Any, reference: GatewayServer, ledger_url: str, tmp_path: Path
 ) -> None:
-    reference = await _reference(gateway_b)
-    a = _serve_a(swarm, tmp_path)
+    expected = await _reference(reference)
+    a = _serve(swarm, tmp_path, "a", ledger_url)
+    b = _serve(swarm, tmp_path, "b", ledger_url)
     try:
-        async with connect(await _ready(a)) as ws:
+        url_a, url_b = await asyncio.gather(_ready(a), _ready(b))
+        async with connect(url_a) as ws:
             opened = await open_chat(ws, sampling=SAMPLING)
             texts, held = [], 0
             for i in range(2):
                 text, done, last_seq = await _text(ws, f"a{i}", TURNS[i])
                 texts.append(text)
                 held = done["position"]
+            await _recorded(ledger_url, opened["session_id"], {"a0", "a1"})
             os.killpg(a.process.pid, signal.SIGKILL)
             a.process.wait()
             await _until_closed(ws)
+        assert texts == expected[:2]
+        ws, resumed = await _resume_when_free(url_b, _resume(opened, last_seq))
+        async with ws:
+            assert resumed["moved"] is True
+            assert resumed["last_seq"] == last_seq
+            text, done, _ = await _text(ws, "b2", TURNS[2])
+        await _drain(b)
     finally:
         _stop(a)
-    assert texts == reference[:2]
-    ws, resumed = await _resume_when_free(gateway_b, _resume(opened, last_seq))
-    async with ws:
-        assert resumed["moved"] is True
-        assert resumed["last_seq"] == last_seq
-        text, done, _ = await _text(ws, "b2", TURNS[2])
-    assert text == reference[2]
+        _stop(b)
+    assert text == expected[2]
     # the history was replayed into B's mesh session, not sent again nor billed
     assert done["usage"]["cached_tokens"] == held
+    turns = await _ledger_turns(ledger_url, opened["session_id"])
+    assert set(turns) == {"a0", "a1", "b2"}
+    assert turns["b2"][0] == done["usage"]["prompt_tokens"]
+    assert turns["b2"][1] >= held  # each server replayed the history it holds a span of
 
 
 async def test_a_drained_gateways_chat_resumes_on_b_with_the_same_greedy_reply(
-    swarm: Any, gateway_b: GatewayServer, tmp_path: Path
+    swarm: Any, reference: GatewayServer, ledger_url: str, tmp_path: Path
 ) -> None:
-    reference = await _reference(gateway_b)
-    a = _serve_a(swarm, tmp_path)
+    expected = await _reference(reference)
+    a = _serve(swarm, tmp_path, "a", ledger_url)
+    b = _serve(swarm, tmp_path, "b", ledger_url)
     try:
-        async with connect(await _ready(a)) as ws:
+        url_a, url_b = await asyncio.gather(_ready(a), _ready(b))
+        async with connect(url_a) as ws:
             opened = await open_chat(ws, sampling=SAMPLING)
             text, _, last_seq = await _text(ws, "a0", TURNS[0])
-            a.process.send_signal(signal.SIGTERM)
+            draining = asyncio.create_task(_drain(a))
             frames = await _until_closed(ws)
             assert ws.close_code == 1001
-        assert await asyncio.to_thread(a.process.wait, 60) == 0
+            await draining
+        ws, resumed = await _resume_when_free(url_b, _resume(opened, last_seq))
+        async with ws:
+            assert resumed["moved"] is True
+            texts = [(await _text(ws, f"b{i}", TURNS[i]))[0] for i in (1, 2)]
+        await _drain(b)
     finally:
         _stop(a)
-    assert text == reference[0]
+        _stop(b)
+    assert text == expected[0]
     assert [f["type"] for f in frames] == ["going_away"]
-    ws, resumed = await _resume_when_free(gateway_b, _resume(opened, last_seq))
-    async with ws:
-        assert resumed["moved"] is True
-        texts = [(await _text(ws, f"b{i}", TURNS[i]))[0] for i in (1, 2)]
-    assert texts == reference[1:]
+    assert texts == expected[1:]
+    assert set(await _ledger_turns(ledger_url, opened["session_id"])) == {"a0", "b1", "b2"}
