@@ -61,16 +61,10 @@ async def gateway(backend: Any) -> AsyncIterator[Any]:
 
 @pytest.fixture(scope="session")
 async def backend(swarm: Any, bundled_model_path: Path) -> AsyncIterator[Any]:
-    from farmesh_ws.mesh.petals import ModelSpec, PetalsBackend, PetalsBackendConfig
-    from farmesh_ws.models import BUNDLED_MODEL_ID
+    from farmesh_ws.mesh.petals import PetalsBackend
+    from tests.helpers import swarm_backend_config
 
-    config = PetalsBackendConfig(
-        initial_peers=tuple(swarm.initial_peers),
-        models=(ModelSpec(BUNDLED_MODEL_ID, bundled_model_path, swarm.config.dht_prefix),),
-        update_period_s=5.0,
-        ban_timeout_s=5.0,
-    )
-    mesh = await PetalsBackend.start(config)
+    mesh = await PetalsBackend.start(swarm_backend_config(swarm, bundled_model_path))
     yield mesh
     await mesh.aclose()
 

@@ -4,6 +4,7 @@ import asyncio
 import json
 from dataclasses import replace
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -114,3 +115,14 @@ async def run_turn(
             return tokens, done, contribution
         else:
             raise AssertionError(f"unexpected frame {message}")
+
+
+def swarm_backend_config(swarm: Any, model_path: Path, **overrides: Any) -> Any:
+    """The PetalsBackend configuration for a test swarm serving the bundled model: routes
+    refreshed and failed servers banned for 5 s, unless ``overrides`` say otherwise."""
+    from farmesh_ws.mesh.petals import ModelSpec, PetalsBackendConfig
+    from farmesh_ws.models import BUNDLED_MODEL_ID
+
+    spec = ModelSpec(BUNDLED_MODEL_ID, model_path, swarm.config.dht_prefix)
+    fields: dict[str, Any] = {"update_period_s": 5.0, "ban_timeout_s": 5.0, **overrides}
+    return PetalsBackendConfig(initial_peers=tuple(swarm.initial_peers), models=(spec,), **fields)

@@ -10,6 +10,7 @@ import os
 import signal
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -152,35 +153,50 @@ async def _ready(command: Command) -> str:
     return line.split()[2]
 
 
-async def test_a_chat_resumes_on_b_after_a_is_killed_with_the_same_greedy_reply(
-    swarm: Any, reference: GatewayServer, ledger_url: str, tmp_path: Path
-) -> None:
-    expected = await _reference(reference)
+@dataclass
+class Pair:
+    """Gateways A and B (``serve`` processes) on one Redis and one ledger, and their URLs."""
+
+    a: Command
+    b: Command
+    url_a: str
+    url_b: str
+
+
+@pytest.fixture
+async def pair(swarm: Any, ledger_url: str, tmp_path: Path) -> AsyncIterator[Pair]:
     a = _serve(swarm, tmp_path, "a", ledger_url)
     b = _serve(swarm, tmp_path, "b", ledger_url)
     try:
         url_a, url_b = await asyncio.gather(_ready(a), _ready(b))
-        async with connect(url_a) as ws:
-            opened = await open_chat(ws, sampling=SAMPLING)
-            texts, held = [], 0
-            for i in range(2):
-                text, done, last_seq = await _text(ws, f"a{i}", TURNS[i])
-                texts.append(text)
-                held = done["position"]
-            await _recorded(ledger_url, opened["session_id"], {"a0", "a1"})
-            os.killpg(a.process.pid, signal.SIGKILL)
-            a.process.wait()
-            await _until_closed(ws)
-        assert texts == expected[:2]
-        ws, resumed = await _resume_when_free(url_b, _resume(opened, last_seq))
-        async with ws:
-            assert resumed["moved"] is True
-            assert resumed["last_seq"] == last_seq
-            text, done, _ = await _text(ws, "b2", TURNS[2])
-        await _drain(b)
+        yield Pair(a, b, url_a, url_b)
     finally:
         _stop(a)
         _stop(b)
+
+
+async def test_a_chat_resumes_on_b_after_a_is_killed_with_the_same_greedy_reply(
+    pair: Pair, reference: GatewayServer, ledger_url: str
+) -> None:
+    expected = await _reference(reference)
+    async with connect(pair.url_a) as ws:
+        opened = await open_chat(ws, sampling=SAMPLING)
+        texts, held = [], 0
+        for i in range(2):
+            text, done, last_seq = await _text(ws, f"a{i}", TURNS[i])
+            texts.append(text)
+            held = done["position"]
+        await _recorded(ledger_url, opened["session_id"], {"a0", "a1"})
+        os.killpg(pair.a.process.pid, signal.SIGKILL)
+        pair.a.process.wait()
+        await _until_closed(ws)
+    assert texts == expected[:2]
+    ws, resumed = await _resume_when_free(pair.url_b, _resume(opened, last_seq))
+    async with ws:
+        assert resumed["moved"] is True
+        assert resumed["last_seq"] == last_seq
+        text, done, _ = await _text(ws, "b2", TURNS[2])
+    await _drain(pair.b)
     assert text == expected[2]
     # the history was replayed into B's mesh session, not sent again nor billed
     assert done["usage"]["cached_tokens"] == held
@@ -191,28 +207,21 @@ async def test_a_chat_resumes_on_b_after_a_is_killed_with_the_same_greedy_reply(
 
 
 async def test_a_drained_gateways_chat_resumes_on_b_with_the_same_greedy_reply(
-    swarm: Any, reference: GatewayServer, ledger_url: str, tmp_path: Path
+    pair: Pair, reference: GatewayServer, ledger_url: str
 ) -> None:
     expected = await _reference(reference)
-    a = _serve(swarm, tmp_path, "a", ledger_url)
-    b = _serve(swarm, tmp_path, "b", ledger_url)
-    try:
-        url_a, url_b = await asyncio.gather(_ready(a), _ready(b))
-        async with connect(url_a) as ws:
-            opened = await open_chat(ws, sampling=SAMPLING)
-            text, _, last_seq = await _text(ws, "a0", TURNS[0])
-            draining = asyncio.create_task(_drain(a))
-            frames = await _until_closed(ws)
-            assert ws.close_code == 1001
-            await draining
-        ws, resumed = await _resume_when_free(url_b, _resume(opened, last_seq))
-        async with ws:
-            assert resumed["moved"] is True
-            texts = [(await _text(ws, f"b{i}", TURNS[i]))[0] for i in (1, 2)]
-        await _drain(b)
-    finally:
-        _stop(a)
-        _stop(b)
+    async with connect(pair.url_a) as ws:
+        opened = await open_chat(ws, sampling=SAMPLING)
+        text, _, last_seq = await _text(ws, "a0", TURNS[0])
+        draining = asyncio.create_task(_drain(pair.a))
+        frames = await _until_closed(ws)
+        assert ws.close_code == 1001
+        await draining
+    ws, resumed = await _resume_when_free(pair.url_b, _resume(opened, last_seq))
+    async with ws:
+        assert resumed["moved"] is True
+        texts = [(await _text(ws, f"b{i}", TURNS[i]))[0] for i in (1, 2)]
+    await _drain(pair.b)
     assert text == expected[0]
     assert [f["type"] for f in frames] == ["going_away"]
     assert texts == expected[1:]

@@ -11,7 +11,7 @@ import pytest
 from websockets.asyncio.client import connect
 
 from farmesh_ws.transport.ws import GatewayServer
-from tests.helpers import open_chat, run_turn, start_gateway, ws_url
+from tests.helpers import open_chat, run_turn, start_gateway, swarm_backend_config, ws_url
 
 STEP_TIMEOUT_S = 2.0
 GREEDY = {"temperature": 0, "max_new_tokens": 12}
@@ -40,16 +40,9 @@ def short_swarm(
 
 @pytest.fixture(scope="module")
 async def gateway(short_swarm: Any, bundled_model_path: Path) -> AsyncIterator[GatewayServer]:
-    from farmesh_ws.mesh.petals import ModelSpec, PetalsBackend, PetalsBackendConfig
-    from farmesh_ws.models import BUNDLED_MODEL_ID
+    from farmesh_ws.mesh.petals import PetalsBackend
 
-    config = PetalsBackendConfig(
-        initial_peers=tuple(short_swarm.initial_peers),
-        models=(ModelSpec(BUNDLED_MODEL_ID, bundled_model_path, short_swarm.config.dht_prefix),),
-        update_period_s=5.0,
-        ban_timeout_s=5.0,
-    )
-    backend = await PetalsBackend.start(config)
+    backend = await PetalsBackend.start(swarm_backend_config(short_swarm, bundled_model_path))
     server = await start_gateway(backend)
     yield server
     await server.shutdown()

@@ -20,7 +20,6 @@ conversation (:meth:`~farmesh_ws.engine.sessions.SessionManager.restore`) and ow
 """
 
 import asyncio
-import contextlib
 import hashlib
 import hmac
 import logging
@@ -33,6 +32,7 @@ from farmesh_ws import protocol as p
 from farmesh_ws.api.v1_frames import error_frame
 from farmesh_ws.config import Settings
 from farmesh_ws.core.principal import Principal
+from farmesh_ws.core.tasks import cancel_and_wait
 from farmesh_ws.engine.conversation import Conversation
 from farmesh_ws.engine.snapshot import (
     SessionSnapshot,
@@ -171,11 +171,8 @@ class Handoff:
             self._task = asyncio.create_task(self._renew(), name="farmesh-session-snapshots")
 
     async def aclose(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
 
     async def _renew(self) -> None:
         """Every third of ``coordinator_lease_s``: let go of the waiting sessions another

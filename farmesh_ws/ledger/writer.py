@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from farmesh_ws.core.tasks import cancel_and_wait
 from farmesh_ws.ledger import balances
 from farmesh_ws.ledger.records import TurnRecord
 from farmesh_ws.ledger.spool import Spool
@@ -90,9 +91,7 @@ class LedgerWriter:
         self._closing = True
         if self._task is not None:
             await self._queue.join()
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await cancel_and_wait(self._task)
             self._task = None
         if self._connected:
             await self.ledger.aclose()

@@ -5,12 +5,12 @@ background task asks the DHT every ``refresh_s`` seconds, each query under a tim
 """
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+from farmesh_ws.core.tasks import cancel_and_wait
 from farmesh_ws.mesh.discovery import ModelCoverage
 
 logger = logging.getLogger(__name__)
@@ -109,11 +109,8 @@ class MeshStatusCache:
         self._task = asyncio.create_task(self._loop(), name="farmesh-mesh-status")
 
     async def aclose(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
 
     async def _loop(self) -> None:
         while True:

@@ -8,12 +8,12 @@ lapsed (:mod:`farmesh_ws.api.v1_handoff`).
 """
 
 import asyncio
-import contextlib
 import logging
 import os
 import secrets
 import socket
 
+from farmesh_ws.core.tasks import cancel_and_wait
 from farmesh_ws.state import StateStore
 
 logger = logging.getLogger(__name__)
@@ -62,11 +62,8 @@ class SessionRegistry:
         self._heartbeat = asyncio.create_task(self._beat(), name="farmesh-session-heartbeat")
 
     async def aclose(self) -> None:
-        if self._heartbeat is not None:
-            self._heartbeat.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._heartbeat
-            self._heartbeat = None
+        await cancel_and_wait(self._heartbeat)
+        self._heartbeat = None
         await self.store.take_value(_LEASE_KEY + self.process_id)
         for session_id in list(self._local):
             await self.unregister(session_id)

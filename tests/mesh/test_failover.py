@@ -10,8 +10,9 @@ from typing import Any
 import pytest
 
 from farmesh_ws.core.types import ChatMessage, SamplingParams, TokenEvent, TurnDone
-from farmesh_ws.mesh.petals import ModelSpec, PetalsBackend, PetalsBackendConfig
+from farmesh_ws.mesh.petals import PetalsBackend
 from farmesh_ws.models import BUNDLED_MODEL_ID
+from tests.helpers import swarm_backend_config
 
 pytestmark = pytest.mark.disruptive
 GREEDY_48 = SamplingParams(max_new_tokens=48)
@@ -110,12 +111,7 @@ async def test_a_replica_unknown_to_the_routes_takes_over_a_crash(
     periodic update never comes during the test): when the crash leaves no known server for the
     blocks, the client looks the routes up again (Petals' on_request_failure triggers it and
     make_sequence waits for it) instead of failing with the blocks missing."""
-    config = PetalsBackendConfig(
-        initial_peers=tuple(swarm.initial_peers),
-        models=(ModelSpec(BUNDLED_MODEL_ID, bundled_model_path, swarm.config.dht_prefix),),
-        update_period_s=3600.0,
-        ban_timeout_s=5.0,
-    )
+    config = swarm_backend_config(swarm, bundled_model_path, update_period_s=3600.0)
     stale = await PetalsBackend.start(config)
     turn1, turn2 = golden["conversations"][0][:2]
     try:
