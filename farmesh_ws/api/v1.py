@@ -133,7 +133,8 @@ class V1Session:
             self.outbox.detach()
             self.outbox.on_overflow = self._cancel_running
             return
-        await self.aclose()
+        # the server closed it while stopping: another gateway may take the session (§2.3)
+        await self.aclose(release=self._engine.sessions.stopping)
 
     def _cancel_running(self) -> None:
         running = self.client.running if self.client is not None else None
@@ -142,7 +143,7 @@ class V1Session:
 
     async def aclose(self, *, release: bool = False) -> None:
         """Cancel a running request (it still settles) and close the conversation; with
-        ``release`` or at shutdown, another gateway may take it over (§2.3)."""
+        ``release``, another gateway may take it over (§2.3)."""
         if self.closed:
             return
         self.closed = True
@@ -157,9 +158,7 @@ class V1Session:
                     await running.task
         finally:
             if self._handoff is not None and session_id is not None:
-                release = release or self._engine.sessions.stopping
-                kept = self.outbox.kept() if release and self.outbox is not None else None
-                await self._handoff.forget(session_id, release_frames=kept)
+                await self._handoff.forget(session_id, released=self.outbox if release else None)
             if self.conversation is not None:
                 await self._engine.sessions.close(self.conversation)
             self.identity.close()
@@ -333,8 +332,7 @@ class V1Session:
 
     async def _launch(self, spec: RequestSpec) -> None:
         active = await self._engine.runner.admit(await self._requester(), spec)
-        if spec.conversation is not None:
-            await self._save(running=active.request_id)
+        await self._save(running=active.request_id)
         self._engine.runner.launch(active, self)
 
     # §3.4
@@ -365,9 +363,9 @@ class V1Session:
         if settlement.error is not None:
             self._engine.error_sent(settlement.error.code)
         frames = settled_frames(active, settlement)
-        if self.outbox is None or active.context.kind == "generate":
+        if self.outbox is None:
             for frame in frames:
-                await self._emit(frame)
+                await self._send(frame)
             return
         # numbered and in the snapshot before the client sees them: a gateway that dies now
         # leaves a snapshot that has them (§2.3)

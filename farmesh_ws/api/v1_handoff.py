@@ -24,12 +24,13 @@ import hashlib
 import hmac
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import msgspec
 
 from farmesh_ws import protocol as p
 from farmesh_ws.api.v1_frames import error_frame
+from farmesh_ws.api.v1_resume import Outbox
 from farmesh_ws.config import Settings
 from farmesh_ws.core.principal import Principal
 from farmesh_ws.core.tasks import cancel_and_wait
@@ -50,10 +51,18 @@ _WANTED_KEY = "session-wanted:"
 _frame_decoder: msgspec.json.Decoder[p.ServerMessage] = msgspec.json.Decoder(p.ServerMessage)
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)
 class _Held:
+    """A session of this gateway's: ``written`` is the snapshot it last stored (None: none
+    yet). Its writes go one at a time (``lock``), none after it ended here (``ended``), and
+    each only if the store still holds ``written``: a write that finds something else means
+    another gateway took the session."""
+
     token_hash: str
     snapshot: SessionSnapshot | None = None
+    written: str | None = None
+    ended: bool = False
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
 class Handoff:
@@ -66,13 +75,16 @@ class Handoff:
         *,
         waiting: Callable[[], list[str]],
         release: Callable[[str], None],
+        lost: Callable[[str], None],
     ) -> None:
         """``waiting()``: the held sessions that have no connection now; ``release(id)``: let
-        one go (it ends here with :meth:`forget`, its frames released)."""
+        one go (it ends here with :meth:`forget`, its frames released); ``lost(id)``: end one
+        another gateway has taken meanwhile (this gateway's lease had lapsed)."""
         self._settings = settings
         self._registry = registry
         self._waiting = waiting
         self._release = release
+        self._lost = lost
         self._held: dict[str, _Held] = {}
         self._task: asyncio.Task[None] | None = None
 
@@ -91,52 +103,70 @@ class Handoff:
         running: str | None,
         frames: Sequence[p.ServerMessage] = (),
     ) -> None:
-        """Write the session's snapshot now, with its newest ``frames`` (the last has
-        ``last_seq``); a session that cannot move writes none."""
-        held = self._held.get(conversation.session_id)
+        """Write the session's snapshot now: its frames up to ``last_seq``, the newest of them
+        ``frames``. A session that cannot move (its mesh keeps no transcript) has none."""
+        session_id = conversation.session_id
+        held = self._held.get(session_id)
         if held is None:
             return
-        held.snapshot = snapshot_of(
-            conversation,
-            owner=self._registry.process_id,
-            token_hash=held.token_hash,
-            last_seq=last_seq,
-            running=running,
-            frames=[p.encode_server_message(frame) for frame in frames],
-        )
-        if held.snapshot is not None:
-            await self._put(held.snapshot)
+        async with held.lock:
+            if held.ended:
+                return
+            held.snapshot = snapshot_of(
+                conversation,
+                owner=self._registry.process_id,
+                token_hash=held.token_hash,
+                last_seq=last_seq,
+                running=running,
+                frames=[p.encode_server_message(frame) for frame in frames],
+            )
+            value = None if held.snapshot is None else encode_snapshot(held.snapshot)
+            if await self._write(session_id, held, value):
+                return
+            self._end(session_id, held)
+        self._lost(session_id)
 
-    async def forget(
-        self, session_id: str, *, release_frames: list[p.ServerMessage] | None
-    ) -> None:
-        """The session ended here: delete its snapshot, or, with ``release_frames`` (the
-        frames its outbox kept), release it for another gateway to take."""
+    async def forget(self, session_id: str, *, released: Outbox | None) -> None:
+        """The session ended here: delete its snapshot, or, with ``released`` (its outbox),
+        release it with the frames it kept for another gateway to take."""
         held = self._held.pop(session_id, None)
         if held is None:
             return
-        if release_frames is None or held.snapshot is None:
-            await self._registry.store.take_value(_SNAPSHOT_KEY + session_id)
-            return
-        frames = [p.encode_server_message(frame) for frame in release_frames]
-        await self._put(msgspec.structs.replace(held.snapshot, owner=None, frames=frames))
+        async with held.lock:
+            if held.ended:
+                return
+            held.ended = True
+            if released is None or held.snapshot is None:
+                await self._write(session_id, held, None)
+                return
+            frames = [p.encode_server_message(frame) for frame in released.kept()]
+            snapshot = msgspec.structs.replace(
+                held.snapshot, owner=None, frames=frames, last_seq=released.last_seq
+            )
+            await self._write(session_id, held, encode_snapshot(snapshot))
         logger.info("session %s released for another gateway", session_id[:8])
 
     async def give_back(self, snapshot: SessionSnapshot) -> None:
-        """Put back a snapshot :meth:`take` gave that could not be rebuilt here, released
-        for another gateway (or a later resume) to try."""
-        self._held.pop(snapshot.session_id, None)
-        await self._put(msgspec.structs.replace(snapshot, owner=None))
+        """Release a snapshot :meth:`take` gave that could not be rebuilt here, for another
+        gateway (or a later resume) to try."""
+        held = self._held.pop(snapshot.session_id, None)
+        if held is not None:
+            released = msgspec.structs.replace(snapshot, owner=None)
+            await self._write(snapshot.session_id, held, encode_snapshot(released))
 
     async def take(
         self, session_id: str, token: str, principal: Principal, last_seq: int
-    ) -> SessionSnapshot:
-        """Take another gateway's session for a ``resume``. Raises :class:`SessionExpired`
-        (no snapshot, or one this version cannot read), :class:`ResumeDenied` (wrong token or
-        principal, or frames after ``last_seq`` lost with a dead owner) or
-        :class:`SessionElsewhere` (its owner still holds it; asked to let it go)."""
+    ) -> tuple[SessionSnapshot, list[p.ServerMessage]]:
+        """Take another gateway's session for a ``resume`` from ``last_seq``: its snapshot and
+        the frames to keep (those a released session kept, when the client may still miss
+        some). Raises :class:`SessionExpired` (no snapshot, or one this version cannot read),
+        :class:`ResumeDenied` (wrong token or principal, or frames after ``last_seq`` lost with
+        a dead owner) or :class:`SessionElsewhere` (its owner still holds it and was asked to
+        let it go; or the shared state cannot be reached now)."""
         store = self._registry.store
         raw = await store.get_value(_SNAPSHOT_KEY + session_id)
+        if store.degraded:  # this process's stand-in state knows no other gateway's session
+            raise SessionElsewhere("the shared session state cannot be reached", retry_after_s=1)
         snapshot = None if raw is None else decode_snapshot(raw)
         if snapshot is None:
             raise SessionExpired("the session is gone: closed, or not resumed in time")
@@ -153,18 +183,18 @@ class Handoff:
                 "another gateway holds this session; it moves here when that gateway lets it go",
                 retry_after_s=lease_s / 3,
             )
-        first_kept = snapshot.last_seq - len(snapshot.frames) + 1
-        if not first_kept - 1 <= last_seq:
+        kept = frames_of(snapshot) if last_seq < snapshot.last_seq else []
+        if kept is None or not snapshot.last_seq - len(kept) <= last_seq:
             raise ResumeDenied(
                 f"frames after seq {last_seq} were lost with the gateway that held the session"
             )
-        raw = await store.take_value(_SNAPSHOT_KEY + session_id)
-        taken = None if raw is None else decode_snapshot(raw)
-        if taken is None or taken.owner != owner:
+        held = _Held(snapshot.token_hash, snapshot, written=raw)
+        mine = msgspec.structs.replace(snapshot, owner=self._registry.process_id, frames=[])
+        if not await self._write(session_id, held, encode_snapshot(mine), or_absent=False):
             raise SessionElsewhere("another gateway is taking this session", retry_after_s=1.0)
-        self._held[session_id] = _Held(taken.token_hash, taken)
+        self._held[session_id] = held
         logger.info("session %s moved here from %s", session_id[:8], owner or "a drained gateway")
-        return taken
+        return snapshot, kept
 
     def start(self) -> None:
         if self.enabled:
@@ -181,21 +211,47 @@ class Handoff:
         loop = asyncio.get_running_loop()
         renewed = loop.time()
         while True:
-            await asyncio.sleep(min(settings.coordinator_lease_s, settings.resume_grace_s) / 3)
+            await asyncio.sleep(min(settings.coordinator_lease_s, self._grace_s) / 3)
             for session_id in self._waiting():
                 if await store.take_value(_WANTED_KEY + session_id) is not None:
                     self._release(session_id)
-            if loop.time() - renewed >= settings.resume_grace_s / 3:
+            if loop.time() - renewed >= self._grace_s / 3:
                 renewed = loop.time()
-                for held in list(self._held.values()):
-                    if held.snapshot is not None:
-                        await self._put(held.snapshot)
+                for session_id, held in list(self._held.items()):
+                    await self._renew_one(session_id, held)
 
-    async def _put(self, snapshot: SessionSnapshot) -> None:
-        key = _SNAPSHOT_KEY + snapshot.session_id
-        await self._registry.store.put_value(
-            key, encode_snapshot(snapshot), self._settings.resume_grace_s
-        )
+    async def _renew_one(self, session_id: str, held: _Held) -> None:
+        async with held.lock:
+            if held.ended or held.written is None:
+                return
+            if await self._write(session_id, held, held.written):
+                return
+            self._end(session_id, held)
+        self._lost(session_id)
+
+    async def _write(
+        self, session_id: str, held: _Held, value: str | None, *, or_absent: bool = True
+    ) -> bool:
+        """Store ``value`` (None: delete) if the store still holds what this gateway last
+        wrote (or, with ``or_absent``, nothing: it expired). False: another gateway holds the
+        session now; a store that cannot be reached counts as a success (nothing to learn)."""
+        store, key = self._registry.store, _SNAPSHOT_KEY + session_id
+        for expected in (held.written, None) if or_absent else (held.written,):
+            if await store.swap_value(key, expected, value, self._grace_s) or store.degraded:
+                held.written = value
+                return True
+            if expected is None:
+                break
+        return False
+
+    def _end(self, session_id: str, held: _Held) -> None:
+        held.ended = True
+        self._held.pop(session_id, None)
+        logger.warning("session %s was taken over by another gateway; ending it here", session_id)
+
+    @property
+    def _grace_s(self) -> float:
+        return self._settings.resume_grace_s
 
 
 def lost_request_frames(snapshot: SessionSnapshot) -> list[p.ServerMessage]:
@@ -220,6 +276,14 @@ def lost_request_frames(snapshot: SessionSnapshot) -> list[p.ServerMessage]:
     ]
 
 
-def frames_of(snapshot: SessionSnapshot) -> list[p.ServerMessage]:
-    """The frames a released session's outbox kept, oldest first."""
-    return [_frame_decoder.decode(frame) for frame in snapshot.frames]
+def frames_of(snapshot: SessionSnapshot) -> list[p.ServerMessage] | None:
+    """The frames the snapshot kept, oldest first; None when they are not the run of frames
+    that ends at its ``last_seq``, or this version cannot read one (a newer gateway's)."""
+    try:
+        frames = [_frame_decoder.decode(frame) for frame in snapshot.frames]
+    except msgspec.MsgspecError:
+        return None
+    first = snapshot.last_seq - len(frames) + 1
+    if [frame.seq for frame in frames] != list(range(first, snapshot.last_seq + 1)):
+        return None
+    return frames

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from farmesh_ws import protocol as p
-from farmesh_ws.api.v1_handoff import Handoff, frames_of, lost_request_frames
+from farmesh_ws.api.v1_handoff import Handoff, lost_request_frames
 from farmesh_ws.api.v1_resume import Outbox, ResumableSessions, Send
 from farmesh_ws.core.principal import Principal
 from farmesh_ws.engine.conversation import Client, Conversation
@@ -84,7 +84,7 @@ async def _move_here(
     resumable: ResumableSessions,
     handoff: Handoff,
 ) -> tuple[Conversation, Outbox, p.Resumed, list[p.ServerMessage]]:
-    snapshot = await handoff.take(
+    snapshot, kept = await handoff.take(
         message.session_id, message.resume_token, principal, message.last_seq
     )
     try:
@@ -93,9 +93,8 @@ async def _move_here(
         await handoff.give_back(snapshot)
         raise
     last_seq = max(snapshot.last_seq, message.last_seq)
-    outbox = Outbox(
-        engine.settings.resume_outbox_frames, send, kept=frames_of(snapshot), last_seq=last_seq
-    )
+    cap = engine.settings.resume_outbox_frames
+    outbox = Outbox(cap, send, kept=kept, last_seq=last_seq)
     outbox.detach()
     resumable.add(conversation.session_id, bytes.fromhex(snapshot.token_hash), holder)
     resumed = p.Resumed(

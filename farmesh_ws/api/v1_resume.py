@@ -227,6 +227,19 @@ class ResumableSessions:
             entry.expiry.cancel()
         self._expire(session_id, release=True)
 
+    def end(self, session_id: str) -> None:
+        """Close a session another gateway took over meanwhile (its connection, if any, is
+        closed; the store is left to the new holder)."""
+        entry = self._entries.pop(session_id, None)
+        if entry is None:
+            return
+        if entry.expiry is not None:
+            entry.expiry.cancel()
+        entry.holder.moved = True  # its connection no longer has the session
+        task = asyncio.get_running_loop().create_task(entry.holder.aclose())
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
     def _expire(self, session_id: str, *, release: bool = False) -> None:
         entry = self._entries.pop(session_id, None)
         if entry is None or entry.attached:
@@ -238,11 +251,8 @@ class ResumableSessions:
         task.add_done_callback(self._closing.discard)
 
     async def aclose(self) -> None:
-        """Close every detached session (server shutdown)."""
-        for session_id in [s for s, e in self._entries.items() if not e.attached]:
-            entry = self._entries[session_id]
-            if entry.expiry is not None:
-                entry.expiry.cancel()
-            self._expire(session_id)
+        """Let every detached session go (server shutdown): another gateway may take it."""
+        for session_id in self.waiting():
+            self.release(session_id)
         while self._closing:
             await asyncio.gather(*self._closing, return_exceptions=True)

@@ -85,6 +85,14 @@ class StateStore(Protocol):
         """The live value under ``key``, or None (never stored, expired or taken)."""
         ...
 
+    async def swap_value(
+        self, key: str, expected: str | None, value: str | None, ttl_s: float
+    ) -> bool:
+        """Compare and set, in one step across every process sharing the store: if ``key``
+        holds ``expected`` (None: nothing), replace it with ``value`` kept ``ttl_s`` seconds
+        (None: delete it) and return True; else change nothing and return False."""
+        ...
+
     async def take_value(self, key: str) -> str | None:
         """Get and delete in one step: of any number of takers, in any process sharing the
         store, exactly one gets a stored value and the others None (single-use values)."""

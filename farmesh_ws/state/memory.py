@@ -153,6 +153,18 @@ class MemoryStateStore:
             return None
         return stored.value
 
+    async def swap_value(
+        self, key: str, expected: str | None, value: str | None, ttl_s: float
+    ) -> bool:
+        check_ttl(ttl_s)
+        if await self.get_value(key) != expected:
+            return False
+        if value is None:
+            self._values.pop(key, None)
+        else:
+            await self.put_value(key, value, ttl_s)
+        return True
+
     async def take_value(self, key: str) -> str | None:
         stored = self._values.pop(key, None)
         if stored is None or stored.deadline <= self._clock():

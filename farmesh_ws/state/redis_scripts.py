@@ -26,6 +26,21 @@ return redis.call('ZCOUNT', KEYS[1], string.format('%d', now_ms), '+inf')
 """
 )
 
+SWAP_VALUE = """
+local current = redis.call('GET', KEYS[1])
+if ARGV[1] == '1' then
+  if current then return 0 end
+elseif current ~= ARGV[2] then
+  return 0
+end
+if ARGV[3] == '1' then
+  redis.call('DEL', KEYS[1])
+else
+  redis.call('SET', KEYS[1], ARGV[4], 'PX', ARGV[5])
+end
+return 1
+"""
+
 TAKE_TOKENS = (
     _NOW_MS
     + """

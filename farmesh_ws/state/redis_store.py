@@ -10,7 +10,7 @@ Key layout (``P`` is the key prefix, default ``farmesh:``):
 - ``P bucket:<name>``: hash ``tokens``, ``at_ms``. One Lua script refills and takes, so takes
   from every process are atomic; the key expires once the bucket would be full (absent = full).
 - ``P value:<key>``: a string with its own expiry (SET PX); taken with GETDEL, so of concurrent
-  takers in any process exactly one gets it.
+  takers in any process exactly one gets it; swapped (compare and set) by a Lua script.
 
 The Lua scripts are in :mod:`.redis_scripts`.
 
@@ -61,7 +61,7 @@ from farmesh_ws.state.base import (
     check_usage,
 )
 from farmesh_ws.state.memory import MemoryStateStore
-from farmesh_ws.state.redis_scripts import COUNT_SESSIONS, TAKE_TOKENS, UPSERT_SESSION
+from farmesh_ws.state.redis_scripts import COUNT_SESSIONS, SWAP_VALUE, TAKE_TOKENS, UPSERT_SESSION
 
 logger = logging.getLogger(__name__)
 
@@ -94,6 +94,7 @@ class RedisStateStore:
         self._upsert_session = client.register_script(UPSERT_SESSION)
         self._count_sessions = client.register_script(COUNT_SESSIONS)
         self._take_tokens = client.register_script(TAKE_TOKENS)
+        self._swap = client.register_script(SWAP_VALUE)
         self._local = MemoryStateStore()
         self._unregistered: set[str] = set()  # while degraded; deleted from Redis on resync
         self._degraded_reason: str | None = None
@@ -230,6 +231,25 @@ class RedisStateStore:
             if not isinstance(raw, _Unavailable):
                 return None if raw is None else _text(raw)
         return await self._local.get_value(key)
+
+    async def swap_value(
+        self, key: str, expected: str | None, value: str | None, ttl_s: float
+    ) -> bool:
+        check_ttl(ttl_s)
+        await self._resynced.wait()
+        if not self.degraded:
+            px = max(1, math.ceil(ttl_s * 1000))
+            args: list[str | int] = [
+                int(expected is None),
+                expected or "",
+                int(value is None),
+                value or "",
+                px,
+            ]
+            done = await self._try(self._swap(keys=[self._value_key(key)], args=args))
+            if not isinstance(done, _Unavailable):
+                return bool(done)
+        return await self._local.swap_value(key, expected, value, ttl_s)
 
     async def take_value(self, key: str) -> str | None:
         await self._resynced.wait()

@@ -33,6 +33,7 @@ class SessionRegistry:
         self.process_id = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
         self._local: dict[str, tuple[str | None, str]] = {}
         self._heartbeat: asyncio.Task[None] | None = None
+        self._lease: asyncio.Task[None] | None = None
 
     async def register(self, session_id: str, *, wallet: str | None, model_id: str) -> None:
         self._local[session_id] = (wallet, model_id)
@@ -60,23 +61,25 @@ class SessionRegistry:
 
     def start(self) -> None:
         self._heartbeat = asyncio.create_task(self._beat(), name="farmesh-session-heartbeat")
+        self._lease = asyncio.create_task(self._renew_lease(), name="farmesh-process-lease")
 
     async def aclose(self) -> None:
         await cancel_and_wait(self._heartbeat)
-        self._heartbeat = None
+        await cancel_and_wait(self._lease)
+        self._heartbeat = self._lease = None
         await self.store.take_value(_LEASE_KEY + self.process_id)
         for session_id in list(self._local):
             await self.unregister(session_id)
 
-    async def _beat(self) -> None:
-        touched = 0.0
-        loop = asyncio.get_running_loop()
+    async def _renew_lease(self) -> None:
+        """Its own task: however many sessions the heartbeat touches, the lease stays fresh."""
         while True:
             await self.store.put_value(_LEASE_KEY + self.process_id, "1", self.lease_s)
-            await asyncio.sleep(min(self.ttl_s, self.lease_s) / 3)
-            if loop.time() - touched < self.ttl_s / 3:
-                continue
-            touched = loop.time()
+            await asyncio.sleep(self.lease_s / 3)
+
+    async def _beat(self) -> None:
+        while True:
+            await asyncio.sleep(self.ttl_s / 3)
             for session_id, (wallet, model_id) in list(self._local.items()):
                 if not await self.store.touch_session(session_id, self.ttl_s):
                     await self.store.register_session(

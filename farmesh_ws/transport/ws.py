@@ -107,6 +107,7 @@ class GatewayServer:
             self.registry,
             waiting=self.resumable.waiting,
             release=self.resumable.release,
+            lost=self.resumable.end,
         )
         self.gate = HandshakeGate(
             settings, authenticator or Authenticator(settings), self.engine.quotas

@@ -53,3 +53,24 @@ async def test_values_expire(harness: Harness) -> None:
 async def test_value_ttl_must_be_positive(harness: Harness, ttl_s: float) -> None:
     with pytest.raises(ValueError, match="ttl_s"):
         await harness.store.put_value("k", "v", ttl_s)
+
+
+async def test_swap_changes_a_value_only_from_what_was_expected(harness: Harness) -> None:
+    store = harness.store
+    assert await store.swap_value("k", None, "mine", 60)  # nothing there: created
+    assert not await store.swap_value("k", None, "theirs", 60)  # something there now
+    assert not await store.swap_value("k", "other", "theirs", 60)
+    assert await store.get_value("k") == "mine"
+    assert await store.swap_value("k", "mine", "mine again", 60)
+    assert not await store.swap_value("k", "mine", None, 60)  # stale: it changed meanwhile
+    assert await store.swap_value("k", "mine again", None, 60)  # deleted
+    assert await store.get_value("k") is None
+
+
+async def test_of_concurrent_swaps_from_one_value_one_wins(harness: Harness) -> None:
+    store = harness.store
+    await store.put_value("k", "v0", 60)
+    swaps = [store.swap_value("k", "v0", f"taker-{n}", 60) for n in range(10)]
+    won = [n for n, done in enumerate(await asyncio.gather(*swaps)) if done]
+    assert len(won) == 1
+    assert await store.get_value("k") == f"taker-{won[0]}"

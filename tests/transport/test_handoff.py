@@ -11,12 +11,14 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
 from farmesh_ws.client import FarmeshClient
+from farmesh_ws.core.tasks import cancel_and_wait
 from farmesh_ws.mesh.fake import FakeBackend
 from farmesh_ws.state.memory import MemoryStateStore
 from farmesh_ws.transport.ws import GatewayServer
+from tests.engine.support import release
 from tests.transport.proxy import CuttableProxy
 from tests.transport.support import fake_gateway
-from tests.transport.test_resume import KEYS, dial, receive, send, until
+from tests.transport.test_resume import KEYS, dial, receive, send, until, wait_until
 
 REPLY = "Moved sessions carry on."
 LEASE_S = 1.0
@@ -52,6 +54,20 @@ async def opened_with_a_turn(ws: Any, budget: str = "1") -> tuple[dict[str, Any]
     done = await until(ws, "done", [])
     await until(ws, "contribution", [])
     return opened, done
+
+
+async def opened_only(ws: Any) -> dict[str, Any]:
+    await send(ws, {"type": "open"})
+    opened = await receive(ws)
+    assert opened["type"] == "opened"
+    return opened
+
+
+async def lapse_lease(gateway: GatewayServer) -> None:
+    """As if the gateway hung: its lease is neither renewed nor in the store any more."""
+    registry = gateway.registry
+    await cancel_and_wait(registry._lease)
+    await registry.store.take_value("process-lease:" + registry.process_id)
 
 
 def resume_frame(opened: dict[str, Any], last_seq: int, token: str | None = None) -> dict[str, Any]:
@@ -187,3 +203,89 @@ async def test_the_python_client_follows_a_drain_to_the_next_gateway(make: Any) 
         assert second.active_sessions == 0  # the client closed it there
     finally:
         await balancer.aclose()
+
+
+async def test_frames_numbered_after_the_last_snapshot_move_with_a_released_session(
+    make: Any,
+) -> None:
+    """An error frame after a turn is numbered but writes no snapshot: the released session
+    still knows it, so the frames go on from there, none twice and none missed."""
+    first = await make()
+    second = await make()
+    async with dial(first) as ws:
+        opened, _ = await opened_with_a_turn(ws)
+        await send(ws, {"type": "cancel", "request_id": "nothing-runs"})
+        refused = await receive(ws)
+        assert refused["code"] == "unknown_request"
+        await first.shutdown()
+    async with dial(second) as ws:
+        await send(ws, resume_frame(opened, refused["seq"] - 1))  # it missed the error frame
+        resumed = await receive(ws)
+        assert resumed["last_seq"] == refused["seq"]
+        assert await receive(ws) == refused  # sent again, with its seq
+        await send(ws, {"type": "turn", "request_id": "t2", "text": "Again"})
+        seen: list[dict[str, Any]] = []
+        await until(ws, "done", seen)
+    assert [f["seq"] for f in seen] == list(
+        range(refused["seq"] + 1, refused["seq"] + 1 + len(seen))
+    )
+
+
+async def test_a_gateway_whose_lease_lapsed_loses_the_session_and_its_request_ends(
+    make: Any,
+) -> None:
+    """A gateway that stopped renewing its lease (hung, cut off) counts as dead: another one
+    takes the session, the request that was running there ends with ``coordinator_lost`` and
+    a ``done``, and the first gateway, when it renews again, ends its copy."""
+    gate = asyncio.Semaphore(0)
+    first = await make(FakeBackend(reply=REPLY, gate=gate), resume_grace_s=3.0)
+    second = await make(resume_grace_s=3.0)
+    async with dial(first) as ws:
+        opened = await opened_only(ws)
+        await send(ws, {"type": "generate", "request_id": "g1", "prompt": "Hi", "max_tokens": 40})
+        release(gate, 2)
+        token = await receive(ws)
+        assert token["type"] == "token"
+        await lapse_lease(first)
+        async with dial(second) as other:
+            await send(other, resume_frame(opened, token["seq"]))
+            assert (await receive(other))["moved"] is True
+            lost = await receive(other)
+            assert (lost["code"], lost["request_id"], lost["retryable"]) == (
+                "coordinator_lost",
+                "g1",
+                True,
+            )
+            done = await receive(other)
+            assert (done["type"], done["request_id"], done["finish_reason"]) == (
+                "done",
+                "g1",
+                "error",
+            )
+            release(gate, 100)
+            await wait_until(lambda: first.active_sessions == 0, "the first gateway lets go")
+            await send(other, {"type": "turn", "request_id": "t2", "text": "Again"})
+            assert (await until(other, "done", []))["finish_reason"] == "stop"
+
+
+async def test_a_close_during_a_drain_ends_the_session_instead_of_releasing_it(
+    make: Any,
+) -> None:
+    gate = asyncio.Semaphore(0)
+    first = await make(FakeBackend(reply=REPLY, gate=gate))
+    second = await make()
+    async with dial(first) as ws:
+        opened = await opened_only(ws)
+        await send(ws, {"type": "turn", "request_id": "t1", "text": "Hello"})
+        release(gate, 1)
+        assert (await receive(ws))["type"] == "token"
+        draining = asyncio.create_task(first.shutdown())
+        assert (await receive(ws))["type"] == "going_away"
+        await send(ws, {"type": "close"})
+        seen: list[dict[str, Any]] = []
+        closed = await until(ws, "closed", seen)
+        assert closed["session_id"] == opened["session_id"]
+        await draining
+    async with dial(second) as ws:
+        await send(ws, resume_frame(opened, closed["seq"]))
+        assert (await receive(ws))["code"] == "session_expired"
