@@ -274,7 +274,8 @@ class SpotChecker:
                 reference = (await self._forward(history, route, info))[:, -positions:]
                 difference = relative_difference(outputs, reference)
                 if difference <= tolerance:
-                    self.monitor.passed(peer_id, work=work, seconds=time.perf_counter() - started)
+                    seconds = time.perf_counter() - started
+                    self.monitor.passed(peer_id, work=work, seconds=seconds, difference=difference)
                     return None
                 checkers = tuple(peer.to_base58() for peer, _, _ in route)
                 third = self._route(start, end, {peer_id, *checkers} | self.monitor.excluded)
