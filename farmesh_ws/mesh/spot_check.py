@@ -88,6 +88,8 @@ class NodeFlag:
     step: int
     evidence: str
     withheld_since: float
+    withheld_work: int = 0
+    """Token-blocks of work since the last passed check, as counted by this coordinator."""
 
 
 @dataclass(slots=True)
@@ -251,6 +253,7 @@ class IntegrityMonitor:
                 step=record.steps,
                 evidence=evidence,
                 withheld_since=record.last_passed_at if kind == "tampered_output" else now,
+                withheld_work=record.unverified_work if kind == "tampered_output" else 0,
             )
             if kind == "tampered_output":
                 record.flagged = True
