@@ -239,6 +239,13 @@ class LocalSwarm:
             self.wait_until_served(required_peers=[node.peer_id])
         return node
 
+    def stop_server(self, name: str) -> SwarmNode:
+        """Stop server ``name`` gracefully (it leaves the DHT) and forget it."""
+        node = self._server(name)
+        self._stop_node(node)
+        self.servers.remove(node)
+        return node
+
     def kill_server(self, name: str) -> SwarmNode:
         """SIGKILL a server's whole process group, as a crash would; it stays announced
         in the DHT until its record expires (``expiration_s``)."""
