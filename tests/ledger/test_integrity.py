@@ -44,7 +44,8 @@ async def test_work_after_the_last_passed_check_of_a_caught_node_is_withheld(
     assert liar.withheld_far == 2 * share
     assert (liar.work, liar.verified_work, liar.withheld_work) == (3 * work, work, 2 * work)
     assert liar.flags == ("tampered_output",)
-    assert honest.earned_far == 3 * share and honest.withheld_far == 0
+    assert honest.earned_far == 3 * share
+    assert honest.withheld_far == 0
     assert (honest.verified_work, honest.withheld_work) == (work, 0)
     assert honest.flags == ("implausible_throughput",)
     assert isinstance(liar.withheld_far, Decimal)

@@ -50,7 +50,8 @@ def test_a_node_tampering_from_any_step_is_checked_within_2w_minus_1_steps(rate:
                     caught = step
                     break
                 monitor.passed("liar", work=1, seconds=0.0, difference=0.0)
-        assert caught is not None and caught - onset + 1 <= bound
+        assert caught is not None
+        assert caught - onset + 1 <= bound
 
 
 def test_a_caught_node_is_flagged_once_excluded_and_its_unverified_work_withheld() -> None:
@@ -101,7 +102,8 @@ def test_an_implausible_throughput_claim_is_flagged_once_without_withholding() -
     assert verdicts == [False] * 4 + [True] + [False] * 45
     assert monitor.measured_rps("boaster") == pytest.approx(200.0)
     flag = monitor.flag("boaster", "implausible_throughput", "claimed 3000, measured 200")
-    assert flag is not None and flag.withheld_work == 0
+    assert flag is not None
+    assert flag.withheld_work == 0
     assert monitor.excluded == frozenset()  # routed by its measured speed, not excluded
 
 
