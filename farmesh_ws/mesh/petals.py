@@ -116,6 +116,12 @@ class PetalsBackend:
         manager = self._model(model_id).sequence_manager
         await asyncio.to_thread(manager.update, wait=True)
 
+    async def wait_for_checks(self, timeout_s: float = 60.0) -> None:
+        """Wait until every sampled spot check started so far has finished."""
+        for loaded in self._models.values():
+            if loaded.spot_checker is not None:
+                await asyncio.to_thread(loaded.spot_checker.wait_background, timeout_s)
+
     async def discover(self) -> list[ModelCoverage]:
         """Every model the DHT announces, with coverage (not only the ones served here)."""
         if not self._models:

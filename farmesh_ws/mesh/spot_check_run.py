@@ -171,6 +171,10 @@ class SpotChecker:
             self._background.add(future)
             future.add_done_callback(self._background.discard)
 
+    def wait_background(self, timeout_s: float) -> None:
+        """Block until the sampled checks started so far have finished (tests, benchmarks)."""
+        concurrent.futures.wait(list(self._background), timeout=timeout_s)
+
     def exclude(self, peer_id: str) -> None:
         """Never route to ``peer_id`` again (Petals' ``blocked_servers``), from now on."""
         from hivemind.p2p import PeerID
