@@ -114,7 +114,6 @@ async def test_honest_replicas_raise_no_false_alarm_over_hundreds_of_checked_ste
 ) -> None:
     heard: list[IntegrityEvent] = []
     checked.integrity.subscribe(heard.append)
-    await checked.refresh_routes(BUNDLED_MODEL_ID)
     for _ in range(2):
         for conversation in golden["conversations"]:
             await _conversation(checked, conversation)
