@@ -8,7 +8,7 @@ announces a throughput it does not have, so routing prefers it), so they run las
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -96,19 +96,24 @@ def _record(done: TurnDone, request_id: str) -> TurnRecord:
 
 
 @pytest.fixture(scope="module")
-def replica(swarm: Any) -> Any:
-    """An honest second server for blocks 15:30."""
-    return swarm.add_server("15:30")
+def replica(swarm: Any) -> Iterator[Any]:
+    """An honest second server for blocks 15:30, stopped after this module's tests."""
+    node = swarm.add_server("15:30")
+    yield node
+    swarm.stop_server(node.name)
 
 
 @pytest.fixture
 async def checked(swarm: Any, bundled_model_path: Path) -> AsyncIterator[PetalsBackend]:
-    """A backend checking every step (rate 1)."""
-    backend = await _backend(swarm, bundled_model_path, SpotCheckPolicy(rate=1.0))
+    """A backend checking every step and waiting for each check (every step compulsory):
+    sampled checks at rate 1 would queue on the replica faster than it serves them."""
+    policy = SpotCheckPolicy(rate=1.0, first_steps=1_000_000)
+    backend = await _backend(swarm, bundled_model_path, policy)
     yield backend
     await backend.aclose()
 
 
+@pytest.mark.timeout(900)
 async def test_honest_replicas_raise_no_false_alarm_over_hundreds_of_checked_steps(
     replica: Any, checked: PetalsBackend, golden: dict[str, Any]
 ) -> None:
