@@ -76,7 +76,7 @@ class Settings:
     max_consecutive_errors: int = 50
     # permessage-deflate on WebSocket connections (transport/compression.py; README "Settings").
     ws_compression: str = "deflate"
-    ws_deflate_window_bits: int = 10
+    ws_deflate_window_bits: int = 9
     ws_deflate_mem_level: int = 1
     requests_per_minute: float = 120.0
     requests_burst: int = 20
