@@ -76,6 +76,7 @@ from ws_bench_support import (
     TOKEN_PREFIX,
     CpuMeter,
     ServerChild,
+    add_gateway_options,
     arm_watchdog,
     close_all,
     gateway_frames,
@@ -89,7 +90,6 @@ from ws_bench_support import (
 from farmesh_ws.config import Settings
 from farmesh_ws.mesh.status import MeshStatusCache
 from farmesh_ws.metrics import Metrics
-from farmesh_ws.transport.compression import COMPRESSION_MODES
 from farmesh_ws.transport.ws import GatewayServer
 
 MAX_OTHERS_CPU_PCT = 20.0
@@ -448,13 +448,7 @@ def main() -> int:
         default="deflate",
         help="what the clients offer",
     )
-    parser.add_argument(
-        "--gateway-compression",
-        choices=COMPRESSION_MODES,
-        help="the gateway's FARMESH_WS_COMPRESSION (default: its default)",
-    )
-    parser.add_argument("--gateway-deflate-window-bits", type=int)
-    parser.add_argument("--gateway-deflate-mem-level", type=int)
+    add_gateway_options(parser)
     parser.add_argument(
         "--kinds",
         type=lambda text: tuple(text.split(",")),

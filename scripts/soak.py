@@ -7,8 +7,9 @@ Run: ``.venv/bin/python scripts/soak.py [--sessions 1000] [--duration-s 600]
 The gateway runs alone in a child process (``--kind``, default ``gateway``: API keys and a
 prepaid hold per turn in a SQLite ledger, as in production; ``gateway_noauth`` without) over
 the synthetic mesh the other ws benchmarks use (farmesh_ws/mesh/synthetic.py: ``--tokens``
-tokens a turn at ``--rate`` tokens/s), with its default WebSocket compression unless
-``--gateway-compression`` says otherwise (scripts/ws_bench_support.py). This process opens
+tokens a turn at ``--rate`` tokens/s), with its default settings unless
+``--gateway-compression`` or ``--gateway-setting NAME=VALUE`` say otherwise
+(scripts/ws_bench_support.py). This process opens
 ``--sessions`` connections and sessions (``open``), then for ``--duration-s`` each session
 waits a random time (uniform, mean ``sessions / turns-per-s``) and sends a turn, reads it to
 its ``contribution``, and again; after a turn, a share ``--reconnect-share`` of the sessions
@@ -39,6 +40,7 @@ from ws_bench_support import (
     HANDSHAKES_IN_FLIGHT,
     MIB,
     ServerChild,
+    add_gateway_options,
     arm_watchdog,
     close_all,
     gateway_overrides,
@@ -46,8 +48,6 @@ from ws_bench_support import (
     raise_fd_limit,
     turn_frame,
 )
-
-from farmesh_ws.transport.compression import COMPRESSION_MODES
 
 TARGETS = {"rss_growth_pct": 5.0, "errors": 0}
 
@@ -254,9 +254,7 @@ def main() -> int:
         default="deflate",
         help="what the clients offer",
     )
-    parser.add_argument("--gateway-compression", choices=COMPRESSION_MODES)
-    parser.add_argument("--gateway-deflate-window-bits", type=int)
-    parser.add_argument("--gateway-deflate-mem-level", type=int)
+    add_gateway_options(parser)
     args = parser.parse_args()
     args.server_gc = ()
     started = time.perf_counter()

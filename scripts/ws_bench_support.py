@@ -39,7 +39,7 @@ from farmesh_ws import protocol as p
 from farmesh_ws.api.v1 import V1Session
 from farmesh_ws.auth.connection import ConnectionIdentity
 from farmesh_ws.auth.credentials import Authenticator
-from farmesh_ws.config import Settings
+from farmesh_ws.config import Settings, env_names, load_settings
 from farmesh_ws.core.principal import Principal, PrincipalKind
 from farmesh_ws.engine.engine import Engine
 from farmesh_ws.engine.events import Observer
@@ -54,6 +54,7 @@ from farmesh_ws.mesh.synthetic import SYNTHETIC_MODEL_ID, SyntheticBackend, Synt
 from farmesh_ws.metrics import Metrics
 from farmesh_ws.state import MemoryStateStore
 from farmesh_ws.state.registry import SessionRegistry
+from farmesh_ws.transport.compression import COMPRESSION_MODES
 from farmesh_ws.transport.ws import GatewayServer
 
 MIB = 2**20
@@ -157,10 +158,32 @@ async def bare_handler(frames: list[str], rate: float, ws: ServerConnection) -> 
 
 
 def gateway_overrides(args: argparse.Namespace) -> dict[str, Any]:
-    """The gateway's compression settings named on the command line (none: its defaults)."""
+    """The gateway's settings named on the command line (none: its defaults): the compression
+    options, and any ``--gateway-setting NAME=VALUE`` (a Settings field, parsed as its
+    environment variable would be)."""
     names = ("compression", "deflate_window_bits", "deflate_mem_level")
     given = {f"ws_{name}": getattr(args, f"gateway_{name}", None) for name in names}
+    for item in getattr(args, "gateway_setting", None) or ():
+        name, _, value = item.partition("=")
+        given[name] = getattr(load_settings({env_names(name)[0]: value}), name)
     return {name: value for name, value in given.items() if value is not None}
+
+
+def add_gateway_options(parser: argparse.ArgumentParser) -> None:
+    """The command-line options :func:`gateway_overrides` reads."""
+    parser.add_argument(
+        "--gateway-compression",
+        choices=COMPRESSION_MODES,
+        help="the gateway's FARMESH_WS_COMPRESSION (default: its default)",
+    )
+    parser.add_argument("--gateway-deflate-window-bits", type=int)
+    parser.add_argument("--gateway-deflate-mem-level", type=int)
+    parser.add_argument(
+        "--gateway-setting",
+        action="append",
+        metavar="NAME=VALUE",
+        help="another gateway setting, e.g. resume_outbox_frames=64 (repeatable)",
+    )
 
 
 async def serve_until_told(
