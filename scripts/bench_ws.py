@@ -44,6 +44,14 @@ browsers do). CPU% columns are % of one core; "others" is the rest of the machin
    on each path. tokens/s = completion tokens / (done - turn sent); "decode" = tokens 2..n /
    (last - first token). Medians.
 
+``--kinds`` picks the servers (default all four); ratios are taken round by round between
+servers that ran side by side (median, min, max); "CPU us/fr" is the server's CPU time per token
+frame delivered; bytes per token frame are computed from the recorded frames with the gateway's
+and websockets' default deflate settings. ``--gateway-compression``,
+``--gateway-deflate-window-bits``, ``--gateway-deflate-mem-level`` and ``--gateway-setting
+NAME=VALUE`` change the gateway's settings (ws_bench_support.py). Targets (issue 13): frames/s
+≥ 0.95x and p99 ≤ 2x the bare server's, 10,000 idle sessions ≤ 400 MiB above the base.
+
 Prints a table and, last, one ``BENCH_JSON {...}`` line.
 """
 
@@ -431,6 +439,19 @@ def print_table(report: dict[str, Any], args: argparse.Namespace) -> None:
             print(f"  {name:<11} {rate} tokens/s (decode {decode}); runs {e2e[side + '_runs']}")
         print(f"  ratio WebSocket/in-process {e2e['ratio']} (decode {e2e['decode_ratio']})")
     print(f"\nTargets {TARGETS}\nmet: {report['targets']}; total {report['total_s']} s")
+    if "gateway" in report and "bare" in report and report["targets"]["p99_ratio"] is False:
+        gateway, bare = report["gateway"], report["bare"]
+        busy = gateway["server_cpu_pct"] >= 90
+        print(
+            f"where the time goes: the gateway's server used {gateway['server_cpu_pct']:.0f} % "
+            f"of a core at {gateway['server_cpu_us_per_frame']} us CPU per frame against the "
+            f"bare server's {bare['server_cpu_us_per_frame']} us: "
+            + (
+                "CPU-bound, frames queue behind the work"
+                if busy
+                else "not CPU-bound: look for loop stalls (GC pauses, long callbacks)"
+            )
+        )
 
 
 def main() -> int:
