@@ -16,6 +16,7 @@ from eth_utils.address import is_address
 
 from farmesh_ws.core.money import Prices
 from farmesh_ws.models import BUNDLED_MODEL_ID
+from farmesh_ws.transport.compression import COMPRESSION_MODES
 from farmesh_ws.transport.origin import parse_origin
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
@@ -73,6 +74,10 @@ class Settings:
     max_frame_bytes: int = 65536
     max_text_chars: int = 16000
     max_consecutive_errors: int = 50
+    # permessage-deflate on WebSocket connections (transport/compression.py; README "Settings").
+    ws_compression: str = "deflate"
+    ws_deflate_window_bits: int = 9
+    ws_deflate_mem_level: int = 1
     requests_per_minute: float = 120.0
     requests_burst: int = 20
     default_max_length: int = 2048
@@ -274,6 +279,12 @@ def _validated(settings: Settings) -> Settings:
         (settings.max_frame_bytes >= 1024, "max_frame_bytes must be at least 1024"),
         (settings.max_text_chars >= 1, "max_text_chars must be at least 1"),
         (settings.max_consecutive_errors >= 1, "max_consecutive_errors must be at least 1"),
+        (
+            settings.ws_compression in COMPRESSION_MODES,
+            f"ws_compression must be one of {COMPRESSION_MODES}",
+        ),
+        (9 <= settings.ws_deflate_window_bits <= 15, "ws_deflate_window_bits must be 9..15"),
+        (1 <= settings.ws_deflate_mem_level <= 9, "ws_deflate_mem_level must be 1..9"),
         (settings.requests_per_minute > 0, "requests_per_minute must be positive"),
         (settings.requests_burst >= 1, "requests_burst must be at least 1"),
         (settings.max_length_limit >= 16, "max_length_limit must be at least 16"),

@@ -44,6 +44,7 @@ from farmesh_ws.metrics import Metrics, MetricsObserver
 from farmesh_ws.models.generation import Sampling
 from farmesh_ws.state import MemoryStateStore
 from farmesh_ws.state.registry import SessionRegistry
+from farmesh_ws.transport.compression import server_extensions
 from farmesh_ws.transport.handshake import HandshakeGate, client_address
 from farmesh_ws.transport.http import HttpApi
 from farmesh_ws.transport.nonce import NonceIssuer, nonce_route
@@ -163,6 +164,8 @@ class GatewayServer:
             self.settings.port,
             process_request=self._process_request,
             max_size=self.settings.max_frame_bytes,
+            compression=None,
+            extensions=server_extensions(self.settings),
             server_header=SERVER_HEADER,
         )
         try:
