@@ -332,6 +332,8 @@ class V1Session:
 
     async def _launch(self, spec: RequestSpec) -> None:
         active = await self._engine.runner.admit(await self._requester(), spec)
+        if self.outbox is not None:
+            self.outbox.request_started()
         await self._save(running=active.request_id)
         self._engine.runner.launch(active, self)
 

@@ -1,7 +1,8 @@
 """Protocol v1 sessions that outlive their connection (protocol.md §2.2).
 
 Every frame of an open session but ``pong`` goes through the session's :class:`Outbox`, which
-numbers it (``seq``, from 1) and keeps the last ``resume_outbox_frames`` of them. When the
+numbers it (``seq``, from 1) and keeps the last ``resume_outbox_frames`` of them, and none from
+before the previous request (:meth:`Outbox.request_started`). When the
 connection drops, :class:`ResumableSessions` keeps the session for ``resume_grace_s``: a running
 request goes on generating into the outbox, and a ``resume`` on a new connection, by the same
 principal with the session's ``resume_token``, re-attaches it and gets the frames after its
@@ -51,7 +52,16 @@ class Outbox:
         self._frames: deque[p.ServerMessage] = deque(kept)
         self.last_seq = last_seq
         self._detached_at_seq: int | None = None
+        self._previous_start = 0
         self.on_overflow: Callable[[], None] = lambda: None
+
+    def request_started(self) -> None:
+        """A request was admitted: the client, which runs one at a time, had the previous
+        request's ``done``, so frames from before that previous request began are dropped
+        (a session holds about two replies' frames, not ``cap``, while its client keeps up)."""
+        while self._frames and (self._frames[0].seq or 0) <= self._previous_start:
+            self._frames.popleft()
+        self._previous_start = self.last_seq
 
     async def send(self, message: p.ServerMessage) -> None:
         await self.deliver(self.number(message))

@@ -278,3 +278,29 @@ async def test_sessions_waiting_for_a_resume_give_way_to_their_principals_new_on
         assert (await receive(ws))["code"] == "session_expired"
         await send(ws, second)
         assert (await receive(ws))["type"] == "resumed"
+
+
+async def test_the_outbox_keeps_no_frames_from_before_the_previous_request(make: Any) -> None:
+    """What a session keeps for a resume stays about two replies long however long the chat:
+    starting a request means the client had the one before's ``done``."""
+    server = await make(FakeBackend(reply="ok"))
+    async with dial(server) as ws:
+        await send(ws, {"type": "open"})
+        opened = await receive(ws)
+        ends = []
+        for n in range(3):
+            await send(ws, {"type": "turn", "request_id": f"t{n}", "text": "hi"})
+            ends.append((await until(ws, "contribution", []))["seq"])
+        drop(ws)
+    resume = {
+        "type": "resume",
+        "session_id": opened["session_id"],
+        "resume_token": opened["resume_token"],
+    }
+    async with dial(server) as ws:
+        await send(ws, {**resume, "last_seq": ends[0] - 1})  # inside t0: dropped at t2's start
+        assert (await receive(ws))["code"] == "resume_denied"
+        await send(ws, {**resume, "last_seq": ends[0]})  # t1 and t2 are kept
+        assert (await receive(ws))["type"] == "resumed"
+        replayed = [await receive(ws) for _ in range(ends[2] - ends[0])]
+    assert [f["seq"] for f in replayed] == list(range(ends[0] + 1, ends[2] + 1))
