@@ -84,6 +84,7 @@ from ws_bench_support import (
     TOKEN_PREFIX,
     CpuMeter,
     ServerChild,
+    add_client_options,
     add_gateway_options,
     arm_watchdog,
     close_all,
@@ -463,12 +464,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3, help="gateway/bare alternations")
     parser.add_argument("--idle", type=int, default=10_000, help="idle sessions (0: skip)")
     parser.add_argument("--idle-step", type=int, default=1000, help="read RSS every N sessions")
-    parser.add_argument(
-        "--compression",
-        choices=("deflate", "none"),
-        default="deflate",
-        help="what the clients offer",
-    )
+    add_client_options(parser)
     add_gateway_options(parser)
     parser.add_argument(
         "--kinds",

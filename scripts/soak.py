@@ -40,6 +40,7 @@ from ws_bench_support import (
     HANDSHAKES_IN_FLIGHT,
     MIB,
     ServerChild,
+    add_client_options,
     add_gateway_options,
     arm_watchdog,
     close_all,
@@ -248,12 +249,7 @@ def main() -> int:
     parser.add_argument("--sample-s", type=float, default=10.0, help="RSS sampling period")
     parser.add_argument("--reconnect-share", type=float, default=0.05)
     parser.add_argument("--kind", choices=("gateway", "gateway_noauth"), default="gateway")
-    parser.add_argument(
-        "--compression",
-        choices=("deflate", "none"),
-        default="deflate",
-        help="what the clients offer",
-    )
+    add_client_options(parser)
     add_gateway_options(parser)
     args = parser.parse_args()
     args.server_gc = ()

@@ -169,6 +169,16 @@ def gateway_overrides(args: argparse.Namespace) -> dict[str, Any]:
     return {name: value for name, value in given.items() if value is not None}
 
 
+def add_client_options(parser: argparse.ArgumentParser) -> None:
+    """``--compression``: what the benchmark's clients offer the server."""
+    parser.add_argument(
+        "--compression",
+        choices=("deflate", "none"),
+        default="deflate",
+        help="what the clients offer",
+    )
+
+
 def add_gateway_options(parser: argparse.ArgumentParser) -> None:
     """The command-line options :func:`gateway_overrides` reads."""
     parser.add_argument(
