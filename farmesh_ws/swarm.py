@@ -260,6 +260,28 @@ class LocalSwarm:
                 )
             time.sleep(0.25)
 
+    def wait_until_forgotten(self, *, timeout_s: float | None = None) -> None:
+        """Block until no crashed server of this swarm is still announced online: a SIGKILLed
+        server's DHT record lives until it expires (``expiration_s``), and until then clients
+        may route through it. Raises ``SwarmError`` after ``timeout_s`` (default: the
+        expiration plus ``start_timeout_s``)."""
+        from farmesh_ws.mesh.discovery import model_coverage
+
+        dead = {node.peer_id for node in self.servers if not node.alive}
+        limit = timeout_s or self.config.expiration_s + self.config.start_timeout_s
+        deadline = time.monotonic() + limit
+        dht = self.client_dht() if dead else None
+        while dead:
+            coverage = self._in_dht_thread(
+                model_coverage, dht, self.config.dht_prefix, self.config.num_blocks
+            )
+            dead &= coverage.online_peer_ids()
+            if not dead:
+                return
+            if time.monotonic() > deadline:
+                raise SwarmError(f"crashed servers {sorted(dead)} still announced after {limit} s")
+            time.sleep(0.25)
+
     def client_dht(self) -> Any:
         """A client-mode DHT joined to this swarm (for coverage queries), created once."""
         if self._client_dht is None:

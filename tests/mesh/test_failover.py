@@ -3,7 +3,9 @@
 These tests SIGKILL servers of the shared swarm, so they run last (marker ``disruptive``).
 """
 
+import asyncio
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +18,16 @@ from tests.helpers import swarm_backend_config
 
 pytestmark = pytest.mark.disruptive
 GREEDY_48 = SamplingParams(max_new_tokens=48)
+
+
+@pytest.fixture(autouse=True)
+async def _forget_crashed_servers(swarm: Any, backend: Any) -> AsyncIterator[None]:
+    """After each test, wait until the servers it killed are no longer announced and refresh
+    the shared client's routes: the next test starts from a swarm of live servers only (a
+    crashed server's record outlives it by up to ``expiration_s``)."""
+    yield
+    await asyncio.to_thread(swarm.wait_until_forgotten)
+    await backend.refresh_routes(BUNDLED_MODEL_ID)
 
 
 def _messages(raw: list[dict[str, str]]) -> list[ChatMessage]:
@@ -137,6 +149,7 @@ async def test_missing_span_is_a_fast_retryable_error_then_the_session_recovers(
     session = await backend.open_session(BUNDLED_MODEL_ID, max_length=512)
     try:
         _, done1 = await _run(session, _messages(turn1["new_messages"]))
+        assert done1.finish_reason == "stop", done1.error
         for node in swarm.servers:
             if node.alive and node.span == "15:30":
                 swarm.kill_server(node.name)
