@@ -84,7 +84,7 @@ class Settings:
     max_length_limit: int = 2048
     default_max_new_tokens: int = 256
     max_new_tokens_limit: int = 1024
-    max_concurrent_turns: int = 8
+    max_concurrent_turns: int = 256
     idle_timeout_s: float = 300.0
     open_timeout_s: float = 30.0
     shutdown_grace_s: float = 30.0

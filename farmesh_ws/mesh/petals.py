@@ -1,8 +1,11 @@
 """The real mesh backend: one persistent Petals inference session per chat session.
 
 Petals is blocking (its client waits on a background event loop and sleeps in retry loops),
-so a whole turn runs in one worker thread from a bounded pool, stepping the remote session
-token by token and handing events to asyncio with ``call_soon_threadsafe``. Only the new
+so a whole turn runs in one worker thread, stepping the remote session token by token and
+handing events to asyncio with ``call_soon_threadsafe``. The pool holds up to
+``max_concurrent_turns`` threads (256 by default), started on demand: a worker waiting on the
+network costs a parked thread (about 50 KiB of resident memory, measured in README "Many
+turns at once"), so the pool is sized to what the mesh can serve, not to the CPU count. Only the new
 turn's tokens go through the servers; their attention caches hold the history. The session
 keeps the token transcript, so if the remote session breaks (dead server, expired cache) the
 next turn opens a fresh one and replays the transcript.
@@ -17,6 +20,7 @@ boundary where Petals, hivemind and torch exceptions become ours).
 import asyncio
 import concurrent.futures
 import functools
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -51,6 +55,11 @@ class PetalsBackend:
             max_workers=config.max_concurrent_turns, thread_name_prefix="farmesh-mesh"
         )
         self._sessions: set[PetalsChatSession] = set()
+        self._busy_lock = threading.Lock()
+        self.busy_workers = 0
+        """Mesh worker threads running a turn or a close now."""
+        self.peak_busy_workers = 0
+        """The most worker threads ever busy at once."""
         self.payout_bindings: PayoutBindings | None = None
         """Verified payout bindings from the DHT of the first model, once started."""
 
@@ -134,7 +143,18 @@ class PetalsBackend:
     def _submit(self, fn: Callable[..., None], *args: Any) -> "concurrent.futures.Future[None]":
         """Run ``fn`` on a mesh worker thread, with the caller's log context (conn, session)
         and this backend's payout bindings."""
-        return self._executor.submit(run_in_context(running_with(self.payout_bindings, fn)), *args)
+        work = run_in_context(running_with(self.payout_bindings, fn))
+        return self._executor.submit(self._counted, work, *args)
+
+    def _counted(self, fn: Callable[..., None], *args: Any) -> None:
+        with self._busy_lock:
+            self.busy_workers += 1
+            self.peak_busy_workers = max(self.peak_busy_workers, self.busy_workers)
+        try:
+            fn(*args)
+        finally:
+            with self._busy_lock:
+                self.busy_workers -= 1
 
 
 def _update_routes_now(manager: Any) -> None:

@@ -21,14 +21,15 @@ class ModelSpec:
 
 @dataclass(frozen=True, slots=True)
 class PetalsBackendConfig:
-    """``max_concurrent_turns``: worker threads (turns running at once); lengths in tokens;
+    """``max_concurrent_turns``: worker threads, so turns running at once (more wait for a
+    free one); lengths in tokens;
     timeouts and periods in seconds; ``max_retries``: Petals' tries per step and server,
     ``min_backoff_s`` the wait before the second (doubling for each later one);
     ``payout``: how servers' payout bindings are fetched and checked (:mod:`farmesh_ws.payout`)."""
 
     initial_peers: tuple[str, ...]
     models: tuple[ModelSpec, ...]
-    max_concurrent_turns: int = 8
+    max_concurrent_turns: int = 256
     max_session_length: int = 2048
     max_retries: int = 4
     min_backoff_s: float = 0.25

@@ -30,8 +30,8 @@ Submit = Callable[..., "concurrent.futures.Future[None]"]
 class PetalsChatSession:
     """One chat session: a persistent remote inference session plus its token transcript.
 
-    ``submit(fn, *args)`` runs a turn on a mesh worker thread; ``forget(session)`` is called
-    once when the session closes.
+    ``submit(fn, *args)`` runs blocking work (a turn, a close) on a mesh worker thread;
+    ``forget(session)`` is called once when the session closes.
     """
 
     def __init__(
@@ -101,7 +101,7 @@ class PetalsChatSession:
         session's position back)."""
         if mark.position > self.position:
             raise ValueError(f"cannot rewind to {mark.position} from {self.position}")
-        await asyncio.to_thread(self._rewind_locked, mark)
+        await asyncio.wrap_future(self._submit(self._rewind_locked, mark))
         return "replay"
 
     def _rewind_locked(self, mark: Mark) -> None:
@@ -152,10 +152,14 @@ class PetalsChatSession:
         return turn
 
     async def aclose(self) -> None:
-        """Close the remote session (waits for a running turn to stop first)."""
+        """Close the remote session. A running turn stops after its current step (finish
+        reason ``cancelled``); the close waits for that, on a mesh worker, not on asyncio's
+        small default pool, which many closes at once would exhaust."""
+        if self._closed:
+            return
         self._closed = True
         self._forget(self)
-        await asyncio.to_thread(self._close_inference)
+        await asyncio.wrap_future(self._submit(self._close_inference))
 
     def _close_inference(self) -> None:
         with self._lock:
@@ -229,7 +233,7 @@ class PetalsChatSession:
             turn.emit(state.accept(token_id, room=self._max_length - self.position))
             if state.finish is not None:
                 return
-            if turn.cancel_requested.is_set():
+            if turn.cancel_requested.is_set() or self._closed:
                 state.cancel()
                 return
             inputs = [token_id]
