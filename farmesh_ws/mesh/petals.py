@@ -4,7 +4,7 @@ Petals is blocking (its client waits on a background event loop and sleeps in re
 so a whole turn runs in one worker thread, stepping the remote session token by token and
 handing events to asyncio with ``call_soon_threadsafe``. The pool holds up to
 ``max_concurrent_turns`` threads (256 by default), started on demand: a worker waiting on the
-network costs a parked thread (about 50 KiB of resident memory, measured in README "Many
+network costs a parked thread (about 110 KiB of resident memory, measured in README "Many
 turns at once"), so the pool is sized to what the mesh can serve, not to the CPU count. Only the new
 turn's tokens go through the servers; their attention caches hold the history. The session
 keeps the token transcript, so if the remote session breaks (dead server, expired cache) the
