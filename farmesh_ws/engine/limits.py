@@ -31,18 +31,28 @@ def check_text_total(settings: Settings, texts: Iterable[str], name: str) -> Non
         )
 
 
-def check_max_new_tokens(settings: Settings, value: int | None) -> None:
-    """``value`` (None: the default) is at most ``max_new_tokens_limit``."""
-    if value is not None and value > settings.max_new_tokens_limit:
-        raise InvalidRequest(
-            f"max_new_tokens {value} is above the limit {settings.max_new_tokens_limit}"
-        )
+def check_max_new_tokens(settings: Settings, value: int | None, model_id: str) -> None:
+    """``value`` (None: the default) is at most the model's ``max_new_tokens_limit``."""
+    limit = settings.max_new_tokens_limit_for(model_id)
+    if value is not None and value > limit:
+        raise InvalidRequest(f"max_new_tokens {value} is above the limit {limit} of {model_id}")
 
 
-def check_max_length(settings: Settings, value: int) -> None:
-    """A session's ``max_length`` is at most ``max_length_limit``."""
-    if value > settings.max_length_limit:
-        raise InvalidRequest(f"max_length {value} is above the limit {settings.max_length_limit}")
+def check_max_length(settings: Settings, value: int, model_id: str) -> None:
+    """A session's ``max_length`` is at most the model's ``max_length_limit``."""
+    limit = settings.max_length_limit_for(model_id)
+    if value > limit:
+        raise InvalidRequest(f"max_length {value} is above the limit {limit} of {model_id}")
+
+
+def default_max_new_tokens(settings: Settings, model_id: str) -> int:
+    """``default_max_new_tokens``, lowered to the model's own limit."""
+    return min(settings.default_max_new_tokens, settings.max_new_tokens_limit_for(model_id))
+
+
+def default_max_length(settings: Settings, model_id: str) -> int:
+    """``default_max_length``, lowered to the model's own limit."""
+    return min(settings.default_max_length, settings.max_length_limit_for(model_id))
 
 
 def check_room(mesh: MeshSession, token_ids: list[int]) -> None:
@@ -67,7 +77,7 @@ async def open_mesh_session(
     """Open a mesh session of a served model under ``open_timeout_s``; raises
     :class:`ModelNotFound`, :class:`InvalidRequest` or :class:`MeshTimeout`."""
     check_model(backend, model_id)
-    check_max_length(settings, max_length)
+    check_max_length(settings, max_length, model_id)
     opening = backend.open_session(model_id, max_length=max_length)
     try:
         return await asyncio.wait_for(opening, settings.open_timeout_s)

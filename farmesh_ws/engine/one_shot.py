@@ -68,7 +68,8 @@ class OneShots:
         :meth:`Quotas.reserve` raise; nothing is held then."""
         settings = self._settings
         model_id = model_id or settings.default_model_id
-        mesh = await open_mesh_session(self._backend, model_id, settings.max_length_limit, settings)
+        limit = settings.max_length_limit_for(model_id)
+        mesh = await open_mesh_session(self._backend, model_id, limit, settings)
         owner = (principal.quota_key, wallet)
         reuse = reuse and self.cache.enabled
         kept: KeptSession | None = None
@@ -77,7 +78,7 @@ class OneShots:
             prompt = encode(mesh)
             check_room(mesh, prompt)
             needed = len(prompt) + max_new_tokens
-            check_max_length(settings, needed)
+            check_max_length(settings, needed, mesh.model_id)
             kept = self.cache.take(owner, mesh.model_id, prompt, max_new_tokens) if reuse else None
             if kept is None:
                 reservation = self._reserve(principal, mesh.model_id, needed, reuse=reuse)
@@ -102,7 +103,7 @@ class OneShots:
     ) -> Reservation:
         """Room to grow when that fits as it is (no other kept session closed for it),
         else what the request needs."""
-        limit = self._settings.max_length_limit
+        limit = self._settings.max_length_limit_for(model_id)
         grown = min(limit, max(self._settings.reuse_max_length, 2 * needed))
         if reuse and grown > needed:
             try:

@@ -37,6 +37,7 @@ from farmesh_ws.engine.limits import (
     check_room,
     check_text,
     check_text_total,
+    default_max_new_tokens,
 )
 from farmesh_ws.engine.one_shot import OneShot, OneShots
 from farmesh_ws.engine.quotas import Quotas
@@ -152,11 +153,13 @@ class RequestRunner:
             check_text_total(self._settings, (m.content for m in spec.messages), "messages")
         else:
             check_text(self._settings, spec.text, "text" if spec.token_ids is None else "inputs")
+        model_id = conversation.mesh.model_id if conversation is not None else spec.model_id
+        model_id = model_id or self._settings.default_model_id
         sampling = spec.sampling
         if isinstance(sampling, SamplingOverrides):
-            default = self._settings.default_max_new_tokens
+            default = default_max_new_tokens(self._settings, model_id)
             sampling = sampling.resolve(default_max_new_tokens=default)
-        check_max_new_tokens(self._settings, sampling.max_new_tokens)
+        check_max_new_tokens(self._settings, sampling.max_new_tokens, model_id)
         principal = client.principal
         if conversation is None:
             wallet = principal.billed_wallet(spec.wallet)
@@ -195,7 +198,7 @@ class RequestRunner:
         try:
             total = spec.total_new_tokens or sampling.max_new_tokens
             free_left: int | None = None
-            budget = self._budget(spec, conversation, len(token_ids))
+            budget = self._budget(spec, conversation, len(token_ids), mesh.model_id)
             if self._free.applies(client.principal):
                 allowance = await self._free.allowance(client.principal, len(token_ids))
                 if allowance < total:
@@ -262,7 +265,7 @@ class RequestRunner:
         off or no wallet)."""
         if self._holds is None or context.wallet is None:
             return None
-        prices = self._settings.prices
+        prices = self._settings.prices_for(context.model_id)
         maximum = prices.cost(prompt_tokens, new_tokens)
         if maximum <= 0:  # a free mesh: nothing to hold
             return None
@@ -286,7 +289,11 @@ class RequestRunner:
         return mesh.encode_turn([ChatMessage(role="user", content=spec.text)])
 
     def _budget(
-        self, spec: RequestSpec, conversation: Conversation | None, prompt_tokens: int
+        self,
+        spec: RequestSpec,
+        conversation: Conversation | None,
+        prompt_tokens: int,
+        model_id: str,
     ) -> Decimal | None:
         """The tighter of the request's ``max_cost_far`` and what is left of the session's;
         refused when it cannot pay for one token (protocol.md §3.7)."""
@@ -299,7 +306,7 @@ class RequestRunner:
         budget = min(limits)
         if left is not None and left <= 0:
             raise BudgetExceeded("the session's max_cost_far budget is spent")
-        if budget < self._settings.prices.cost(prompt_tokens, 1):
+        if budget < self._settings.prices_for(model_id).cost(prompt_tokens, 1):
             raise BudgetExceeded(
                 f"max_cost_far {far_text(budget)} does not pay for one token of this request"
             )
@@ -343,7 +350,7 @@ class RequestRunner:
         elif shot is not None:
             shot.reservation.allocated()
         before = mesh.mark() if spec.kind in ("turn", "regenerate") else None
-        prices = self._settings.prices
+        prices = self._settings.prices_for(mesh.model_id)
         if spec.regenerate:  # the turn's prompt was billed the first time
             prices = replace(prices, per_prompt_token=Decimal(0))
 

@@ -20,6 +20,7 @@ from farmesh_ws.engine.limits import (
     check_max_new_tokens,
     check_model,
     check_text,
+    default_max_length,
     open_mesh_session,
 )
 from farmesh_ws.engine.quotas import Quotas
@@ -83,13 +84,13 @@ class SessionManager:
             raise ShuttingDown("the server is shutting down; retry on another server")
         billed = principal.billed_wallet(wallet)
         model_id = model_id or settings.default_model_id
-        max_length = max_length or settings.default_max_length
+        max_length = max_length or default_max_length(settings, model_id)
         if system_prompt is not None:
             check_text(settings, system_prompt, "system_prompt")
         sampling = sampling or SamplingOverrides()
-        check_max_new_tokens(settings, sampling.max_new_tokens)
+        check_max_new_tokens(settings, sampling.max_new_tokens, model_id)
         check_model(self._backend, model_id)
-        check_max_length(settings, max_length)
+        check_max_length(settings, max_length, model_id)
         # a session that waits for a resume gives way to its principal's new one (§2.2)
         while self._quotas.sessions_full(principal):
             if not await self.yield_waiting(principal.quota_key):

@@ -70,6 +70,8 @@ class FakeBackend:
     As on Petals, a session takes its ``max_length`` when its first step runs, and a server
     announces what is left in Petals' unit (2 per token per block it holds)."""
     sessions: list["FakeSession"] = field(default_factory=list)
+    announced_elsewhere: tuple[str, ...] = ()
+    """DHT prefixes of models the scripted DHT announces but this backend does not serve."""
 
     async def open_session(self, model_id: str, *, max_length: int) -> "FakeSession":
         self.open_started.set()
@@ -102,6 +104,12 @@ class FakeBackend:
             for peer, start, end in self.spans
         )
         return ModelCoverage(model_id, max(end for _, _, end in self.spans), servers, ())
+
+    async def discover(self) -> list[ModelCoverage]:
+        """Every model the scripted DHT announces: the served ones (prefix = model id), then
+        ``announced_elsewhere``."""
+        prefixes = [*self.model_ids, *self.announced_elsewhere]
+        return [await self.coverage(prefix) for prefix in prefixes]
 
     async def aclose(self) -> None:
         for session in self.sessions:

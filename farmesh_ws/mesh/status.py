@@ -16,6 +16,7 @@ from farmesh_ws.mesh.discovery import ModelCoverage
 logger = logging.getLogger(__name__)
 
 Probe = Callable[[str], Awaitable[ModelCoverage]]
+Discover = Callable[[], Awaitable[list[ModelCoverage]]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,12 +75,27 @@ def route_cache_tokens_left(coverage: ModelCoverage) -> int | None:
 
 
 class MeshStatusCache:
-    """Keeps the latest :class:`ModelStatus` of each model; ``unknown`` until first checked."""
+    """Keeps the latest :class:`ModelStatus` of each model; ``unknown`` until first checked.
 
-    def __init__(self, model_ids: list[str], probe: Probe, *, refresh_s: float) -> None:
+    With ``discover`` (every model the DHT announces) and ``served_prefixes`` (the DHT
+    prefixes of the served models), :attr:`unservable` lists the announced models this
+    gateway cannot serve: it has no client half (config, tokenizer, embeddings) for them."""
+
+    def __init__(
+        self,
+        model_ids: list[str],
+        probe: Probe,
+        *,
+        refresh_s: float,
+        discover: Discover | None = None,
+        served_prefixes: frozenset[str] = frozenset(),
+    ) -> None:
         self._model_ids = list(model_ids)
         self._probe = probe
         self._refresh_s = refresh_s
+        self._discover = discover
+        self._served_prefixes = served_prefixes
+        self.unservable: tuple[ModelCoverage, ...] = ()
         self._latest: dict[str, ModelStatus] = {}
         self._task: asyncio.Task[None] | None = None
         self.on_update: Callable[[ModelStatus], None] | None = None
@@ -104,6 +120,15 @@ class MeshStatusCache:
             self._latest[model_id] = status
             if self.on_update is not None:
                 self.on_update(status)
+        if self._discover is not None:
+            try:
+                announced = await asyncio.wait_for(self._discover(), self._refresh_s * 2)
+            except Exception as exc:  # noqa: BLE001 - a failed probe keeps the last snapshot
+                logger.warning("announced models unavailable: %s", type(exc).__name__)
+                return
+            self.unservable = tuple(
+                model for model in announced if model.dht_prefix not in self._served_prefixes
+            )
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._loop(), name="farmesh-mesh-status")

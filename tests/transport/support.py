@@ -39,7 +39,13 @@ async def fake_gateway(
     ``off`` (wallet claims billed as named)."""
     overrides.setdefault("auth", "off")
     settings = replace(Settings(port=0, default_model_id=FAKE_MODEL_ID), **overrides)
-    status = MeshStatusCache(backend.model_ids, backend.coverage, refresh_s=60)
+    status = MeshStatusCache(
+        backend.model_ids,
+        backend.coverage,
+        refresh_s=60,
+        discover=backend.discover,
+        served_prefixes=frozenset(backend.model_ids),
+    )
     await status.refresh()
     known = keys if keys is not None else {}  # not copied: a test may revoke a key
 

@@ -176,7 +176,8 @@ class PetalsV2Connection:
             stop_token = stop_ids[0]
         self._requests += 1
         sampling = replace(
-            generate.sampling, max_new_tokens=self._step_size(generate, len(input_ids))
+            generate.sampling,
+            max_new_tokens=self._step_size(generate, len(input_ids), mesh.model_id),
         )
         spec = RequestSpec(
             request_id=f"v2-{self._requests}",
@@ -223,14 +224,14 @@ class PetalsV2Connection:
         await self._send({"ok": True, "outputs": outputs, "stop": stop, "token_count": len(tokens)})
         active.delivered(len(tokens))
 
-    def _step_size(self, generate: GenerateRequest, new_tokens: int) -> int:
+    def _step_size(self, generate: GenerateRequest, new_tokens: int, model_id: str) -> int:
         """Tokens one step may generate: ``max_new_tokens``, or what ``max_length`` leaves
         of the whole session (at least one, as in transformers)."""
         if generate.max_new_tokens is not None:
             return generate.max_new_tokens
         max_length = generate.max_length or 0
         size = max(1, max_length - (self._session_tokens + new_tokens))
-        limit = self._engine.settings.max_new_tokens_limit
+        limit = self._engine.settings.max_new_tokens_limit_for(model_id)
         if size > limit:
             raise InvalidRequest(
                 f"max_length {max_length} leaves {size} tokens to generate; "
@@ -278,7 +279,7 @@ class PetalsV2Connection:
                 held = []
                 if stop:
                     return done.finish_reason
-            step = self._step_size(generate, 0)
+            step = self._step_size(generate, 0, active.mesh.model_id)
             if active.free_tokens_left is not None:  # the anonymous free quota binds
                 left = active.free_tokens_left - active.generated
                 if left <= 0:
