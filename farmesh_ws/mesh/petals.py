@@ -146,12 +146,12 @@ class PetalsBackend:
         work = run_in_context(running_with(self.payout_bindings, fn))
         return self._executor.submit(self._counted, work, *args)
 
-    def _counted(self, fn: Callable[..., None], *args: Any) -> None:
+    def _counted(self, fn: Callable[..., Any], *args: Any) -> Any:
         with self._busy_lock:
             self.busy_workers += 1
             self.peak_busy_workers = max(self.peak_busy_workers, self.busy_workers)
         try:
-            fn(*args)
+            return fn(*args)
         finally:
             with self._busy_lock:
                 self.busy_workers -= 1
