@@ -99,6 +99,13 @@ class Settings:
     payout_statement_max_age_s: float = 86400.0
     payout_max_clock_skew_s: float = 300.0
     local_payout_wallet: str = ""
+    # Spot checks and plausibility (README "Verified work").
+    spot_check_rate: float = 0.05
+    spot_check_first_steps: int = 3
+    spot_check_tolerance: float = 0.0
+    spot_check_timeout_s: float = 30.0
+    plausibility_factor: float = 10.0
+    plausibility_min_samples: int = 20
     # Identity and admission (README "Authentication and limits").
     auth: str = ""
     insecure_no_auth: bool = False
@@ -310,6 +317,12 @@ def _validated(settings: Settings) -> Settings:
             not settings.local_payout_wallet or is_address(settings.local_payout_wallet),
             "local_payout_wallet must be an Ethereum address (0x and 40 hex digits)",
         ),
+        (0 <= settings.spot_check_rate <= 1, "spot_check_rate must be between 0 and 1"),
+        (settings.spot_check_first_steps >= 0, "spot_check_first_steps must not be negative"),
+        (settings.spot_check_tolerance >= 0, "spot_check_tolerance must not be negative"),
+        (settings.spot_check_timeout_s > 0, "spot_check_timeout_s must be positive"),
+        (settings.plausibility_factor > 1, "plausibility_factor must be above 1"),
+        (settings.plausibility_min_samples >= 1, "plausibility_min_samples must be at least 1"),
         (settings.auth in (*AUTH_MODES, ""), f"auth must be one of {AUTH_MODES}"),
         (settings.balances in BALANCE_MODES, f"balances must be one of {BALANCE_MODES}"),
         (settings.auth_timeout_s > 0, "auth_timeout_s must be positive"),
