@@ -2,13 +2,17 @@
 checked steps; a byzantine server next to honest replicas is caught at its first step (a
 compulsory check), excluded, paid nothing, and the user's greedy output stays golden.
 
-These tests add servers to the shared swarm (a replica of 15:30, then a byzantine one that
-announces a throughput it does not have, so routing prefers it), so they run last.
+These tests add servers to the shared swarm (a replica of 15:30, then a byzantine one), so they
+run last. They do not depend on which 15:30 server routing picks: the honest test checks every
+step of whichever one serves it against another, and the byzantine test pins the route's 15:30
+hop onto the liar while it is routable (routing alone would not choose it reliably: a server
+that just joined has no measured ping and costs more than the throughput it claims saves).
 """
 
 import asyncio
+import contextlib
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -20,25 +24,43 @@ from farmesh_ws.ledger.integrity import IntegrityRecorder, node_flags
 from farmesh_ws.ledger.payees import payee_earnings
 from farmesh_ws.ledger.records import ContributionRecord, TurnRecord
 from farmesh_ws.ledger.store import Ledger
-from farmesh_ws.mesh.petals import ModelSpec, PetalsBackend, PetalsBackendConfig
+from farmesh_ws.mesh.petals import PetalsBackend
 from farmesh_ws.mesh.spot_check import IntegrityEvent, SpotCheckPolicy
 from farmesh_ws.metrics import Metrics
 from farmesh_ws.models import BUNDLED_MODEL_ID
+from tests.helpers import swarm_backend_config
 
 pytestmark = pytest.mark.disruptive
 GREEDY_48 = SamplingParams(max_new_tokens=48)
 
 
 async def _backend(swarm: Any, model_path: Path, policy: SpotCheckPolicy) -> PetalsBackend:
-    return await PetalsBackend.start(
-        PetalsBackendConfig(
-            initial_peers=tuple(swarm.initial_peers),
-            models=(ModelSpec(BUNDLED_MODEL_ID, model_path, swarm.config.dht_prefix),),
-            update_period_s=5.0,
-            ban_timeout_s=5.0,
-            spot_checks=policy,
-        )
-    )
+    return await PetalsBackend.start(swarm_backend_config(swarm, model_path, spot_checks=policy))
+
+
+def _pin_route_through(backend: PetalsBackend, node: Any, pinned: list[str]) -> Any:
+    """A ``make_sequence`` for ``backend``'s model whose hop over ``node``'s span is ``node``
+    while the routing table holds it (once it is excluded, Petals' own choice); each pinned
+    route is appended to ``pinned``."""
+    from petals.data_structures import RemoteSpanInfo
+
+    manager = backend._model(BUNDLED_MODEL_ID).sequence_manager
+    original = manager.make_sequence
+    first = int(node.span.split(":")[0])
+
+    def make_sequence(start_index: int = 0, end_index: int | None = None, **kwargs: Any) -> Any:
+        end = len(manager) if end_index is None else end_index
+        with manager.lock_changes:
+            spans = manager.state.sequence_info.spans_containing_block[first]
+            span = next((s for s in spans if s.peer_id.to_base58() == node.peer_id), None)
+        if span is None or not start_index <= first < end <= span.end:
+            return original(start_index, end_index, **kwargs)
+        route = original(start_index, first, **kwargs) if start_index < first else []
+        route.append(RemoteSpanInfo(span.peer_id, first, end, span.server_info))
+        pinned.append(" => ".join(f"{s.start}:{s.end} via {s.peer_id.to_base58()}" for s in route))
+        return route
+
+    return make_sequence
 
 
 async def _conversation(backend: PetalsBackend, turns: list[dict[str, Any]]) -> list[TurnDone]:
@@ -96,11 +118,18 @@ def _record(done: TurnDone, request_id: str) -> TurnRecord:
 
 
 @pytest.fixture(scope="module")
-def replica(swarm: Any) -> Iterator[Any]:
-    """An honest second server for blocks 15:30, stopped after this module's tests."""
-    node = swarm.add_server("15:30")
+async def replica(swarm: Any, backend: PetalsBackend) -> AsyncIterator[Any]:
+    """An honest second server for blocks 15:30, stopped after this module's tests. The module
+    starts from live servers only (earlier disruptive tests may have crashed some) and leaves
+    the swarm as it found it: every block served, its servers stopped, the shared backend's
+    routes refreshed."""
+    await asyncio.to_thread(swarm.wait_until_forgotten)
+    node = await asyncio.to_thread(swarm.add_server, "15:30")
     yield node
-    swarm.stop_server(node.name)
+    await asyncio.to_thread(swarm.stop_server, node.name)
+    await asyncio.to_thread(swarm.wait_until_served)
+    await asyncio.to_thread(swarm.wait_until_forgotten)
+    await backend.refresh_routes(BUNDLED_MODEL_ID)
 
 
 @pytest.fixture
@@ -133,20 +162,35 @@ async def test_honest_replicas_raise_no_false_alarm_over_hundreds_of_checked_ste
 
 
 async def test_a_byzantine_server_is_caught_at_once_excluded_and_paid_nothing(
-    replica: Any, swarm: Any, bundled_model_path: Path, golden: dict[str, Any], tmp_path: Path
+    replica: Any,
+    swarm: Any,
+    bundled_model_path: Path,
+    golden: dict[str, Any],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    liar = swarm.add_server(
-        "15:30", byzantine=ByzantineSpec(scale=0.01, claimed_inference_rps=3000.0)
+    honest = [n for n in swarm.servers if n.alive and n.span == "15:30"]
+    assert len(honest) >= 2  # a checker and a third opinion besides the liar
+    liar = await asyncio.to_thread(
+        swarm.add_server,
+        "15:30",
+        byzantine=ByzantineSpec(scale=0.01, claimed_inference_rps=3000.0),
     )
     policy = SpotCheckPolicy()  # the default rate
-    backend = await _backend(swarm, bundled_model_path, policy)
-    ledger = Ledger(f"sqlite+aiosqlite:///{tmp_path / 'ledger.db'}")
-    await ledger.connect()
-    recorder = IntegrityRecorder(ledger, asyncio.get_running_loop())
+    pinned: list[str] = []
     metrics = Metrics()
-    backend.integrity.subscribe(recorder.listener)
-    backend.integrity.subscribe(metrics.observe_integrity)
-    try:
+    async with contextlib.AsyncExitStack() as stack:
+        stack.push_async_callback(asyncio.to_thread, swarm.stop_server, liar.name)
+        ledger = Ledger(f"sqlite+aiosqlite:///{tmp_path / 'ledger.db'}")
+        await ledger.connect()
+        stack.push_async_callback(ledger.aclose)
+        backend = await _backend(swarm, bundled_model_path, policy)
+        stack.push_async_callback(backend.aclose)
+        manager = backend._model(BUNDLED_MODEL_ID).sequence_manager
+        monkeypatch.setattr(manager, "make_sequence", _pin_route_through(backend, liar, pinned))
+        recorder = IntegrityRecorder(ledger, asyncio.get_running_loop())
+        backend.integrity.subscribe(recorder.listener)
+        backend.integrity.subscribe(metrics.observe_integrity)
         dones = []
         for conversation in golden["conversations"]:
             dones += await _conversation(backend, conversation)
@@ -156,11 +200,8 @@ async def test_a_byzantine_server_is_caught_at_once_excluded_and_paid_nothing(
             await ledger.record_turn(_record(done, f"r{index}"))
         flags = await node_flags(ledger)
         payees = {p.payee: p for p in await payee_earnings(ledger)}
-    finally:
-        await ledger.aclose()
-        await backend.aclose()
-        await asyncio.to_thread(swarm.stop_server, liar.name)
 
+    assert len(pinned) == 1, pinned  # the liar served the first step, and never again
     assert [(f["peer_id"], f["kind"]) for f in flags] == [(liar.peer_id, "tampered_output")]
     assert flags[0]["step"] <= policy.first_steps  # caught by a compulsory check
     assert backend.integrity.excluded == {liar.peer_id}
