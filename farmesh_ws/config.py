@@ -104,6 +104,7 @@ class Settings:
     spot_check_first_steps: int = 3
     spot_check_tolerance: float = 0.0
     spot_check_timeout_s: float = 30.0
+    spot_check_max_background: int = 4
     plausibility_factor: float = 10.0
     plausibility_min_samples: int = 20
     # Identity and admission (README "Authentication and limits").
@@ -321,6 +322,7 @@ def _validated(settings: Settings) -> Settings:
         (settings.spot_check_first_steps >= 0, "spot_check_first_steps must not be negative"),
         (settings.spot_check_tolerance >= 0, "spot_check_tolerance must not be negative"),
         (settings.spot_check_timeout_s > 0, "spot_check_timeout_s must be positive"),
+        (settings.spot_check_max_background >= 1, "spot_check_max_background must be at least 1"),
         (settings.plausibility_factor > 1, "plausibility_factor must be above 1"),
         (settings.plausibility_min_samples >= 1, "plausibility_min_samples must be at least 1"),
         (settings.auth in (*AUTH_MODES, ""), f"auth must be one of {AUTH_MODES}"),

@@ -195,6 +195,7 @@ def spot_check_policy(settings: Settings) -> SpotCheckPolicy:
         first_steps=settings.spot_check_first_steps,
         tolerance=settings.spot_check_tolerance,
         timeout_s=settings.spot_check_timeout_s,
+        max_background=settings.spot_check_max_background,
         plausibility_factor=settings.plausibility_factor,
         plausibility_min_samples=settings.plausibility_min_samples,
     )

@@ -83,7 +83,7 @@ class Metrics:
         # Spot checks (README "Verified work"); labels are fixed sets, never a node.
         self.spot_checks_total = Counter(
             "farmesh_spot_checks_total",
-            "Spot checks of node outputs, by result (pass, mismatch, unavailable, error)",
+            "Spot checks of node outputs, by result (pass, mismatch, unavailable, error, skipped)",
             ["result"],
             registry=r,
         )

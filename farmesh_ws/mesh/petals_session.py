@@ -189,8 +189,10 @@ class PetalsChatSession:
                 sampling=sampling,
                 cached=self.position,
             )
+            checker = model.spot_checker
             try:
-                self._run_turn_locked(turn, state, new_ids, sampling, replace_last_token)
+                with checker.turn() if checker is not None else contextlib.nullcontext():
+                    self._run_turn_locked(turn, state, new_ids, sampling, replace_last_token)
             except Exception as exc:  # one boundary: everything becomes a typed error event
                 error = translate_error(exc)
                 if not isinstance(exc, FarmeshError):

@@ -8,8 +8,13 @@ checks on the mesh and reports here. The rules:
   ``W = round(1 / rate)`` consecutive steps and exactly one step of each window, drawn uniformly
   by a CSPRNG, is checked. A node that tampers with every step from its step ``t`` on is
   therefore checked, and caught, by its step ``t + 2W - 1`` at the latest (the window holding
-  ``t`` may have drawn an earlier step; the next one draws a step in it); one that tampers
+  ``t`` may have drawn an earlier step; the next one draws a step in it), its verdict coming
+  when that step's turn ends (:mod:`.spot_check_run` checks sampled steps then); one that tampers
   with a fraction ``f`` of steps, independently, is caught per window with probability ``f``.
+* **Load.** At most ``max_background`` sampled checks run at once per model; a sampled check
+  due while that many run is skipped (counted ``skipped``) and the node's next step is checked
+  instead, so the bound above stretches by the steps during which the cap stayed full.
+  Compulsory checks are never skipped.
 * **Judging.** The checked node's outputs are compared with a replica's; on a mismatch a third
   opinion (replicas other than both) decides; with no third opinion, the side with fewer passed
   checks is held to be lying, the checked node on a tie (the coordinator can go on with the
@@ -31,7 +36,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 FlagKind = Literal["tampered_output", "implausible_throughput"]
-CheckResult = Literal["pass", "mismatch", "unavailable", "error"]
+CheckResult = Literal["pass", "mismatch", "unavailable", "error", "skipped"]
 Verdict = Literal["checked", "checker", "disputed"]
 
 _TOLERANCE_BY_DTYPE = {"float32": 1e-3, "float16": 3e-2, "bfloat16": 3e-2}
@@ -47,12 +52,14 @@ class SpotCheckPolicy:
     """``rate``: the fraction of a node's steps checked after its first ``first_steps`` passed
     checks (0 turns spot checks off); ``tolerance``: relative RMS difference allowed, 0 for
     the dtype's default (:data:`_TOLERANCE_BY_DTYPE`); ``timeout_s``: one check's remote calls;
-    ``plausibility_factor``/``plausibility_min_samples``: see the module docstring."""
+    ``max_background``: sampled checks running at once, per model (see "Load" in the module
+    docstring); ``plausibility_factor``/``plausibility_min_samples``: see the module docstring."""
 
     rate: float = 0.05
     first_steps: int = 3
     tolerance: float = 0.0
     timeout_s: float = 30.0
+    max_background: int = 4
     plausibility_factor: float = 10.0
     plausibility_min_samples: int = 20
 
@@ -103,6 +110,8 @@ class PeerRecord:
     flagged: bool = False
     latency_per_block_s: float = 0.0
     latency_samples: int = 0
+    owed: bool = False
+    """A sampled check was skipped (cap full): the next step is checked instead."""
     _window: int = -1
     _draw: int = -1
 
@@ -171,7 +180,8 @@ class IntegrityMonitor:
             record.unverified_work += work
             if not self.policy.enabled or self.paused or record.flagged:
                 return False
-            if record.passed < self.policy.first_steps:
+            if record.passed < self.policy.first_steps or record.owed:
+                record.owed = False
                 return True
             window = self.policy.window
             index = record.steps - 1
@@ -223,6 +233,14 @@ class IntegrityMonitor:
         with self._lock:
             self._count(result, work, seconds)
         self._tell(IntegrityEvent(peer_id, result=result, work=work, seconds=seconds))
+
+    def skipped(self, peer_id: str) -> None:
+        """A sampled check of ``peer_id`` due now was not started (too many running): count
+        it, and check the node's next step instead."""
+        with self._lock:
+            self._peers.setdefault(peer_id, PeerRecord()).owed = True
+            self._count("skipped", 0, 0.0)
+        self._tell(IntegrityEvent(peer_id, result="skipped"))
 
     def mismatch(
         self, liar: str | None, verdict: Verdict, evidence: str, *, work: int, seconds: float

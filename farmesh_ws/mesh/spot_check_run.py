@@ -5,15 +5,21 @@ cannot replay one step alone. Petals' client keeps every server session's input 
 (``_ServerInferenceSession.history``, its failover replay buffer); a check sends that whole
 prefix through the span's stateless forward (``rpc_forward``, as Petals' ``sequential_forward``
 does) on replicas other than the checked node, and compares the last positions with what the
-node returned from its inference step (relative RMS difference, :func:`relative_difference`).
+node returned from its inference step (relative RMS difference; :mod:`.spot_check_steps`).
 
-A wrapper around ``_ServerInferenceSession.step`` starts a check on hivemind's event loop when
-the monitor asks for one, while the step goes on downstream. A node's compulsory checks are
-joined before the step's output is used (:meth:`StepChecks.join`), so a node is never trusted
-before it passed them; a failed one raises :class:`SpotCheckFailed` and the session redoes the
-step on other nodes. Sampled checks run in the background: a liar they catch is flagged and
-excluded from routing, and every session holding it reroutes at its next step
-(:meth:`SpotChecker.holds_excluded`).
+A wrapper around ``_ServerInferenceSession.step`` asks the monitor whether to check each server
+step. A node's compulsory checks start on hivemind's event loop at once, while the step goes on
+downstream, and are joined before the step's output is used (:meth:`StepChecks.join`), so a
+node is never trusted before it passed them; a failed one raises :class:`SpotCheckFailed` and
+the session redoes the step on other nodes.
+
+Sampled checks are kept until the turn ends (:meth:`SpotChecker.turn`), then one background
+check per server session covers every step sampled in it: a single forward over the prefix up
+to the last sampled step gives the reference for each of them, where one check per step would
+recompute that prefix each time. They cost the turn nothing (on one machine's shared CPUs, a
+check run mid-turn slowed it down; ``scripts/bench_spot_checks.py``), and at most
+``max_background`` run at once. A liar they catch is flagged and excluded from routing, and
+every session holding it reroutes at its next step (:meth:`SpotChecker.holds_excluded`).
 """
 
 import concurrent.futures
@@ -21,16 +27,27 @@ import contextlib
 import contextvars
 import functools
 import logging
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
 
 from farmesh_ws.mesh.spot_check import IntegrityMonitor
+from farmesh_ws.mesh.spot_check_steps import (
+    DeferredCheck,
+    TurnChecks,
+    at_positions,
+    step_check,
+    worst_difference,
+)
 
 logger = logging.getLogger(__name__)
 
 _active: contextvars.ContextVar["StepChecks | None"] = contextvars.ContextVar(
     "farmesh_step_checks", default=None
+)
+_turn: contextvars.ContextVar["TurnChecks | None"] = contextvars.ContextVar(
+    "farmesh_turn_checks", default=None
 )
 _PATCHED = "_farmesh_spot_check"
 
@@ -43,15 +60,6 @@ class SpotCheckFailed(RuntimeError):
         super().__init__(f"spot check failed for {peer_id}")
         self.peer_id = peer_id
         self.permanent = permanent
-
-
-def relative_difference(outputs: Any, reference: Any) -> float:
-    """RMS of ``outputs - reference`` over the RMS of ``reference`` (tensors of one shape)."""
-    import torch
-
-    a, b = outputs.to(torch.float64), reference.to(torch.float64)
-    scale = float(b.pow(2).mean().sqrt())
-    return float((a - b).pow(2).mean().sqrt()) / max(scale, 1e-12)
 
 
 def install() -> None:
@@ -118,6 +126,7 @@ class SpotChecker:
         self.policy = monitor.policy
         self._manager = manager
         self._background: set[concurrent.futures.Future[SpotCheckFailed | None]] = set()
+        self._background_lock = threading.Lock()
         self._rps_overrides: dict[str, float] = {}
         manager._farmesh_spot_checker = self
 
@@ -130,6 +139,21 @@ class SpotChecker:
             yield checks
         finally:
             _active.reset(token)
+
+    @contextlib.contextmanager
+    def turn(self) -> Iterator[TurnChecks]:
+        """Scope one turn: its sampled checks start, coalesced, when it ends."""
+        checks = TurnChecks()
+        token = _turn.set(checks)
+        try:
+            yield checks
+        finally:
+            _turn.reset(token)
+            for deferred in checks.deferred.values():
+                logger.debug(
+                    "checking %d sampled steps of %s", len(deferred.steps), deferred.peer_id
+                )
+                self._start_sampled(deferred)
 
     def holds_excluded(self, server_sessions: list[Any]) -> bool:
         """True if one of a session's server sessions is on an excluded node."""
@@ -158,22 +182,46 @@ class SpotChecker:
         compulsory = self.monitor.record(peer_id).passed < self.policy.first_steps
         if not self.monitor.on_step(peer_id, tokens * blocks):
             return
+        if compulsory:
+            checks.pending.append((peer_id, self._run(step_check(session, outputs))))
+            return
+        turn = _turn.get()
+        if turn is not None:
+            turn.defer(session, outputs)
+        else:
+            self._start_sampled(step_check(session, outputs))
+
+    def _start_sampled(self, deferred: DeferredCheck) -> None:
+        """Start a background check, unless ``max_background`` are running: then skip it."""
+        with self._background_lock:
+            if len(self._background) >= self.policy.max_background:
+                future = None
+            else:
+                future = self._run(deferred)
+                self._background.add(future)
+        if future is None:
+            self.monitor.skipped(deferred.peer_id)
+            return
+        future.add_done_callback(self._finished)
+
+    def _finished(self, future: "concurrent.futures.Future[SpotCheckFailed | None]") -> None:
+        with self._background_lock:
+            self._background.discard(future)
+
+    def _run(self, deferred: DeferredCheck) -> "concurrent.futures.Future[SpotCheckFailed | None]":
         from hivemind.moe.client.remote_expert_worker import RemoteExpertWorker
 
-        history = session.history
-        check = self._check(
-            history, outputs, span.start, span.end, peer_id, self._manager.rpc_info, compulsory
+        check = self._check(deferred, self._manager.rpc_info)
+        future: concurrent.futures.Future[SpotCheckFailed | None] = (
+            RemoteExpertWorker.run_coroutine(check, return_future=True)
         )
-        future = RemoteExpertWorker.run_coroutine(check, return_future=True)
-        if compulsory:
-            checks.pending.append((peer_id, future))
-        else:
-            self._background.add(future)
-            future.add_done_callback(self._background.discard)
+        return future
 
     def wait_background(self, timeout_s: float) -> None:
         """Block until the sampled checks started so far have finished (tests, benchmarks)."""
-        concurrent.futures.wait(list(self._background), timeout=timeout_s)
+        with self._background_lock:
+            running = list(self._background)
+        concurrent.futures.wait(running, timeout=timeout_s)
 
     def exclude(self, peer_id: str) -> None:
         """Never route to ``peer_id`` again (Petals' ``blocked_servers``), from now on."""
@@ -252,31 +300,25 @@ class SpotChecker:
             )
         return hidden
 
-    async def _check(
-        self,
-        history: Any,
-        outputs: Any,
-        start: int,
-        end: int,
-        peer_id: str,
-        info: Any,
-        compulsory: bool,
-    ) -> SpotCheckFailed | None:
-        """Check one server step; returns the failure to raise in the step, if any."""
+    async def _check(self, deferred: DeferredCheck, info: Any) -> SpotCheckFailed | None:
+        """Check a server's steps against a replica's forward over the same inputs; returns
+        the failure to raise in the step, if any."""
         import asyncio
 
         started = time.perf_counter()
-        positions = int(outputs.shape[1])
-        work = int(history.shape[1]) * (end - start)
+        peer_id, start, end, steps = deferred.peer_id, deferred.start, deferred.end, deferred.steps
+        needed = max(offset + int(outputs.shape[1]) for offset, outputs in steps)
+        history = deferred.history[:, :needed]
+        work = needed * (end - start)
         route = self._route(start, end, {peer_id} | self.monitor.excluded)
         if route is None:
             self.monitor.not_checked(peer_id, "unavailable")
             return None
-        tolerance = self.policy.tolerance_for(str(outputs.dtype).removeprefix("torch."))
+        tolerance = self.policy.tolerance_for(str(steps[0][1].dtype).removeprefix("torch."))
         try:
             async with asyncio.timeout(self.policy.timeout_s):
-                reference = (await self._forward(history, route, info))[:, -positions:]
-                difference = relative_difference(outputs, reference)
+                reference = at_positions(steps, await self._forward(history, route, info))
+                difference = worst_difference(steps, reference)
                 if difference <= tolerance:
                     seconds = time.perf_counter() - started
                     self.monitor.passed(peer_id, work=work, seconds=seconds, difference=difference)
@@ -285,11 +327,11 @@ class SpotChecker:
                 third = self._route(start, end, {peer_id, *checkers} | self.monitor.excluded)
                 opinion = None
                 if third is not None:
-                    work += int(history.shape[1]) * (end - start)
-                    other = (await self._forward(history, third, info))[:, -positions:]
+                    work += needed * (end - start)
+                    other = at_positions(steps, await self._forward(history, third, info))
                     opinion = (
-                        relative_difference(outputs, other) <= tolerance,
-                        relative_difference(reference, other) <= tolerance,
+                        worst_difference(steps, other) <= tolerance,
+                        worst_difference(reference, other) <= tolerance,
                     )
         except Exception:
             logger.warning("spot check of %s failed to run", peer_id, exc_info=True)

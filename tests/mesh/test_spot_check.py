@@ -119,3 +119,47 @@ def test_tolerance_fits_the_dtype_unless_set() -> None:
     assert SpotCheckPolicy().tolerance_for("float32") == 1e-3
     assert SpotCheckPolicy().tolerance_for("bfloat16") == 3e-2
     assert SpotCheckPolicy(tolerance=0.5).tolerance_for("float32") == 0.5
+
+
+def test_a_skipped_sampled_check_is_counted_and_the_next_step_is_checked() -> None:
+    monitor = IntegrityMonitor(SpotCheckPolicy(rate=0.05, first_steps=0))
+    heard: list[IntegrityEvent] = []
+    monitor.subscribe(heard.append)
+    step = next(s for s in range(1, 100) if monitor.on_step("peer", work=15))
+    monitor.skipped("peer")  # the cap was full
+    assert monitor.on_step("peer", work=15)  # owed: step + 1 is checked instead
+    assert monitor.counters.checks == {"skipped": 1}
+    assert [e.result for e in heard] == ["skipped"]
+    assert not monitor.record("peer").owed
+    assert step <= monitor.policy.window
+
+
+def test_sampled_steps_of_a_turn_are_compared_at_their_own_positions() -> None:
+    import torch
+
+    from farmesh_ws.mesh.spot_check_steps import TurnChecks, at_positions, worst_difference
+
+    class Span:
+        peer_id = type("Peer", (), {"to_base58": lambda self: "peer"})()
+        start, end = 15, 30
+
+    class Session:
+        span = Span()
+        history = torch.zeros(1, 0, 4)
+
+    torch.manual_seed(0)
+    truth = torch.randn(1, 12, 4)  # what an honest span returns at each position
+    session, turn = Session(), TurnChecks()
+    for position, width in ((0, 5), (5, 1), (6, 1), (7, 1), (8, 1)):  # a prompt, then tokens
+        session.history = torch.zeros(1, position + width, 4)
+        if position in (0, 7):
+            outputs = truth[:, position : position + width].clone()
+            if position == 7:
+                outputs *= 1.01  # this step was tampered with
+            turn.defer(session, outputs)
+    (deferred,) = turn.deferred.values()
+    assert [offset for offset, _ in deferred.steps] == [0, 7]
+    assert deferred.history.shape[1] == 8  # the prefix up to the last sampled step
+    reference = at_positions(deferred.steps, truth)
+    assert worst_difference(deferred.steps, reference) == pytest.approx(0.01, rel=1e-4)
+    assert worst_difference(deferred.steps[:1], reference[:1]) == 0.0
