@@ -38,21 +38,26 @@ async def _backend(swarm: Any, model_path: Path, policy: SpotCheckPolicy) -> Pet
     return await PetalsBackend.start(swarm_backend_config(swarm, model_path, spot_checks=policy))
 
 
-def _pin_route_through(backend: PetalsBackend, node: Any, pinned: list[str]) -> Any:
-    """A ``make_sequence`` for ``backend``'s model whose hop over ``node``'s span is ``node``
-    while the routing table holds it (once it is excluded, Petals' own choice); each pinned
-    route is appended to ``pinned``."""
+def _routed_span(manager: Any, node: Any) -> Any:
+    """``node``'s span in the routing table of ``manager``, or None (not there, or excluded)."""
+    first = int(node.span.split(":")[0])
+    with manager.lock_changes:
+        spans = manager.state.sequence_info.spans_containing_block[first]
+        return next((s for s in spans if s.peer_id.to_base58() == node.peer_id), None)
+
+
+def _pin_route_through(manager: Any, node: Any, pinned: list[str]) -> Any:
+    """A ``make_sequence`` for ``manager`` (its routes loaded) whose hop over ``node``'s span
+    is ``node`` while the routing table holds it (once it is excluded, Petals' own choice);
+    each pinned route is appended to ``pinned``."""
     from petals.data_structures import RemoteSpanInfo
 
-    manager = backend._model(BUNDLED_MODEL_ID).sequence_manager
     original = manager.make_sequence
     first = int(node.span.split(":")[0])
 
     def make_sequence(start_index: int = 0, end_index: int | None = None, **kwargs: Any) -> Any:
         end = len(manager) if end_index is None else end_index
-        with manager.lock_changes:
-            spans = manager.state.sequence_info.spans_containing_block[first]
-            span = next((s for s in spans if s.peer_id.to_base58() == node.peer_id), None)
+        span = _routed_span(manager, node)
         if span is None or not start_index <= first < end <= span.end:
             return original(start_index, end_index, **kwargs)
         route = original(start_index, first, **kwargs) if start_index < first else []
@@ -186,8 +191,10 @@ async def test_a_byzantine_server_is_caught_at_once_excluded_and_paid_nothing(
         stack.push_async_callback(ledger.aclose)
         backend = await _backend(swarm, bundled_model_path, policy)
         stack.push_async_callback(backend.aclose)
+        await backend.refresh_routes(BUNDLED_MODEL_ID)  # the table pinning reads
         manager = backend._model(BUNDLED_MODEL_ID).sequence_manager
-        monkeypatch.setattr(manager, "make_sequence", _pin_route_through(backend, liar, pinned))
+        assert _routed_span(manager, liar) is not None
+        monkeypatch.setattr(manager, "make_sequence", _pin_route_through(manager, liar, pinned))
         recorder = IntegrityRecorder(ledger, asyncio.get_running_loop())
         backend.integrity.subscribe(recorder.listener)
         backend.integrity.subscribe(metrics.observe_integrity)
