@@ -140,7 +140,7 @@ async def replica(swarm: Any, backend: PetalsBackend) -> AsyncIterator[Any]:
 @pytest.fixture
 async def checked(swarm: Any, bundled_model_path: Path) -> AsyncIterator[PetalsBackend]:
     """A backend checking every step and waiting for each check (every step compulsory):
-    sampled checks at rate 1 would queue on the replica faster than it serves them."""
+    sampled checks at rate 1 would mostly be skipped at ``max_background``."""
     policy = SpotCheckPolicy(rate=1.0, first_steps=1_000_000)
     backend = await _backend(swarm, bundled_model_path, policy)
     yield backend
