@@ -3,12 +3,8 @@
 import argparse
 import logging
 import os
-import signal
 import sys
-import threading
 from collections.abc import Callable, Coroutine, Sequence
-from pathlib import Path
-from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -19,6 +15,7 @@ from farmesh_ws.chat_cli import add_credential_arguments
 from farmesh_ws.home import farmesh_home
 from farmesh_ws.logcontext import LogContextFilter
 from farmesh_ws.payout.command import add_payout_parser
+from farmesh_ws.swarm_command import add_swarm_parser
 
 logger = logging.getLogger("farmesh_ws.cli")
 
@@ -58,31 +55,7 @@ def _build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("--quiet", action="store_true", help="no progress bar")
     prepare.set_defaults(handler=_model_prepare)
 
-    swarm = commands.add_parser(
-        "swarm", help="run a local swarm (a DHT plus Petals servers on 127.0.0.1)"
-    )
-    swarm.add_argument("--servers", type=int, default=2, help="servers splitting the blocks")
-    swarm.add_argument(
-        "--spans", default="", help="explicit block spans, e.g. 0:15,15:30 (overrides --servers)"
-    )
-    swarm.add_argument("--replicas", type=int, default=1, help="servers per span")
-    swarm.add_argument("--dht-port", type=int, default=0, help="DHT port (0: any free port)")
-    swarm.add_argument("--num-handlers", type=int, default=2, help="handler processes per server")
-    swarm.add_argument(
-        "--log-dir",
-        type=Path,
-        default=None,
-        help="per-process log files, and the servers' identity files under identities/",
-    )
-    swarm.add_argument(
-        "--payout-wallet",
-        action="append",
-        default=[],
-        metavar="[NAME=]WALLET",
-        help="the 0x wallet servers are paid to: WALLET for every server, NAME=WALLET for one "
-        "(server0, server1, ...); repeatable",
-    )
-    swarm.set_defaults(handler=_swarm)
+    add_swarm_parser(commands)
 
     serve = commands.add_parser(
         "serve", help="run the WebSocket gateway (embedded local mesh unless a bootstrap is set)"
@@ -198,7 +171,8 @@ def _build_parser() -> argparse.ArgumentParser:
 def _serve(args: argparse.Namespace) -> int:
     import asyncio
 
-    from farmesh_ws.config import ConfigError, load_settings, parse_decimal, parse_list
+    from farmesh_ws.config import ConfigError, load_settings
+    from farmesh_ws.config_values import parse_decimal, parse_list
     from farmesh_ws.gateway import check_exposure, check_servable
 
     try:
@@ -325,70 +299,4 @@ def _model_prepare(args: argparse.Namespace) -> int:
         logger.error("%s", exc)
         return 1
     sys.stdout.write(f"{path}\n")
-    return 0
-
-
-def _swarm(args: argparse.Namespace) -> int:
-    from farmesh_ws.models import BUNDLED_MODEL_ID, dht_prefix_for
-    from farmesh_ws.models.bundled import prepare_bundled_model
-    from farmesh_ws.swarm import (
-        LocalSwarm,
-        SwarmConfig,
-        SwarmError,
-        parse_payout_wallets,
-        read_num_blocks,
-    )
-
-    try:
-        payout_wallets = parse_payout_wallets(args.payout_wallet)
-    except ValueError as exc:
-        logger.error("%s", exc)
-        return 2
-    model_path = prepare_bundled_model(farmesh_home())
-    spans = tuple(span for span in args.spans.split(",") if span)
-    config = SwarmConfig(
-        model_path=model_path,
-        dht_prefix=dht_prefix_for(BUNDLED_MODEL_ID),
-        num_blocks=read_num_blocks(model_path),
-        log_dir=args.log_dir or farmesh_home() / "swarm-logs",
-        num_servers=args.servers,
-        spans=spans,
-        replicas=args.replicas,
-        dht_port=args.dht_port,
-        num_handlers=args.num_handlers,
-        payout_wallets=payout_wallets,
-    )
-    try:
-        config.server_spans()
-    except ValueError as exc:
-        logger.error("%s", exc)
-        return 2
-    stop = threading.Event()
-
-    def request_stop(signum: int, frame: FrameType | None) -> None:
-        stop.set()
-
-    signal.signal(signal.SIGTERM, request_stop)
-    signal.signal(signal.SIGINT, request_stop)
-    swarm = LocalSwarm(config)
-    try:
-        swarm.start()
-        servers = "".join(
-            f"{node.name}: {node.peer_id} blocks {node.span} "
-            f"payout {node.payout_wallet or 'unbound'}\n"
-            for node in swarm.servers
-        )
-        sys.stdout.write(
-            f"swarm ready: model {BUNDLED_MODEL_ID}, {len(swarm.servers)} servers\n"
-            f"{servers}"
-            f"initial peers: {' '.join(swarm.initial_peers)}\n"
-            f"logs: {config.log_dir}\n"
-        )
-        sys.stdout.flush()
-        stop.wait()
-    except SwarmError as exc:
-        logger.error("%s", exc)
-        return 1
-    finally:
-        swarm.stop()
     return 0

@@ -5,16 +5,16 @@ variable (``FARMESH_<NAME>`` unless a seed name is listed). A bad value raises
 :class:`ConfigError` with one readable line; the CLI prints it and exits with code 2.
 """
 
-import ipaddress
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 from eth_utils.address import is_address
 
+from farmesh_ws.config_values import PARSERS, is_loopback
 from farmesh_ws.core.money import Prices
 from farmesh_ws.models import BUNDLED_MODEL_ID
 from farmesh_ws.models.catalog import BUNDLED_TERMS, CatalogError, ModelTerms, load_catalog
@@ -105,6 +105,14 @@ class Settings:
     payout_statement_max_age_s: float = 86400.0
     payout_max_clock_skew_s: float = 300.0
     local_payout_wallet: str = ""
+    # Spot checks and plausibility (README "Verified work").
+    spot_check_rate: float = 0.05
+    spot_check_first_steps: int = 3
+    spot_check_tolerance: float = 0.0
+    spot_check_timeout_s: float = 30.0
+    spot_check_max_background: int = 4
+    plausibility_factor: float = 10.0
+    plausibility_min_samples: int = 20
     # Identity and admission (README "Authentication and limits").
     auth: str = ""
     insecure_no_auth: bool = False
@@ -204,67 +212,6 @@ class Settings:
         return _validated(replace(self, **given))
 
 
-def parse_decimal(text: str) -> Decimal:
-    try:
-        value = Decimal(text)
-    except InvalidOperation:
-        raise ValueError(f"{text!r} is not a decimal number") from None
-    if not value.is_finite():
-        raise ValueError(f"{text!r} is not a finite number")
-    return value
-
-
-def parse_list(text: str) -> tuple[str, ...]:
-    return tuple(item for item in (part.strip() for part in text.replace(",", " ").split()) if item)
-
-
-def is_loopback(host: str) -> bool:
-    """``localhost`` or a loopback IP address (127.0.0.0/8, ::1); ``0.0.0.0`` and ``""``
-    (every interface) are not."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def _parse_bool(text: str) -> bool:
-    lowered = text.lower()
-    if lowered in ("1", "true", "yes", "on"):
-        return True
-    if lowered in ("0", "false", "no", "off"):
-        return False
-    raise ValueError(f"{text!r} is not a boolean (true/false, 1/0, yes/no, on/off)")
-
-
-def _parse_int(text: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        raise ValueError(f"{text!r} is not an integer") from None
-
-
-def _parse_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise ValueError(f"{text!r} is not a number") from None
-    if value != value or value in (float("inf"), float("-inf")):
-        raise ValueError(f"{text!r} is not a finite number")
-    return value
-
-
-_PARSERS: dict[Any, Callable[[str], Any]] = {
-    bool: _parse_bool,
-    int: _parse_int,
-    float: _parse_float,
-    str: str,
-    Decimal: parse_decimal,
-    tuple[str, ...]: parse_list,
-}
-
-
 def env_names(name: str) -> tuple[str, ...]:
     """The environment variables that set ``name``, in order of precedence."""
     return _SEED_ENV_NAMES.get(name, (f"FARMESH_{name.upper()}",))
@@ -281,7 +228,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
             raw = environ.get(env_name)
             if raw is None or raw == "":
                 continue
-            parser = _PARSERS[setting.type]
+            parser = PARSERS[setting.type]
             try:
                 values[setting.name] = parser(raw.strip())
             except ValueError as exc:
@@ -349,6 +296,13 @@ def _validated(settings: Settings) -> Settings:
             not settings.local_payout_wallet or is_address(settings.local_payout_wallet),
             "local_payout_wallet must be an Ethereum address (0x and 40 hex digits)",
         ),
+        (0 <= settings.spot_check_rate <= 1, "spot_check_rate must be between 0 and 1"),
+        (settings.spot_check_first_steps >= 0, "spot_check_first_steps must not be negative"),
+        (settings.spot_check_tolerance >= 0, "spot_check_tolerance must not be negative"),
+        (settings.spot_check_timeout_s > 0, "spot_check_timeout_s must be positive"),
+        (settings.spot_check_max_background >= 1, "spot_check_max_background must be at least 1"),
+        (settings.plausibility_factor > 1, "plausibility_factor must be above 1"),
+        (settings.plausibility_min_samples >= 1, "plausibility_min_samples must be at least 1"),
         (settings.auth in (*AUTH_MODES, ""), f"auth must be one of {AUTH_MODES}"),
         (settings.balances in BALANCE_MODES, f"balances must be one of {BALANCE_MODES}"),
         (settings.auth_timeout_s > 0, "auth_timeout_s must be positive"),

@@ -24,12 +24,14 @@ from farmesh_ws.config import ConfigError, Settings
 from farmesh_ws.home import farmesh_home
 from farmesh_ws.ledger.checkpoints import TurnCheckpoints
 from farmesh_ws.ledger.holds import LedgerHolds
+from farmesh_ws.ledger.integrity import IntegrityRecorder
 from farmesh_ws.ledger.keys import KeyPrincipal
 from farmesh_ws.ledger.keys import authenticate as authenticate_key
 from farmesh_ws.ledger.observer import LedgerObserver, recover_interrupted_turns
 from farmesh_ws.ledger.store import Ledger, database_url, redacted
 from farmesh_ws.ledger.writer import LedgerWriter
 from farmesh_ws.mesh.petals import ModelSpec, PetalsBackend, PetalsBackendConfig
+from farmesh_ws.mesh.spot_check import SpotCheckPolicy
 from farmesh_ws.mesh.status import MeshStatusCache, ModelStatus
 from farmesh_ws.metrics import Metrics
 from farmesh_ws.models.bundled import prepare_bundled_model
@@ -150,12 +152,17 @@ async def running_gateway(settings: Settings, *, progress: bool = True) -> Async
                     max_age_s=settings.payout_statement_max_age_s,
                     max_clock_skew_s=settings.payout_max_clock_skew_s,
                 ),
+                spot_checks=spot_check_policy(settings),
             )
         )
         stack.push_async_callback(backend.aclose)
         ledger_observer, writer = await _start_ledger(settings, home)
         stack.push_async_callback(writer.aclose)
         metrics = Metrics()
+        integrity = IntegrityRecorder(writer.ledger, asyncio.get_running_loop())
+        stack.push_async_callback(integrity.aclose)
+        backend.integrity.subscribe(integrity.listener)
+        backend.integrity.subscribe(metrics.observe_integrity)
         status = MeshStatusCache(
             backend.model_ids,
             backend.coverage,
@@ -203,6 +210,19 @@ async def running_gateway(settings: Settings, *, progress: bool = True) -> Async
         await server.start()
         stack.push_async_callback(server.shutdown)
         yield Gateway(server, backend, status, swarm, writer)
+
+
+def spot_check_policy(settings: Settings) -> SpotCheckPolicy:
+    """The spot-check and plausibility settings (README "Verified work")."""
+    return SpotCheckPolicy(
+        rate=settings.spot_check_rate,
+        first_steps=settings.spot_check_first_steps,
+        tolerance=settings.spot_check_tolerance,
+        timeout_s=settings.spot_check_timeout_s,
+        max_background=settings.spot_check_max_background,
+        plausibility_factor=settings.plausibility_factor,
+        plausibility_min_samples=settings.plausibility_min_samples,
+    )
 
 
 def with_address_hash_key(settings: Settings, home: Path) -> Settings:

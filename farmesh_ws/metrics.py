@@ -13,6 +13,7 @@ from farmesh_ws.engine.events import (
     RequestStarted,
     TokensDelivered,
 )
+from farmesh_ws.mesh.spot_check import IntegrityEvent
 
 _LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
@@ -78,6 +79,52 @@ class Metrics:
         self.mesh_blocks_missing = Gauge(
             "farmesh_mesh_blocks_missing", "Blocks no online server holds", ["model"], registry=r
         )
+
+        # Spot checks (README "Verified work"); labels are fixed sets, never a node.
+        self.spot_checks_total = Counter(
+            "farmesh_spot_checks_total",
+            "Spot checks of node outputs, by result (pass, mismatch, unavailable, error, skipped)",
+            ["result"],
+            registry=r,
+        )
+        self.spot_check_mismatches_total = Counter(
+            "farmesh_spot_check_mismatches_total",
+            "Spot-check mismatches, by who was found lying (checked, checker, disputed)",
+            ["verdict"],
+            registry=r,
+        )
+        self.spot_check_work_total = Counter(
+            "farmesh_spot_check_work_token_blocks_total",
+            "Work replicas did for spot checks (tokens x blocks; billed to no one, paid to no one)",
+            registry=r,
+        )
+        self.spot_check_seconds_total = Counter(
+            "farmesh_spot_check_seconds_total", "Time spent running spot checks", registry=r
+        )
+        self.withheld_work_total = Counter(
+            "farmesh_withheld_work_token_blocks_total",
+            "Unverified work of nodes caught tampering, withheld (tokens x blocks)",
+            registry=r,
+        )
+        self.node_flags_total = Counter(
+            "farmesh_node_flags_total",
+            "Nodes flagged, by kind (tampered_output, implausible_throughput)",
+            ["kind"],
+            registry=r,
+        )
+
+    def observe_integrity(self, event: IntegrityEvent) -> None:
+        """A spot-check outcome or flag (from a mesh thread; the counters are thread-safe)."""
+        if event.flag is not None:
+            self.node_flags_total.labels(kind=event.flag.kind).inc()
+            self.withheld_work_total.inc(event.flag.withheld_work)
+            return
+        if event.result is not None:
+            self.spot_checks_total.labels(result=event.result).inc()
+            self.spot_check_work_total.inc(event.work)
+            self.spot_check_seconds_total.inc(event.seconds)
+        if event.verdict is not None:
+            self.spot_check_mismatches_total.labels(verdict=event.verdict).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
+from farmesh_ws.byzantine import ByzantineSpec
 from farmesh_ws.mesh import compat
 
 logger = logging.getLogger(__name__)
@@ -60,6 +61,8 @@ class SwarmConfig:
     log_level: str = "INFO"
     payout_wallets: tuple[tuple[str, str], ...] = ()
     """(server name, wallet) pairs; the name ``""`` gives every server without its own one."""
+    byzantine: tuple[tuple[str, ByzantineSpec], ...] = ()
+    """(server name, how it cheats): dishonest servers, for tests (:mod:`farmesh_ws.byzantine`)."""
 
     @property
     def identity_dir(self) -> Path:
@@ -136,6 +139,7 @@ class SwarmNode:
     span: str = ""
     maddrs: list[str] = field(default_factory=list)
     payout_wallet: str | None = None
+    byzantine: bool = False
 
     @property
     def alive(self) -> bool:
@@ -182,12 +186,15 @@ class LocalSwarm:
             self.stop()
             raise
 
-    def add_server(self, span: str, *, wait: bool = True) -> SwarmNode:
-        """Start one more server over ``span``; with ``wait``, until the DHT lists it online."""
+    def add_server(
+        self, span: str, *, wait: bool = True, byzantine: ByzantineSpec | None = None
+    ) -> SwarmNode:
+        """Start one more server over ``span``; with ``wait``, until the DHT lists it online;
+        with ``byzantine``, a dishonest one (tests only)."""
         parse_span(span, self.config.num_blocks)
         index = self._next_server_index
         self._next_server_index += 1
-        return self._start_server(index, span, wait=wait)
+        return self._start_server(index, span, wait=wait, byzantine=byzantine)
 
     def restart_server(self, name: str) -> SwarmNode:
         """Stop server ``name`` gracefully and start it again over the same span, with the same
@@ -197,8 +204,11 @@ class LocalSwarm:
         self.servers.remove(node)
         return self._start_server(int(name.removeprefix("server")), node.span, wait=True)
 
-    def _start_server(self, index: int, span: str, *, wait: bool) -> SwarmNode:
+    def _start_server(
+        self, index: int, span: str, *, wait: bool, byzantine: ByzantineSpec | None = None
+    ) -> SwarmNode:
         name = f"server{index}"
+        byzantine = byzantine or dict(self.config.byzantine).get(name)
         node = self._spawn(
             name,
             "server",
@@ -218,13 +228,22 @@ class LocalSwarm:
                 "expiration_s": self.config.expiration_s,
                 "identity_path": str(self.config.identity_dir / f"{name}.key"),
                 "payout_wallet": self.config.payout_wallet(name),
+                "byzantine": byzantine.as_options() if byzantine else None,
             },
         )
         node.span = span
+        node.byzantine = byzantine is not None
         self.servers.append(node)
         logger.info("%s (%s) serving blocks %s", name, node.peer_id, span)
         if wait:
             self.wait_until_served(required_peers=[node.peer_id])
+        return node
+
+    def stop_server(self, name: str) -> SwarmNode:
+        """Stop server ``name`` gracefully (it leaves the DHT) and forget it."""
+        node = self._server(name)
+        self._stop_node(node)
+        self.servers.remove(node)
         return node
 
     def kill_server(self, name: str) -> SwarmNode:

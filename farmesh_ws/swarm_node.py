@@ -16,6 +16,8 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from farmesh_ws import byzantine
+from farmesh_ws.byzantine import ByzantineSpec
 from farmesh_ws.mesh import compat, hop_trace
 
 logger = logging.getLogger(__name__)
@@ -72,6 +74,8 @@ def run_server(options: dict[str, Any]) -> None:
     identity_path = Path(options["identity_path"])
     identity_path.parent.mkdir(parents=True, exist_ok=True)
     hop_trace.install_from_env(server_node=options["public_name"])
+    if options.get("byzantine"):
+        byzantine.install(ByzantineSpec(**options["byzantine"]))
     server = Server(
         initial_peers=options["initial_peers"],
         dht_prefix=options["dht_prefix"],
@@ -94,6 +98,10 @@ def run_server(options: dict[str, Any]) -> None:
         skip_reachability_check=True,
         identity_path=str(identity_path),
     )
+    if options.get("byzantine"):
+        spec = ByzantineSpec(**options["byzantine"])
+        byzantine.announce(server, spec)
+        logger.warning("this server is byzantine (tests only): %s", spec)
     publisher = None
     try:
         if options.get("payout_wallet"):

@@ -206,6 +206,7 @@ async def test_nodes_shows_earnings_per_payout_wallet_or_unbound_peer(home: CliH
         ("peer-b", False, ["peer-b"]),
     ]
     assert [r["earned_far"] for r in rows] == ["0.00245", "0.00245"]
+    assert [(r["withheld_far"], r["withheld_work"], r["flags"]) for r in rows] == [("0", 0, [])] * 2
     table = home.run("nodes").stdout.splitlines()
     assert table[0].split() == [
         "payee",
@@ -216,5 +217,9 @@ async def test_nodes_shows_earnings_per_payout_wallet_or_unbound_peer(home: CliH
         "tokens",
         "replayed_tokens",
         "work",
+        "verified_work",
+        "withheld_work",
         "earned_far",
+        "withheld_far",
+        "flags",
     ]

@@ -7,7 +7,9 @@ Version 2 adds ``api_keys`` (README, "API keys"); version 3 prepaid balances (``
 who opened each session (``inference_sessions.principal``, ``client_address_hash``); version 4
 a key's own caps (``api_keys.max_*``, ``requests_per_minute``); version 5 payout identity
 (``node_contributions.payout_wallet`` and ``payout_bound``, the ``payout_earnings`` view:
-farmesh_ws/payout/).
+farmesh_ws/payout/); version 6 verified work (``node_flags``, ``node_checks``, the
+``contribution_status`` view, and ``payout_earnings`` without withheld work:
+farmesh_ws/mesh/spot_check.py, farmesh_ws/ledger/integrity.py).
 Migrations are append-only: a database at any version upgrades in place by applying the later
 ones. A migration runs in one transaction and records its version, so a restarted or second
 process applies nothing twice.
@@ -175,6 +177,66 @@ MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
                        SUM(work) AS work,
                        SUM(share_far_e8) AS earned_far_e8
                 FROM node_contributions
+                GROUP BY payout_wallet, peer_id""",
+        ),
+    ),
+    (
+        6,
+        (
+            # A node caught by a spot check (kind tampered_output; withheld_since: its last
+            # passed check, 0 if none) or whose announced throughput is implausible (kind
+            # implausible_throughput; withheld_since NULL: nothing withheld).
+            """CREATE TABLE IF NOT EXISTS node_flags (
+                flag_id TEXT PRIMARY KEY,
+                peer_id TEXT NOT NULL,
+                kind TEXT NOT NULL,
+                flagged_at DOUBLE PRECISION NOT NULL,
+                step BIGINT NOT NULL,
+                evidence TEXT NOT NULL,
+                withheld_since DOUBLE PRECISION
+            )""",
+            "CREATE INDEX IF NOT EXISTS node_flags_peer ON node_flags (peer_id)",
+            # Passed spot checks per node, and the time of the last one.
+            """CREATE TABLE IF NOT EXISTS node_checks (
+                peer_id TEXT PRIMARY KEY,
+                passed_checks BIGINT NOT NULL,
+                last_passed_at DOUBLE PRECISION NOT NULL
+            )""",
+            # Each contribution's status by its turn's end: withheld (its node was flagged for
+            # tampering and the turn ended after the node's last passed check), verified (a
+            # later check passed), else unverified.
+            """CREATE VIEW contribution_status AS
+                SELECT c.*,
+                       t.ended_at,
+                       CASE
+                         WHEN EXISTS (SELECT 1 FROM node_flags f
+                                      WHERE f.peer_id = c.peer_id
+                                        AND f.withheld_since IS NOT NULL
+                                        AND t.ended_at > f.withheld_since) THEN 'withheld'
+                         WHEN EXISTS (SELECT 1 FROM node_checks k
+                                      WHERE k.peer_id = c.peer_id
+                                        AND t.ended_at <= k.last_passed_at) THEN 'verified'
+                         ELSE 'unverified'
+                       END AS status
+                FROM node_contributions c
+                JOIN turns t ON t.session_id = c.session_id AND t.request_id = c.request_id""",
+            "DROP VIEW payout_earnings",
+            # As in version 5, but earned_far_e8 leaves withheld work out (withheld_far_e8).
+            """CREATE VIEW payout_earnings AS
+                SELECT payout_wallet,
+                       peer_id,
+                       MAX(public_name) AS public_name,
+                       COUNT(*) AS spans,
+                       SUM(tokens) AS tokens,
+                       SUM(replayed_tokens) AS replayed_tokens,
+                       SUM(work) AS work,
+                       SUM(CASE WHEN status = 'verified' THEN work ELSE 0 END) AS verified_work,
+                       SUM(CASE WHEN status = 'withheld' THEN work ELSE 0 END) AS withheld_work,
+                       SUM(CASE WHEN status = 'withheld' THEN 0 ELSE share_far_e8 END)
+                         AS earned_far_e8,
+                       SUM(CASE WHEN status = 'withheld' THEN share_far_e8 ELSE 0 END)
+                         AS withheld_far_e8
+                FROM contribution_status
                 GROUP BY payout_wallet, peer_id""",
         ),
     ),

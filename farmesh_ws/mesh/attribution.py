@@ -59,20 +59,33 @@ class StepRecorder:
         self.routes: list[tuple[RouteHop, ...]] = []
         self._hops: list[RouteHop] = []
         self._step_tokens = 0
+        self._discard = False
         self._totals: dict[tuple[str, int, int], list[int]] = {}
         self._names: dict[str, str | None] = {}
 
     @contextlib.contextmanager
     def step(self, new_tokens: int) -> Iterator[None]:
-        """Record the hops of one session step that carries ``new_tokens`` new tokens."""
-        self._hops, self._step_tokens = [], new_tokens
+        """Record the hops of one session step that carries ``new_tokens`` new tokens; they
+        count when the step ends, unless :meth:`discard_step` was called inside it."""
+        self._hops, self._step_tokens, self._discard = [], new_tokens, False
         token = _active_recorder.set(self)
         try:
             yield
         finally:
             _active_recorder.reset(token)
-            if self._hops:
+            if self._hops and not self._discard:
                 self.routes.append(tuple(self._hops))
+                for hop in self._hops:
+                    total = self._totals.setdefault(
+                        (hop.peer_id, hop.start_block, hop.end_block), [0, 0]
+                    )
+                    total[0] += hop.tokens
+                    total[1] += max(hop.tokens - self._step_tokens, 0)
+
+    def discard_step(self) -> None:
+        """Credit nothing of the current step: its output was thrown away (a spot check
+        failed) and the step is redone."""
+        self._discard = True
 
     def record(
         self,
@@ -85,9 +98,6 @@ class StepRecorder:
     ) -> None:
         self._hops.append(RouteHop(peer_id, start_block, end_block, tokens))
         self._names[peer_id] = public_name
-        total = self._totals.setdefault((peer_id, start_block, end_block), [0, 0])
-        total[0] += tokens
-        total[1] += max(tokens - self._step_tokens, 0)
 
     def contributions(self) -> tuple[Contribution, ...]:
         """Per (server, span): tokens, replayed tokens and the proven payout wallet, ordered by

@@ -26,12 +26,14 @@ from typing import Any
 
 from farmesh_ws.errors import InvalidRequest, ModelNotFound
 from farmesh_ws.logcontext import run_in_context
-from farmesh_ws.mesh import compat
+from farmesh_ws.mesh import compat, spot_check_run
 from farmesh_ws.mesh.discovery import ModelCoverage, discover, model_coverage
 from farmesh_ws.mesh.petals_errors import translate_error
 from farmesh_ws.mesh.petals_model import LoadedModel, ModelSpec, PetalsBackendConfig
 from farmesh_ws.mesh.petals_session import PetalsChatSession
 from farmesh_ws.mesh.petals_turn import PetalsTurn
+from farmesh_ws.mesh.spot_check import IntegrityMonitor
+from farmesh_ws.mesh.spot_check_run import SpotChecker
 from farmesh_ws.payout.bindings import PayoutBindings, running_with
 from farmesh_ws.payout.dht import fetch_statements
 
@@ -62,6 +64,8 @@ class PetalsBackend:
         """The most worker threads ever busy at once."""
         self.payout_bindings: PayoutBindings | None = None
         """Verified payout bindings from the DHT of the first model, once started."""
+        self.integrity = IntegrityMonitor(config.spot_checks)
+        """Spot checks and plausibility: node records, flags, counters (every model)."""
 
     @classmethod
     async def start(cls, config: PetalsBackendConfig) -> "PetalsBackend":
@@ -70,10 +74,13 @@ class PetalsBackend:
         from farmesh_ws.mesh import attribution
 
         attribution.install()
+        spot_check_run.install()
         backend = cls(config)
         try:
             for spec in config.models:
-                backend._models[spec.model_id] = await asyncio.to_thread(LoadedModel, spec, config)
+                loaded = await asyncio.to_thread(LoadedModel, spec, config)
+                loaded.spot_checker = SpotChecker(backend.integrity, loaded.sequence_manager)
+                backend._models[spec.model_id] = loaded
             if backend._models:
                 dht = next(iter(backend._models.values())).sequence_manager.dht
                 backend.payout_bindings = PayoutBindings(
@@ -117,6 +124,12 @@ class PetalsBackend:
         update (``update_period_s``), so that servers that just joined can be chosen."""
         manager = self._model(model_id).sequence_manager
         await asyncio.to_thread(_update_routes_now, manager)
+
+    async def wait_for_checks(self, timeout_s: float = 60.0) -> None:
+        """Wait until every sampled spot check started so far has finished."""
+        for loaded in self._models.values():
+            if loaded.spot_checker is not None:
+                await asyncio.to_thread(loaded.spot_checker.wait_background, timeout_s)
 
     async def discover(self) -> list[ModelCoverage]:
         """Every model the DHT announces, with coverage (not only the ones served here)."""

@@ -6,6 +6,8 @@ from pathlib import Path
 from typing import Any
 
 from farmesh_ws.mesh.chat_turns import ChatTurns
+from farmesh_ws.mesh.spot_check import SpotCheckPolicy
+from farmesh_ws.mesh.spot_check_run import SpotChecker
 from farmesh_ws.payout.bindings import BindingPolicy
 
 
@@ -25,7 +27,8 @@ class PetalsBackendConfig:
     free one); lengths in tokens;
     timeouts and periods in seconds; ``max_retries``: Petals' tries per step and server,
     ``min_backoff_s`` the wait before the second (doubling for each later one);
-    ``payout``: how servers' payout bindings are fetched and checked (:mod:`farmesh_ws.payout`)."""
+    ``payout``: how servers' payout bindings are fetched and checked (:mod:`farmesh_ws.payout`);
+    ``spot_checks``: how servers' outputs are verified (:mod:`farmesh_ws.mesh.spot_check`)."""
 
     initial_peers: tuple[str, ...]
     models: tuple[ModelSpec, ...]
@@ -38,6 +41,7 @@ class PetalsBackendConfig:
     update_period_s: float = 10.0
     ban_timeout_s: float = 15.0
     payout: BindingPolicy = field(default_factory=BindingPolicy)
+    spot_checks: SpotCheckPolicy = field(default_factory=SpotCheckPolicy)
 
 
 class LoadedModel:
@@ -70,6 +74,8 @@ class LoadedModel:
         self.turns = ChatTurns(self.tokenizer)
         self.eos_token_id = int(self.tokenizer.eos_token_id)
         self.num_blocks = int(self.model.config.num_hidden_layers)
+        self.spot_checker: SpotChecker | None = None
+        """Set by the backend once loaded; None: no spot checks."""
 
     @property
     def sequence_manager(self) -> Any:

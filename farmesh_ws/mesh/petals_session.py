@@ -7,6 +7,7 @@ server, expired cache) the next step opens a fresh one and replays them.
 
 import asyncio
 import concurrent.futures
+import contextlib
 import logging
 import threading
 import time
@@ -21,10 +22,13 @@ from farmesh_ws.mesh.petals_errors import translate_error
 from farmesh_ws.mesh.petals_model import LoadedModel
 from farmesh_ws.mesh.petals_turn import PetalsTurn, TurnState
 from farmesh_ws.mesh.sampling import make_generator, next_token
+from farmesh_ws.mesh.spot_check_run import SpotCheckFailed
 
 logger = logging.getLogger(__name__)
 
 Submit = Callable[..., "concurrent.futures.Future[None]"]
+_MAX_REROUTES = 3
+"""Steps redone in a row after spot checks blamed a node on the route (then the step fails)."""
 
 
 class PetalsChatSession:
@@ -189,8 +193,10 @@ class PetalsChatSession:
                 sampling=sampling,
                 cached=self.position,
             )
+            checker = model.spot_checker
             try:
-                self._run_turn_locked(turn, state, new_ids, sampling, replace_last_token)
+                with checker.turn() if checker is not None else contextlib.nullcontext():
+                    self._run_turn_locked(turn, state, new_ids, sampling, replace_last_token)
             except Exception as exc:  # one boundary: everything becomes a typed error event
                 error = translate_error(exc)
                 if not isinstance(exc, FarmeshError):
@@ -239,10 +245,35 @@ class PetalsChatSession:
             inputs = [token_id]
 
     def _step(self, inputs: list[int], recorder: StepRecorder) -> Any:
-        """Run new tokens through the mesh; reopen and replay if the remote session broke.
-        Returns the last block's hidden states ``[1, n, hidden]``."""
+        """Run new tokens through the mesh; reopen and replay if the remote session broke, or
+        if a spot check caught a node on the route (:mod:`.spot_check_run`): then the step is
+        redone without it, up to ``_MAX_REROUTES`` times. Returns the last block's hidden
+        states ``[1, n, hidden]``."""
+        for _ in range(_MAX_REROUTES):
+            try:
+                return self._step_once(inputs, recorder)
+            except SpotCheckFailed as failed:
+                self._drop_inference()
+                if not failed.permanent:
+                    from hivemind.p2p import PeerID
+
+                    self._model.sequence_manager.on_request_failure(
+                        PeerID.from_base58(failed.peer_id)
+                    )
+                logger.warning("redoing a step without %s (spot check)", failed.peer_id)
+        return self._step_once(inputs, recorder)
+
+    def _step_once(self, inputs: list[int], recorder: StepRecorder) -> Any:
         import torch
 
+        checker = self._model.spot_checker
+        if (
+            self._inference is not None
+            and checker is not None
+            and checker.holds_excluded(self._inference._server_sessions)
+        ):
+            logger.info("the route holds a node excluded by a spot check; rerouting")
+            self._drop_inference()
         replay: list[int] = []
         if self._inference is None:
             from petals.client.inference_session import InferenceSession
@@ -256,9 +287,18 @@ class PetalsChatSession:
             if replay:
                 logger.info("reopening the remote session; replaying %d tokens", len(replay))
         ids = torch.tensor([replay + inputs], dtype=torch.long)
+        checks = checker.step() if checker is not None else contextlib.nullcontext(None)
         try:
-            with torch.inference_mode(), recorder.step(new_tokens=len(inputs)):
+            with torch.inference_mode(), recorder.step(new_tokens=len(inputs)), checks as step:
                 hidden = self._inference.step(self._model.embed(ids))
+                if step is not None:
+                    try:
+                        step.join()
+                    except SpotCheckFailed:
+                        recorder.discard_step()
+                        raise
+        except SpotCheckFailed:
+            raise
         except Exception:
             self._drop_inference()
             self._routes_stale = True

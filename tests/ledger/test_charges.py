@@ -46,7 +46,7 @@ async def test_a_version_2_database_upgrades_in_place_to_balances(
         versions = await upgraded.database.fetch_all(
             "SELECT version FROM schema_migrations ORDER BY version"
         )
-        assert [row["version"] for row in versions] == [1, 2, 3, 4, 5]
+        assert [row["version"] for row in versions] == [1, 2, 3, 4, 5, 6]
         (info,) = await list_keys(upgraded)
         assert (info.key_id, info.limits) == (key_id, Limits())  # no caps of its own
         (session,) = await upgraded.recent_sessions()
