@@ -69,6 +69,9 @@ def _build_parser() -> argparse.ArgumentParser:
     swarm.add_argument("--dht-port", type=int, default=0, help="DHT port (0: any free port)")
     swarm.add_argument("--num-handlers", type=int, default=2, help="handler processes per server")
     swarm.add_argument(
+        "--hop-delay-ms", type=float, default=0.0, help="simulated network delay per hop (ms)"
+    )
+    swarm.add_argument(
         "--log-dir",
         type=Path,
         default=None,
@@ -356,6 +359,7 @@ def _swarm(args: argparse.Namespace) -> int:
         replicas=args.replicas,
         dht_port=args.dht_port,
         num_handlers=args.num_handlers,
+        step_delay_ms=args.hop_delay_ms,
         payout_wallets=payout_wallets,
     )
     try:

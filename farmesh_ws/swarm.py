@@ -49,6 +49,15 @@ class SwarmConfig:
     dht_port: int = 0
     num_handlers: int = 2
     inference_max_length: int = 2048
+    """Longest inference session a server accepts, in tokens."""
+    attn_cache_tokens: int | None = None
+    """Attention cache of each server, in tokens of one session over all its blocks (None:
+    Petals' default, 4,096 for this model family); must hold every concurrent session's
+    ``max_length``."""
+    step_delay_ms: float = 0.0
+    """Simulated network delay per hop: each inference step a server receives waits this
+    many milliseconds (asyncio, other sessions' steps go on) before its compute; 0: none.
+    See :mod:`farmesh_ws.mesh.hop_delay`."""
     session_timeout_s: float = 600.0
     step_timeout_s: float = 300.0
     """A server drops an inference session with no step for this long (Petals' default)."""
@@ -212,6 +221,8 @@ class LocalSwarm:
                 "throughput": self.config.throughput,
                 "num_handlers": self.config.num_handlers,
                 "inference_max_length": self.config.inference_max_length,
+                "attn_cache_tokens": self.config.attn_cache_tokens,
+                "step_delay_ms": self.config.step_delay_ms,
                 "session_timeout_s": self.config.session_timeout_s,
                 "step_timeout_s": self.config.step_timeout_s,
                 "update_period_s": self.config.update_period_s,
