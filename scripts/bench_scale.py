@@ -14,8 +14,9 @@ explicitly), and WebSocket clients in this process open N sessions (``max_length
 Per N: aggregate tokens/s (tokens over turns sent → last token, prefill included), ratio to
 N × the N = 1 figure, p50/p99 inter-token delay over every session, time to first token,
 coordinator CPU per token (its process; its DHT process and p2pd apart) and RSS, the servers'
-and the clients' CPU per token, and how busy the machine's cores were. Then the N =
-``--ceiling-sessions`` row again with a coordinator of ``--ceiling-pool`` worker threads (the
+and the clients' CPU per token, and how busy the machine's cores were (each phase first waits
+up to ``--quiet-wait`` s for the machine to be below 25 % busy: others share it). Then the
+N = ``--ceiling-sessions`` row again with a coordinator of ``--ceiling-pool`` worker threads (the
 old default), and, unless ``--skip-no-delay``, N = 1 on a swarm without the delay, which shows
 what the delay adds per hop. Target (issue 13): ratio ≥ 0.8 at N = 64 with 20 ms per hop.
 The last stdout line is ``BENCH_JSON {...}``.
@@ -39,7 +40,7 @@ from scale_support import (
     run_sessions,
     tree_cpu_s,
 )
-from ws_bench_support import arm_watchdog, raise_fd_limit
+from ws_bench_support import arm_watchdog, quiet_machine, raise_fd_limit
 
 from farmesh_ws.home import farmesh_home
 from farmesh_ws.models import dht_prefix_for
@@ -60,6 +61,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--ceiling-pool", type=int, default=8, help="0: skip that row")
     parser.add_argument("--ceiling-sessions", type=int, default=64)
     parser.add_argument("--skip-no-delay", action="store_true")
+    parser.add_argument(
+        "--quiet-wait", type=float, default=30.0, help="s to wait for a quiet machine per phase"
+    )
     parser.add_argument("--timeout-s", type=float, default=1500.0, help="watchdog")
     return parser.parse_args()
 
@@ -115,13 +119,16 @@ async def measure(
             peak["rss_mib"] = max(peak["rss_mib"], coord.usage()["rss_mib"])
             await asyncio.sleep(0.5)
 
+    busy_before = await quiet_machine(args.quiet_wait)
     sampler = asyncio.create_task(sample())
     before = coord.usage()
     servers_before, machine_before = tree_cpu_s(servers), machine_busy_s()
     clients_before = sum(me.cpu_times()[:2])
     started, results, close = await run_sessions(coord.url, sessions, args.tokens, args.max_length)
     after = coord.usage()
-    servers_cpu, machine = tree_cpu_s(servers) - servers_before, machine_busy_s() - machine_before
+    servers_after, machine = tree_cpu_s(servers), machine_busy_s() - machine_before
+    servers_p2pd = servers_after["p2pd"] - servers_before["p2pd"]
+    servers_cpu = servers_after["python"] - servers_before["python"] + servers_p2pd
     clients_cpu = sum(me.cpu_times()[:2]) - clients_before
     sampling = False
     await sampler
@@ -135,6 +142,7 @@ async def measure(
             (after["helpers_cpu_s"] - before["helpers_cpu_s"]) * per_token, 2
         ),
         "servers_cpu_ms_per_token": round(servers_cpu * per_token, 2),
+        "servers_p2pd_cpu_ms_per_token": round(servers_p2pd * per_token, 2),
         "clients_cpu_ms_per_token": round(clients_cpu * per_token, 2),
         "machine_cpu_ms_per_token": round(machine * per_token, 2),
         # the machine's CPU not used by this benchmark (other users); reads are not atomic,
@@ -153,6 +161,7 @@ async def measure(
                 2,
             ),
         ),
+        "machine_busy_before_pct": busy_before,
         "machine_busy_pct": round(100 * machine / wall_s / (os.cpu_count() or 1), 1),
         "coordinator_rss_mib": round(peak["rss_mib"], 1),
     }
@@ -206,7 +215,8 @@ def where_the_time_goes(row: dict[str, Any], single: dict[str, Any], cores: int)
         f"{cores} cores",
         f"CPU per token (ms): coordinator {row['coordinator_cpu_ms_per_token']} + its "
         f"p2pd/DHT {row['coordinator_helpers_cpu_ms_per_token']}, servers "
-        f"{row['servers_cpu_ms_per_token']}, clients {row['clients_cpu_ms_per_token']}, "
+        f"{row['servers_cpu_ms_per_token']} (p2pd {row['servers_p2pd_cpu_ms_per_token']}, "
+        f"Petals' processes the rest), clients {row['clients_cpu_ms_per_token']}, "
         f"other processes (not this benchmark's) {row['others_cpu_ms_per_token']}; "
         f"machine {total} → at most {capacity:.0f} tokens/s on {cores} cores at this load",
         f"ratio 1 at N={row['sessions']} needs {row['sessions'] * single['tokens_per_s']:.0f} "

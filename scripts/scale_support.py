@@ -118,15 +118,17 @@ class Coordinator:
             self.process.join(5)
 
 
-def tree_cpu_s(pids: list[int]) -> float:
-    """CPU seconds of processes and all their descendants (swarm servers' trees)."""
-    total = 0.0
+def tree_cpu_s(pids: list[int]) -> dict[str, float]:
+    """CPU seconds of processes and all their descendants (swarm servers' trees), as
+    ``python`` (Petals' main process, connection handlers) and ``p2pd`` (libp2p daemons)."""
+    total = {"python": 0.0, "p2pd": 0.0}
     for pid in pids:
         with contextlib.suppress(psutil.Error):
             root = psutil.Process(pid)
             for proc in [root, *root.children(recursive=True)]:
                 with contextlib.suppress(psutil.Error):
-                    total += sum(proc.cpu_times()[:2])
+                    kind = "p2pd" if proc.name().startswith("p2pd") else "python"
+                    total[kind] += sum(proc.cpu_times()[:2])
     return total
 
 
