@@ -34,6 +34,7 @@ from farmesh_ws.models.bundled import (
     prepare_bundled_model,
     read_marker,
 )
+from farmesh_ws.models.gguf_weights import LlamaHyperparams
 from farmesh_ws.models.hf_folder import FOLDER_FILES, WEIGHTS_FILE
 
 logger = logging.getLogger(__name__)
@@ -58,24 +59,23 @@ class TinyShape:
     vocab_size: int = 49152
     max_positions: int = 2048
 
-    def llama_config(self) -> dict[str, Any]:
-        """``transformers.LlamaConfig`` keywords, ids as the SmolLM2 tokenizer's."""
-        return {
-            "vocab_size": self.vocab_size,
-            "hidden_size": self.hidden_size,
-            "intermediate_size": self.intermediate_size,
-            "num_hidden_layers": self.num_blocks,
-            "num_attention_heads": self.heads,
-            "num_key_value_heads": self.kv_heads,
-            "max_position_embeddings": self.max_positions,
-            "rms_norm_eps": 1e-5,
-            "rope_theta": 10000.0,
-            "tie_word_embeddings": True,
-            "bos_token_id": 1,
-            "eos_token_id": 2,
-            "pad_token_id": 2,
-            "torch_dtype": "float32",
-        }
+    def hyperparams(self) -> LlamaHyperparams:
+        """The model's ``LlamaConfig`` numbers; token ids as the SmolLM2 tokenizer's."""
+        return LlamaHyperparams(
+            vocab_size=self.vocab_size,
+            hidden_size=self.hidden_size,
+            intermediate_size=self.intermediate_size,
+            num_hidden_layers=self.num_blocks,
+            num_attention_heads=self.heads,
+            num_key_value_heads=self.kv_heads,
+            max_position_embeddings=self.max_positions,
+            rms_norm_eps=1e-5,
+            rope_theta=10000.0,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=2,
+            tie_word_embeddings=True,
+        )
 
     def tensor_shapes(self) -> list[tuple[str, tuple[int, ...]]]:
         """Every weight's Hugging Face name and shape, in the order they are drawn."""
@@ -161,12 +161,12 @@ def _write_folder(folder: Path, shape: TinyShape, seed: int, tokenizer_source: P
     from safetensors.numpy import save_file
     from transformers import GenerationConfig, LlamaConfig
 
-    config = shape.llama_config()
-    LlamaConfig(**config).save_pretrained(str(folder))
+    params = shape.hyperparams()
+    LlamaConfig(**params.llama_config_kwargs()).save_pretrained(str(folder))
     GenerationConfig(
-        bos_token_id=config["bos_token_id"],
-        eos_token_id=config["eos_token_id"],
-        pad_token_id=config["pad_token_id"],
+        bos_token_id=params.bos_token_id,
+        eos_token_id=params.eos_token_id,
+        pad_token_id=params.pad_token_id,
     ).save_pretrained(str(folder))
     for name in TOKENIZER_FILES:
         shutil.copyfile(tokenizer_source / name, folder / name)

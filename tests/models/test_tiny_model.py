@@ -9,6 +9,7 @@ import pytest
 
 from farmesh_ws.home import farmesh_home
 from farmesh_ws.models.bundled import read_marker
+from farmesh_ws.models.gguf_weights import expected_hf_names
 from farmesh_ws.models.tiny import TinyShape, prepare_tiny_model, tiny_weights, weights_sha256
 
 SMALL = TinyShape(num_blocks=2)
@@ -49,6 +50,7 @@ def test_rebuilds_only_when_missing_or_changed(tmp_path: Path) -> None:
 def test_weights_shapes_and_norms() -> None:
     weights = tiny_weights(SMALL, seed=3)
     assert [(name, array.shape) for name, array in weights.items()] == SMALL.tensor_shapes()
+    assert weights.keys() == expected_hf_names(SMALL.hyperparams())
     assert all(array.dtype == np.float32 for array in weights.values())
     assert np.all(weights["model.norm.weight"] == 1)
     assert 0.015 < float(weights["model.embed_tokens.weight"].std()) < 0.025
