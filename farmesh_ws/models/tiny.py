@@ -35,7 +35,7 @@ from farmesh_ws.models.bundled import (
     read_marker,
 )
 from farmesh_ws.models.gguf_weights import LlamaHyperparams
-from farmesh_ws.models.hf_folder import FOLDER_FILES, WEIGHTS_FILE
+from farmesh_ws.models.hf_folder import FOLDER_FILES, WEIGHTS_FILE, write_configs
 
 logger = logging.getLogger(__name__)
 
@@ -159,15 +159,8 @@ def _is_current(folder: Path, wanted: dict[str, Any]) -> bool:
 
 def _write_folder(folder: Path, shape: TinyShape, seed: int, tokenizer_source: Path) -> None:
     from safetensors.numpy import save_file
-    from transformers import GenerationConfig, LlamaConfig
 
-    params = shape.hyperparams()
-    LlamaConfig(**params.llama_config_kwargs()).save_pretrained(str(folder))
-    GenerationConfig(
-        bos_token_id=params.bos_token_id,
-        eos_token_id=params.eos_token_id,
-        pad_token_id=params.pad_token_id,
-    ).save_pretrained(str(folder))
+    write_configs(folder, shape.hyperparams(), generation={})  # no sampling: greedy
     for name in TOKENIZER_FILES:
         shutil.copyfile(tokenizer_source / name, folder / name)
     save_file(tiny_weights(shape, seed), str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
