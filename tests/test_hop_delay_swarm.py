@@ -7,6 +7,7 @@ handler each) starts in a few seconds, with hop tracing on so each server's stam
 the delay sits.
 """
 
+import asyncio
 import itertools
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -21,7 +22,11 @@ from farmesh_ws.mesh import hop_breakdown, hop_delay, hop_trace
 from farmesh_ws.models import dht_prefix_for
 from farmesh_ws.models.tiny import TINY_MODEL_ID, prepare_tiny_model
 
-DELAY_MS = 150.0
+DELAY_MS = 250.0
+SLACK_MS = 2.0
+"""The handlers' event loop (uvloop, libuv) keeps time in whole milliseconds: a sleep may end
+up to 1 ms early as ``perf_counter`` sees it."""
+DELAYED_S = (DELAY_MS - SLACK_MS) / 1000
 SPANS = ("0:3", "3:6")
 TOKENS = 6
 
@@ -72,13 +77,12 @@ async def delayed_backend(delayed_swarm: Any) -> AsyncIterator[Any]:
     await mesh.aclose()
 
 
-async def test_each_step_waits_the_delay_at_every_hop(
-    delayed_backend: Any, trace_dir: Path
-) -> None:
-    session = await delayed_backend.open_session(TINY_MODEL_ID, max_length=256)
+async def _turn_arrivals(backend: Any, text: str) -> list[float]:
+    """One greedy turn of TOKENS tokens in a new session: each token's arrival time."""
+    session = await backend.open_session(TINY_MODEL_ID, max_length=256)
     arrivals: list[float] = []
     try:
-        ids = session.encode_turn([ChatMessage(role="user", content="Count to ten.")])
+        ids = session.encode_turn([ChatMessage(role="user", content=text)])
         async for event in session.run_tokens(ids, SamplingParams(max_new_tokens=TOKENS)):
             if isinstance(event, TokenEvent):
                 arrivals.append(time.perf_counter())
@@ -86,14 +90,24 @@ async def test_each_step_waits_the_delay_at_every_hop(
                 assert event.error is None
     finally:
         await session.aclose()
+    return arrivals
+
+
+async def test_each_step_waits_the_delay_at_every_hop(
+    delayed_backend: Any, trace_dir: Path
+) -> None:
+    started = time.perf_counter()
+    arrivals = await _turn_arrivals(delayed_backend, "Count to ten.")
 
     assert len(arrivals) == TOKENS
     steps = [later - earlier for earlier, later in itertools.pairwise(arrivals)]
     # a decode step crosses both servers one after the other, each waiting DELAY_MS first
-    assert min(steps) >= len(SPANS) * DELAY_MS / 1000
+    assert min(steps) >= len(SPANS) * DELAYED_S
 
     events = [
-        e for e in hop_breakdown.load_events(trace_dir) if e["e"] in ("srv_recv", "srv_submit")
+        e
+        for e in hop_breakdown.load_events(trace_dir)
+        if e["e"] in ("srv_recv", "srv_submit") and e["t"] >= started
     ]
     waits: dict[str, list[float]] = {}
     received: dict[int, float] = {}
@@ -105,7 +119,40 @@ async def test_each_step_waits_the_delay_at_every_hop(
     assert len(waits) == len(SPANS)
     for node_waits in waits.values():
         assert len(node_waits) >= TOKENS  # the prefill and every decode step
-        assert min(node_waits) >= DELAY_MS / 1000
+        assert min(node_waits) >= DELAYED_S
+
+
+async def test_the_delay_does_not_hold_up_other_sessions(
+    delayed_backend: Any, trace_dir: Path
+) -> None:
+    """Two sessions at once: their delay windows on a server overlap in time, which a delay
+    that blocked the handler's event loop (one step at a time) could not do. Both turns start
+    together and step at the same pace, so their windows of DELAY_MS coincide on some hop."""
+    started = time.perf_counter()
+    turns = [_turn_arrivals(delayed_backend, f"Count to {n}.") for n in (10, 20)]
+    assert [len(arrivals) for arrivals in await asyncio.gather(*turns)] == [TOKENS, TOKENS]
+
+    windows: dict[tuple[str, str], list[tuple[float, float]]] = {}
+    opened: dict[tuple[str, str], float] = {}
+    for event in hop_breakdown.load_events(trace_dir):
+        if event["t"] < started or event["e"] not in ("delay_start", "delay_end"):
+            continue
+        key = (event["node"], event["session"])
+        if event["e"] == "delay_start":
+            opened[key] = event["t"]
+        else:
+            windows.setdefault(key, []).append((opened.pop(key), event["t"]))
+    assert len(windows) == 2 * len(SPANS)  # two sessions on each server
+    assert all(end - start >= DELAYED_S for spans in windows.values() for start, end in spans)
+    overlapping = {
+        node
+        for (node, session), spans in windows.items()
+        for (other_node, other), other_spans in windows.items()
+        if node == other_node
+        and session != other
+        and any(s < oe and os_ < e for s, e in spans for os_, oe in other_spans)
+    }
+    assert overlapping
 
 
 def test_a_delay_must_be_positive() -> None:
