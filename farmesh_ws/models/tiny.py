@@ -10,8 +10,8 @@ weights are drawn from NumPy's PCG64 generator seeded with ``seed`` (normal, sta
 deviation 0.02; norm weights 1), in a fixed tensor order, so the same seed and shape give
 the same bytes on every machine. Building takes about a second; like the bundled model's
 preparation it runs under a file lock, in a staging folder renamed into place, and is
-skipped when the folder's marker (``farmesh-conversion.json``: seed, shape, builder version,
-weights hash) matches the requested build.
+skipped when the folder's marker (``farmesh-conversion.json``: seed, shape, tokenizer files'
+hash, builder version, weights hash) matches the requested build.
 """
 
 import argparse
@@ -126,13 +126,19 @@ def prepare_tiny_model(
 ) -> Path:
     """Make sure ``folder`` (default ``home/models/farmesh-tiny-llama``) holds the tiny model
     of ``seed`` and ``shape``; build it (≈1 s, ~13 MB with the default shape) only when it
-    is missing, incomplete, or of another seed, shape or builder version. Returns the folder.
+    is missing, incomplete, or of another seed, shape, tokenizer or builder version. Returns
+    the folder.
     Prepares the bundled model first for its tokenizer; raises
     :class:`~farmesh_ws.models.errors.ModelPreparationError` when that fails."""
     shape = shape or TinyShape()
     folder = folder or Path(home) / "models" / TINY_MODEL_ID
-    wanted = {"builder_version": BUILDER_VERSION, "seed": seed, "shape": asdict(shape)}
     tokenizer_source = prepare_bundled_model(home, progress=False)
+    wanted = {
+        "builder_version": BUILDER_VERSION,
+        "seed": seed,
+        "shape": asdict(shape),
+        "tokenizer_sha256": _files_sha256(tokenizer_source, TOKENIZER_FILES),
+    }
     folder.parent.mkdir(parents=True, exist_ok=True)
     with _exclusive_lock(folder.parent / f".{folder.name}.lock"):
         if _is_current(folder, wanted):
@@ -148,6 +154,13 @@ def prepare_tiny_model(
             shutil.rmtree(staging, ignore_errors=True)
         logger.info("built the tiny model (seed %d) into %s", seed, folder)
         return folder
+
+
+def _files_sha256(folder: Path, names: tuple[str, ...]) -> str:
+    digest = hashlib.sha256()
+    for name in names:
+        digest.update((folder / name).read_bytes())
+    return digest.hexdigest()
 
 
 def _is_current(folder: Path, wanted: dict[str, Any]) -> bool:
