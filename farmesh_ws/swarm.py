@@ -50,6 +50,15 @@ class SwarmConfig:
     dht_port: int = 0
     num_handlers: int = 2
     inference_max_length: int = 2048
+    """Longest inference session a server accepts, in tokens."""
+    attn_cache_tokens: int | None = None
+    """Attention cache of each server, in tokens of one session over all its blocks (None:
+    Petals' default, 4,096 for this model family); must hold every concurrent session's
+    ``max_length``."""
+    step_delay_ms: float = 0.0
+    """Simulated network delay per hop: each inference step a server receives waits this
+    many milliseconds (asyncio, other sessions' steps go on) before its compute; 0: none.
+    See :mod:`farmesh_ws.mesh.hop_delay`."""
     session_timeout_s: float = 600.0
     step_timeout_s: float = 300.0
     """A server drops an inference session with no step for this long (Petals' default)."""
@@ -97,21 +106,6 @@ def parse_span(span: str, num_blocks: int) -> tuple[int, int]:
     if not 0 <= start < end <= num_blocks:
         raise ValueError(f"span {span!r} is outside blocks 0..{num_blocks}")
     return start, end
-
-
-def parse_payout_wallets(values: Sequence[str]) -> tuple[tuple[str, str], ...]:
-    """``--payout-wallet`` values, ``WALLET`` (every server) or ``NAME=WALLET`` (server
-    ``NAME``), as :attr:`SwarmConfig.payout_wallets` pairs with EIP-55 wallets. Raises
-    ValueError for a wallet that is not an Ethereum address or a name given twice."""
-    from farmesh_ws.payout.wallet import checksum_wallet
-
-    pairs: dict[str, str] = {}
-    for value in values:
-        name, _, wallet = value.rpartition("=")
-        if name in pairs:
-            raise ValueError(f"--payout-wallet names {name or 'every server'} twice")
-        pairs[name] = checksum_wallet(wallet)
-    return tuple(pairs.items())
 
 
 def even_spans(num_blocks: int, num_servers: int) -> list[str]:
@@ -222,6 +216,8 @@ class LocalSwarm:
                 "throughput": self.config.throughput,
                 "num_handlers": self.config.num_handlers,
                 "inference_max_length": self.config.inference_max_length,
+                "attn_cache_tokens": self.config.attn_cache_tokens,
+                "step_delay_ms": self.config.step_delay_ms,
                 "session_timeout_s": self.config.session_timeout_s,
                 "step_timeout_s": self.config.step_timeout_s,
                 "update_period_s": self.config.update_period_s,

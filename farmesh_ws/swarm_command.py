@@ -5,6 +5,7 @@ import logging
 import signal
 import sys
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -26,6 +27,12 @@ def add_swarm_parser(commands: Any) -> None:
     swarm.add_argument("--replicas", type=int, default=1, help="servers per span")
     swarm.add_argument("--dht-port", type=int, default=0, help="DHT port (0: any free port)")
     swarm.add_argument("--num-handlers", type=int, default=2, help="handler processes per server")
+    swarm.add_argument(
+        "--hop-delay-ms",
+        type=_non_negative,
+        default=0.0,
+        help="simulated network delay per hop (ms; README 'A wide-area mesh')",
+    )
     swarm.add_argument(
         "--log-dir",
         type=Path,
@@ -76,7 +83,6 @@ def _swarm(args: argparse.Namespace) -> int:
         LocalSwarm,
         SwarmConfig,
         SwarmError,
-        parse_payout_wallets,
         read_num_blocks,
     )
 
@@ -103,6 +109,7 @@ def _swarm(args: argparse.Namespace) -> int:
         replicas=args.replicas,
         dht_port=args.dht_port,
         num_handlers=args.num_handlers,
+        step_delay_ms=args.hop_delay_ms,
         payout_wallets=payout_wallets,
         byzantine=tuple((name, cheat) for name in args.byzantine),
     )
@@ -141,3 +148,25 @@ def _swarm(args: argparse.Namespace) -> int:
     finally:
         swarm.stop()
     return 0
+
+
+def _non_negative(text: str) -> float:
+    value = float(text)
+    if not value >= 0:  # also refuses NaN
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of milliseconds ≥ 0")
+    return value
+
+
+def parse_payout_wallets(values: Sequence[str]) -> tuple[tuple[str, str], ...]:
+    """``--payout-wallet`` values, ``WALLET`` (every server) or ``NAME=WALLET`` (server
+    ``NAME``), as :attr:`SwarmConfig.payout_wallets` pairs with EIP-55 wallets. Raises
+    ValueError for a wallet that is not an Ethereum address or a name given twice."""
+    from farmesh_ws.payout.wallet import checksum_wallet
+
+    pairs: dict[str, str] = {}
+    for value in values:
+        name, _, wallet = value.rpartition("=")
+        if name in pairs:
+            raise ValueError(f"--payout-wallet names {name or 'every server'} twice")
+        pairs[name] = checksum_wallet(wallet)
+    return tuple(pairs.items())

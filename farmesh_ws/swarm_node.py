@@ -18,7 +18,7 @@ from typing import Any
 
 from farmesh_ws import byzantine
 from farmesh_ws.byzantine import ByzantineSpec
-from farmesh_ws.mesh import compat, hop_trace
+from farmesh_ws.mesh import compat, hop_delay, hop_trace
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +64,8 @@ def run_dht(options: dict[str, Any]) -> None:
 def run_server(options: dict[str, Any]) -> None:
     """Run one Petals server over a span of blocks until SIGTERM, with the persistent identity
     ``identity_path`` (hivemind creates it if missing); with ``payout_wallet``, publish its
-    payout statement every ``update_period_s``."""
+    payout statement every ``update_period_s``; with ``step_delay_ms`` > 0, every inference
+    step it receives waits that long first (:mod:`farmesh_ws.mesh.hop_delay`)."""
     from petals.server.server import Server
 
     from farmesh_ws.payout.dht import StatementPublisher
@@ -76,6 +77,8 @@ def run_server(options: dict[str, Any]) -> None:
     hop_trace.install_from_env(server_node=options["public_name"])
     if options.get("byzantine"):
         byzantine.install(ByzantineSpec(**options["byzantine"]))
+    if float(options.get("step_delay_ms", 0)) > 0:
+        hop_delay.install(float(options["step_delay_ms"]) / 1000)
     server = Server(
         initial_peers=options["initial_peers"],
         dht_prefix=options["dht_prefix"],
@@ -85,6 +88,7 @@ def run_server(options: dict[str, Any]) -> None:
         throughput=float(options["throughput"]),
         num_handlers=int(options["num_handlers"]),
         inference_max_length=int(options["inference_max_length"]),
+        attn_cache_tokens=options.get("attn_cache_tokens"),
         session_timeout=float(options["session_timeout_s"]),
         step_timeout=float(options.get("step_timeout_s", 300.0)),
         update_period=float(options["update_period_s"]),

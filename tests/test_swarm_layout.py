@@ -4,7 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from farmesh_ws.swarm import SwarmConfig, even_spans, parse_payout_wallets, parse_span
+from farmesh_ws.swarm import SwarmConfig, even_spans, parse_span
+from farmesh_ws.swarm_command import parse_payout_wallets
 
 
 def test_even_split_of_30_blocks() -> None:

@@ -75,6 +75,20 @@ def _write_weights(reader: Any, params: LlamaHyperparams, folder: Path, progress
     save_file(state, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
 
 
+def write_configs(
+    folder: Path, params: LlamaHyperparams, generation: Mapping[str, bool | float | int]
+) -> None:
+    """Write ``config.json`` (Llama, from ``params``) and ``generation_config.json`` (the
+    model's token ids and the ``generation`` keywords) into ``folder``."""
+    LlamaConfig(**params.llama_config_kwargs()).save_pretrained(str(folder))
+    GenerationConfig(
+        bos_token_id=params.bos_token_id,
+        eos_token_id=params.eos_token_id,
+        pad_token_id=params.pad_token_id,
+        **generation,
+    ).save_pretrained(str(folder))
+
+
 def write_hf_folder(
     gguf_path: Path,
     folder: Path,
@@ -86,13 +100,7 @@ def write_hf_folder(
     the recommended sampling to record (transformers `GenerationConfig` keywords)."""
     reader = open_gguf(gguf_path)
     params = read_llama_hyperparams(reader)
-    LlamaConfig(**params.llama_config_kwargs()).save_pretrained(str(folder))
-    GenerationConfig(
-        bos_token_id=params.bos_token_id,
-        eos_token_id=params.eos_token_id,
-        pad_token_id=params.pad_token_id,
-        **generation,
-    ).save_pretrained(str(folder))
+    write_configs(folder, params, generation)
     write_tokenizer(reader, folder)
     _write_weights(reader, params, folder, progress)
     logger.debug("wrote %s from %s", folder, gguf_path)
