@@ -22,10 +22,31 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, TypeVar
+from typing import IO, TYPE_CHECKING, Any, TypeVar
 
 from farmesh_ws.byzantine import ByzantineSpec
 from farmesh_ws.mesh import compat
+from farmesh_ws.swarm_layout import (
+    SwarmConfig,
+    SwarmModel,
+    even_spans,
+    parse_span,
+    read_num_blocks,
+)
+
+__all__ = [
+    "LocalSwarm",
+    "SwarmConfig",
+    "SwarmError",
+    "SwarmModel",
+    "SwarmNode",
+    "even_spans",
+    "parse_span",
+    "read_num_blocks",
+]
+
+if TYPE_CHECKING:
+    from farmesh_ws.mesh.discovery import ModelCoverage
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -33,92 +54,6 @@ T = TypeVar("T")
 
 class SwarmError(RuntimeError):
     """The local swarm could not start or did not become ready in time."""
-
-
-@dataclass(frozen=True, slots=True)
-class SwarmConfig:
-    """How to lay out the local swarm. Spans are "start:end" block ranges (end exclusive)."""
-
-    model_path: Path
-    dht_prefix: str
-    num_blocks: int
-    log_dir: Path
-    num_servers: int = 2
-    spans: tuple[str, ...] = ()
-    replicas: int = 1
-    host: str = "127.0.0.1"
-    dht_port: int = 0
-    num_handlers: int = 2
-    inference_max_length: int = 2048
-    """Longest inference session a server accepts, in tokens."""
-    attn_cache_tokens: int | None = None
-    """Attention cache of each server, in tokens of one session over all its blocks (None:
-    Petals' default, 4,096 for this model family); must hold every concurrent session's
-    ``max_length``."""
-    step_delay_ms: float = 0.0
-    """Simulated network delay per hop: each inference step a server receives waits this
-    many milliseconds (asyncio, other sessions' steps go on) before its compute; 0: none.
-    See :mod:`farmesh_ws.mesh.hop_delay`."""
-    session_timeout_s: float = 600.0
-    step_timeout_s: float = 300.0
-    """A server drops an inference session with no step for this long (Petals' default)."""
-    update_period_s: float = 10.0
-    expiration_s: float = 30.0
-    throughput: float = 100.0
-    start_timeout_s: float = 120.0
-    stop_timeout_s: float = 20.0
-    log_level: str = "INFO"
-    payout_wallets: tuple[tuple[str, str], ...] = ()
-    """(server name, wallet) pairs; the name ``""`` gives every server without its own one."""
-    byzantine: tuple[tuple[str, ByzantineSpec], ...] = ()
-    """(server name, how it cheats): dishonest servers, for tests (:mod:`farmesh_ws.byzantine`)."""
-
-    @property
-    def identity_dir(self) -> Path:
-        return self.log_dir / "identities"
-
-    def payout_wallet(self, name: str) -> str | None:
-        """The payout wallet of server ``name`` (e.g. ``server0``), or None."""
-        wallets = dict(self.payout_wallets)
-        return wallets.get(name, wallets.get(""))
-
-    def server_spans(self) -> list[str]:
-        """The span of every server to start: explicit spans, or an even split; × replicas."""
-        spans = list(self.spans) or even_spans(self.num_blocks, self.num_servers)
-        for span in spans:
-            parse_span(span, self.num_blocks)
-        return spans * self.replicas
-
-
-def read_num_blocks(model_path: Path) -> int:
-    """Number of transformer blocks of a Hugging Face model folder."""
-    config = json.loads((model_path / "config.json").read_text())
-    return int(config["num_hidden_layers"])
-
-
-def parse_span(span: str, num_blocks: int) -> tuple[int, int]:
-    """Parse and check "start:end"; raise ValueError with a readable message."""
-    try:
-        start_text, end_text = span.split(":")
-        start, end = int(start_text), int(end_text)
-    except ValueError:
-        raise ValueError(f"span {span!r} is not 'start:end'") from None
-    if not 0 <= start < end <= num_blocks:
-        raise ValueError(f"span {span!r} is outside blocks 0..{num_blocks}")
-    return start, end
-
-
-def even_spans(num_blocks: int, num_servers: int) -> list[str]:
-    """Split blocks into contiguous spans as evenly as possible, earlier spans one longer."""
-    if not 1 <= num_servers <= num_blocks:
-        raise ValueError(f"cannot split {num_blocks} blocks over {num_servers} servers")
-    base, extra = divmod(num_blocks, num_servers)
-    spans, start = [], 0
-    for index in range(num_servers):
-        end = start + base + (1 if index < extra else 0)
-        spans.append(f"{start}:{end}")
-        start = end
-    return spans
 
 
 @dataclass(slots=True)
@@ -134,6 +69,8 @@ class SwarmNode:
     maddrs: list[str] = field(default_factory=list)
     payout_wallet: str | None = None
     byzantine: bool = False
+    model: SwarmModel | None = None
+    """The model it serves, if not the swarm's main one."""
 
     @property
     def alive(self) -> bool:
@@ -175,20 +112,29 @@ class LocalSwarm:
             logger.info("DHT ready at %s", " ".join(self.initial_peers))
             for span in self.config.server_spans():
                 self.add_server(span, wait=False)
+            for model in self.config.more_models:
+                for span in model.server_spans():
+                    self.add_server(span, wait=False, model=model)
             self.wait_until_served()
         except BaseException:
             self.stop()
             raise
 
     def add_server(
-        self, span: str, *, wait: bool = True, byzantine: ByzantineSpec | None = None
+        self,
+        span: str,
+        *,
+        wait: bool = True,
+        byzantine: ByzantineSpec | None = None,
+        model: SwarmModel | None = None,
     ) -> SwarmNode:
-        """Start one more server over ``span``; with ``wait``, until the DHT lists it online;
-        with ``byzantine``, a dishonest one (tests only)."""
-        parse_span(span, self.config.num_blocks)
+        """Start one more server over ``span`` of ``model`` (None: the main model); with
+        ``wait``, until the DHT lists it online; with ``byzantine``, a dishonest one (tests
+        only)."""
+        parse_span(span, (model or self.config.main_model).num_blocks)
         index = self._next_server_index
         self._next_server_index += 1
-        return self._start_server(index, span, wait=wait, byzantine=byzantine)
+        return self._start_server(index, span, wait=wait, byzantine=byzantine, model=model)
 
     def restart_server(self, name: str) -> SwarmNode:
         """Stop server ``name`` gracefully and start it again over the same span, with the same
@@ -196,21 +142,29 @@ class LocalSwarm:
         node = self._server(name)
         self._stop_node(node)
         self.servers.remove(node)
-        return self._start_server(int(name.removeprefix("server")), node.span, wait=True)
+        index = int(name.removeprefix("server"))
+        return self._start_server(index, node.span, wait=True, model=node.model)
 
     def _start_server(
-        self, index: int, span: str, *, wait: bool, byzantine: ByzantineSpec | None = None
+        self,
+        index: int,
+        span: str,
+        *,
+        wait: bool,
+        byzantine: ByzantineSpec | None = None,
+        model: SwarmModel | None = None,
     ) -> SwarmNode:
         name = f"server{index}"
         byzantine = byzantine or dict(self.config.byzantine).get(name)
+        served = model or self.config.main_model
         node = self._spawn(
             name,
             "server",
             {
                 "host": self.config.host,
                 "initial_peers": self.initial_peers,
-                "dht_prefix": self.config.dht_prefix,
-                "model_path": str(self.config.model_path),
+                "dht_prefix": served.dht_prefix,
+                "model_path": str(served.model_path),
                 "public_name": f"farmesh-local-{index}",
                 "block_indices": span,
                 "throughput": self.config.throughput,
@@ -228,6 +182,7 @@ class LocalSwarm:
             },
         )
         node.span = span
+        node.model = model
         node.byzantine = byzantine is not None
         self.servers.append(node)
         logger.info("%s (%s) serving blocks %s", name, node.peer_id, span)
@@ -254,24 +209,22 @@ class LocalSwarm:
     def wait_until_served(
         self, *, required_peers: Sequence[str] = (), timeout_s: float | None = None
     ) -> None:
-        """Block until every block has an online server and ``required_peers`` are online."""
-        from farmesh_ws.mesh.discovery import model_coverage
-
+        """Block until every block of every model has an online server and ``required_peers``
+        are online."""
         deadline = time.monotonic() + (timeout_s or self.config.start_timeout_s)
-        dht = self.client_dht()
         while True:
-            coverage = self._in_dht_thread(
-                model_coverage, dht, self.config.dht_prefix, self.config.num_blocks
-            )
-            if coverage.fully_served and set(required_peers) <= coverage.online_peer_ids():
+            coverages = self._coverages()
+            missing = {c.dht_prefix: list(c.missing_blocks) for c in coverages if c.missing_blocks}
+            offline = set(required_peers) - _online(coverages)
+            if not missing and not offline:
                 return
             for node in self.servers:
                 if not node.alive and node.peer_id in required_peers:
                     raise SwarmError(f"{node.name} exited; see {node.log_path}")
             if time.monotonic() > deadline:
                 raise SwarmError(
-                    f"blocks {list(coverage.missing_blocks)} still unserved after the timeout; "
-                    f"logs in {self.config.log_dir}"
+                    f"after the timeout, blocks unserved {missing}, servers offline "
+                    f"{sorted(offline)}; logs in {self.config.log_dir}"
                 )
             time.sleep(0.25)
 
@@ -280,22 +233,28 @@ class LocalSwarm:
         server's DHT record lives until it expires (``expiration_s``), and until then clients
         may route through it. Raises ``SwarmError`` after ``timeout_s`` (default: the
         expiration plus ``start_timeout_s``)."""
-        from farmesh_ws.mesh.discovery import model_coverage
-
         dead = {node.peer_id for node in self.servers if not node.alive}
         limit = timeout_s or self.config.expiration_s + self.config.start_timeout_s
         deadline = time.monotonic() + limit
-        dht = self.client_dht() if dead else None
         while dead:
-            coverage = self._in_dht_thread(
-                model_coverage, dht, self.config.dht_prefix, self.config.num_blocks
-            )
-            dead &= coverage.online_peer_ids()
+            dead &= _online(self._coverages())
             if not dead:
                 return
             if time.monotonic() > deadline:
                 raise SwarmError(f"crashed servers {sorted(dead)} still announced after {limit} s")
             time.sleep(0.25)
+
+    def _coverages(self) -> list["ModelCoverage"]:
+        """Every model's coverage, straight from the DHT (blocking)."""
+        from farmesh_ws.mesh.discovery import model_coverage
+
+        dht = self.client_dht()
+        models = {model.dht_prefix: model for model in self.config.models}
+        models.update((n.model.dht_prefix, n.model) for n in self.servers if n.model is not None)
+        return [
+            self._in_dht_thread(model_coverage, dht, model.dht_prefix, model.num_blocks)
+            for model in models.values()
+        ]
 
     def client_dht(self) -> Any:
         """A client-mode DHT joined to this swarm (for coverage queries), created once."""
@@ -380,6 +339,10 @@ class LocalSwarm:
         node.process.wait()
         if node.process.stdout is not None:
             node.process.stdout.close()
+
+
+def _online(coverages: Sequence["ModelCoverage"]) -> set[str]:
+    return {peer for coverage in coverages for peer in coverage.online_peer_ids()}
 
 
 def _kill_group(process: subprocess.Popen[bytes], sig: signal.Signals) -> None:

@@ -1,6 +1,7 @@
 """`farmesh-ws swarm`: a local swarm (a DHT plus Petals servers on 127.0.0.1) until Ctrl-C."""
 
 import argparse
+import json
 import logging
 import signal
 import sys
@@ -11,6 +12,7 @@ from types import FrameType
 from typing import Any
 
 from farmesh_ws.home import farmesh_home
+from farmesh_ws.swarm_layout import SwarmModel
 
 logger = logging.getLogger("farmesh_ws.cli")
 
@@ -27,6 +29,12 @@ def add_swarm_parser(commands: Any) -> None:
     swarm.add_argument("--replicas", type=int, default=1, help="servers per span")
     swarm.add_argument("--dht-port", type=int, default=0, help="DHT port (0: any free port)")
     swarm.add_argument("--num-handlers", type=int, default=2, help="handler processes per server")
+    swarm.add_argument(
+        "--tiny-model",
+        action="store_true",
+        help="also serve the tiny built model (one server); writes LOG_DIR/models.toml for "
+        "FARMESH_MODELS_FILE",
+    )
     swarm.add_argument(
         "--hop-delay-ms",
         type=_non_negative,
@@ -79,12 +87,7 @@ def _swarm(args: argparse.Namespace) -> int:
     from farmesh_ws.byzantine import ByzantineSpec
     from farmesh_ws.models import BUNDLED_MODEL_ID, dht_prefix_for
     from farmesh_ws.models.bundled import prepare_bundled_model
-    from farmesh_ws.swarm import (
-        LocalSwarm,
-        SwarmConfig,
-        SwarmError,
-        read_num_blocks,
-    )
+    from farmesh_ws.swarm import LocalSwarm, SwarmConfig, SwarmError, read_num_blocks
 
     try:
         payout_wallets = parse_payout_wallets(args.payout_wallet)
@@ -99,11 +102,12 @@ def _swarm(args: argparse.Namespace) -> int:
         return 2
     model_path = prepare_bundled_model(farmesh_home())
     spans = tuple(span for span in args.spans.split(",") if span)
+    log_dir = args.log_dir or farmesh_home() / "swarm-logs"
     config = SwarmConfig(
         model_path=model_path,
         dht_prefix=dht_prefix_for(BUNDLED_MODEL_ID),
         num_blocks=read_num_blocks(model_path),
-        log_dir=args.log_dir or farmesh_home() / "swarm-logs",
+        log_dir=log_dir,
         num_servers=args.servers,
         spans=spans,
         replicas=args.replicas,
@@ -112,6 +116,7 @@ def _swarm(args: argparse.Namespace) -> int:
         step_delay_ms=args.hop_delay_ms,
         payout_wallets=payout_wallets,
         byzantine=tuple((name, cheat) for name in args.byzantine),
+        more_models=(tiny_swarm_model(log_dir),) if args.tiny_model else (),
     )
     try:
         config.server_spans()
@@ -129,7 +134,7 @@ def _swarm(args: argparse.Namespace) -> int:
     try:
         swarm.start()
         servers = "".join(
-            f"{node.name}: {node.peer_id} blocks {node.span} "
+            f"{node.name}: {node.peer_id} {(node.model or config).dht_prefix} blocks {node.span} "
             f"payout {node.payout_wallet or 'unbound'}"
             f"{' BYZANTINE' if node.byzantine else ''}\n"
             for node in swarm.servers
@@ -138,7 +143,8 @@ def _swarm(args: argparse.Namespace) -> int:
             f"swarm ready: model {BUNDLED_MODEL_ID}, {len(swarm.servers)} servers\n"
             f"{servers}"
             f"initial peers: {' '.join(swarm.initial_peers)}\n"
-            f"logs: {config.log_dir}\n"
+            + (f"models file: {log_dir / MODELS_FILE}\n" if args.tiny_model else "")
+            + f"logs: {config.log_dir}\n"
         )
         sys.stdout.flush()
         stop.wait()
@@ -148,6 +154,25 @@ def _swarm(args: argparse.Namespace) -> int:
     finally:
         swarm.stop()
     return 0
+
+
+MODELS_FILE = "models.toml"
+
+
+def tiny_swarm_model(log_dir: Path) -> SwarmModel:
+    """The tiny built model (seed 0) as a swarm model of one server, and ``log_dir/models.toml``
+    naming it for a gateway's ``FARMESH_MODELS_FILE`` (next to the bundled model)."""
+    from farmesh_ws.models import dht_prefix_for
+    from farmesh_ws.models.tiny import TINY_MODEL_ID, prepare_tiny_model
+    from farmesh_ws.swarm import read_num_blocks
+
+    folder = prepare_tiny_model(farmesh_home())
+    log_dir.mkdir(parents=True, exist_ok=True)
+    (log_dir / MODELS_FILE).write_text(
+        f"[[model]]\nid = {json.dumps(TINY_MODEL_ID)}\npath = {json.dumps(str(folder))}\n",
+        encoding="utf-8",
+    )
+    return SwarmModel(folder, dht_prefix_for(TINY_MODEL_ID), read_num_blocks(folder))
 
 
 def _non_negative(text: str) -> float:

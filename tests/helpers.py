@@ -37,11 +37,13 @@ async def start_gateway(
     *,
     generation: dict[str, Sampling] | None = None,
     registry: SessionRegistry | None = None,
+    discover: bool = False,
     **overrides: Any,
 ) -> GatewayServer:
     """A gateway on ``backend``; ``generation`` defaults to :func:`bundled_generation`, as
     ``farmesh-ws serve`` passes it; ``registry``: its session registry (one over a state
-    store other gateways share; a new in-process one by default); ``overrides`` are
+    store other gateways share; a new in-process one by default); with ``discover``, /models
+    also lists the models the DHT announces that ``settings.models`` lacks; ``overrides`` are
     :class:`Settings` fields (``auth`` defaults to ``off``: these tests name the wallets they
     bill; tests/test_identity.py covers the other modes)."""
     overrides.setdefault("auth", "off")
@@ -49,7 +51,13 @@ async def start_gateway(
         Settings(port=0, price_per_token_far=PRICE, price_per_prompt_token_far=PROMPT_PRICE),
         **overrides,
     )
-    status = MeshStatusCache(backend.model_ids, backend.coverage, refresh_s=60)
+    status = MeshStatusCache(
+        backend.model_ids,
+        backend.coverage,
+        refresh_s=60,
+        discover=backend.discover if discover else None,
+        served_prefixes=frozenset(terms.dht_prefix for terms in settings.models),
+    )
     await status.refresh()
     if generation is None:
         generation = await asyncio.to_thread(bundled_generation)

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from farmesh_ws.swarm import SwarmConfig, even_spans, parse_span
+from farmesh_ws.swarm import SwarmConfig, SwarmModel, even_spans, parse_span
 from farmesh_ws.swarm_command import parse_payout_wallets
 
 
@@ -42,3 +42,11 @@ def test_payout_wallets_for_every_server_and_per_server() -> None:
 def test_bad_payout_wallets_are_refused(values: list[str]) -> None:
     with pytest.raises(ValueError, match=r"Ethereum address|twice"):
         parse_payout_wallets(values)
+
+
+def test_another_model_gets_one_server_for_all_its_blocks_unless_spans_say() -> None:
+    model = SwarmModel(Path("/m"), "tiny", 6)
+    assert model.server_spans() == ["0:6"]
+    assert SwarmModel(Path("/m"), "tiny", 6, ("0:3", "3:6")).server_spans() == ["0:3", "3:6"]
+    with pytest.raises(ValueError, match="outside"):
+        SwarmModel(Path("/m"), "tiny", 6, ("0:7",)).server_spans()
