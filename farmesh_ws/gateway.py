@@ -1,10 +1,10 @@
 """The composition root: prepare the model, join or start the mesh, serve until told to stop.
 
 With no ``FAR_MESH_DHT_BOOTSTRAP`` this starts the embedded local swarm (a DHT plus
-``local_servers`` Petals servers on 127.0.0.1) on the first served model (the bundled one
-unless ``FARMESH_MODELS_FILE`` says otherwise); otherwise it joins that mesh and starts
-nothing. Every served model's client half is loaded from its folder. Shutdown runs in
-reverse order and always completes.
+``local_servers`` Petals servers on 127.0.0.1) for the first served model (the bundled one
+unless ``FARMESH_MODELS_FILE`` says otherwise) and one server for each other one; otherwise
+it joins that mesh and starts nothing. Every served model's client half is loaded from its
+folder. Shutdown runs in reverse order and always completes.
 """
 
 import asyncio
@@ -41,7 +41,7 @@ from farmesh_ws.payout.wallet import checksum_wallet
 from farmesh_ws.state import open_state_store
 from farmesh_ws.state.registry import SessionRegistry
 from farmesh_ws.state.wallet_observer import WalletUsageObserver
-from farmesh_ws.swarm import LocalSwarm, SwarmConfig, read_num_blocks
+from farmesh_ws.swarm import LocalSwarm, SwarmConfig, SwarmModel, read_num_blocks
 from farmesh_ws.transport.ws import GatewayServer
 
 logger = logging.getLogger(__name__)
@@ -106,8 +106,8 @@ async def running_gateway(settings: Settings, *, progress: bool = True) -> Async
     folders = await _model_folders(settings, home, progress=progress)
     swarm: LocalSwarm | None = None
     async with contextlib.AsyncExitStack() as stack:
-        if settings.embedded_mesh:  # it serves the first model
-            local = settings.models[0]
+        if settings.embedded_mesh:  # the first model on local_servers servers, the others on one
+            local, *others = settings.models
             swarm = LocalSwarm(
                 SwarmConfig(
                     model_path=folders[local.model_id],
@@ -120,6 +120,14 @@ async def running_gateway(settings: Settings, *, progress: bool = True) -> Async
                         (("", checksum_wallet(settings.local_payout_wallet)),)
                         if settings.local_payout_wallet
                         else ()
+                    ),
+                    more_models=tuple(
+                        SwarmModel(
+                            folders[terms.model_id],
+                            terms.dht_prefix,
+                            read_num_blocks(folders[terms.model_id]),
+                        )
+                        for terms in others
                     ),
                 )
             )

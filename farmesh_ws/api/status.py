@@ -14,6 +14,7 @@ from farmesh_ws import protocol as p
 from farmesh_ws.config import Settings
 from farmesh_ws.core.money import far_text
 from farmesh_ws.engine.engine import Engine
+from farmesh_ws.engine.limits import default_max_length
 from farmesh_ws.mesh.status import MeshStatusCache, ModelStatus
 from farmesh_ws.metrics import Metrics
 from farmesh_ws.models.generation import Sampling
@@ -142,6 +143,7 @@ class StatusRoutes:
                 "num_blocks": coverage.num_blocks,
             }
             for coverage in self._status.unservable
+            if coverage.dht_prefix not in {entry["model_id"] for entry in served}
         ]
         return {"models": served + unservable}
 
@@ -152,17 +154,14 @@ class StatusRoutes:
 
 
 def _saturated(saturation: dict[str, Any], settings: Settings) -> str | None:
-    """Why new work would be refused now, or None: every connection slot taken, or no model
-    with attention cache left for a session of ``default_max_length``."""
+    """Why new work would be refused now, or None: every connection slot taken, or a model
+    without attention cache left for a session of its default length (``default_max_length``
+    within the model's own limit)."""
     connections = saturation["connections"]
     if connections["used"] >= connections["limit"]:
         return f"all {connections['limit']} connection slots are taken"
-    full = [
-        model_id
-        for model_id, model in saturation["models"].items()
-        if model["cache_tokens_free"] is not None
-        and model["cache_tokens_free"] < settings.default_max_length
-    ]
-    if full:
-        return f"no attention cache left for a {settings.default_max_length}-token session"
+    for model_id, model in saturation["models"].items():
+        length = default_max_length(settings, model_id)
+        if model["cache_tokens_free"] is not None and model["cache_tokens_free"] < length:
+            return f"no attention cache left for a {length}-token session of {model_id}"
     return None

@@ -8,11 +8,17 @@ async callers run them in a worker thread and cache the result (``/models`` and
 Import only after ``compat.apply()``.
 """
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
 MODELS_KEY = "_petals.models"
 DHT_QUERY_TIMEOUT_S = 10.0
+MAX_ANNOUNCED_MODELS = 32
+"""Models :func:`discover` looks at, at most: the DHT is written by anyone."""
+MAX_ANNOUNCED_BLOCKS = 1024
+"""An announced model with more blocks is ignored (real models have a few hundred at most)."""
+_SAFE_PREFIX = re.compile(r"[A-Za-z0-9_-]{1,100}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,16 +95,19 @@ def announced_models(dht: Any, *, timeout_s: float = DHT_QUERY_TIMEOUT_S) -> dic
     models = {}
     for prefix, record in entry.value.items():
         value = getattr(record, "value", None)
-        if isinstance(prefix, str) and isinstance(value, dict):
+        if isinstance(prefix, str) and isinstance(value, dict) and _SAFE_PREFIX.fullmatch(prefix):
             num_blocks = value.get("num_blocks")
-            if isinstance(num_blocks, int) and num_blocks > 0:
+            if isinstance(num_blocks, int) and 0 < num_blocks <= MAX_ANNOUNCED_BLOCKS:
                 models[prefix] = num_blocks
-    return models
+    return dict(sorted(models.items())[:MAX_ANNOUNCED_MODELS])
 
 
-def discover(dht: Any) -> list[ModelCoverage]:
-    """Coverage of every model the DHT announces (blocking)."""
+def discover(dht: Any, *, skip: frozenset[str] = frozenset()) -> list[ModelCoverage]:
+    """Coverage of every model the DHT announces but those in ``skip`` (blocking; at most
+    :data:`MAX_ANNOUNCED_MODELS` models of at most :data:`MAX_ANNOUNCED_BLOCKS` blocks, with
+    DHT-safe prefixes of at most 100 characters)."""
     return [
         model_coverage(dht, prefix, num_blocks)
-        for prefix, num_blocks in sorted(announced_models(dht).items())
+        for prefix, num_blocks in announced_models(dht).items()
+        if prefix not in skip
     ]

@@ -105,11 +105,11 @@ class FakeBackend:
         )
         return ModelCoverage(model_id, max(end for _, _, end in self.spans), servers, ())
 
-    async def discover(self) -> list[ModelCoverage]:
-        """Every model the scripted DHT announces: the served ones (prefix = model id), then
-        ``announced_elsewhere``."""
+    async def discover(self, skip: frozenset[str] = frozenset()) -> list[ModelCoverage]:
+        """Every model the scripted DHT announces but those in ``skip``: the served ones
+        (prefix = model id), then ``announced_elsewhere``."""
         prefixes = [*self.model_ids, *self.announced_elsewhere]
-        return [await self.coverage(prefix) for prefix in prefixes]
+        return [await self.coverage(prefix) for prefix in prefixes if prefix not in skip]
 
     async def aclose(self) -> None:
         for session in self.sessions:

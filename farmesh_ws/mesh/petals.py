@@ -131,12 +131,13 @@ class PetalsBackend:
             if loaded.spot_checker is not None:
                 await asyncio.to_thread(loaded.spot_checker.wait_background, timeout_s)
 
-    async def discover(self) -> list[ModelCoverage]:
-        """Every model the DHT announces, with coverage (not only the ones served here)."""
+    async def discover(self, skip: frozenset[str] = frozenset()) -> list[ModelCoverage]:
+        """Every model the DHT announces but the DHT prefixes in ``skip``, with coverage (not
+        only the ones served here; bounded as :func:`~farmesh_ws.mesh.discovery.discover`)."""
         if not self._models:
             return []
         dht = next(iter(self._models.values())).sequence_manager.dht
-        return await asyncio.to_thread(discover, dht)
+        return await asyncio.to_thread(discover, dht, skip=skip)
 
     async def aclose(self) -> None:
         """Close every session, wait for running turns, then stop each model's client."""

@@ -5,6 +5,7 @@ background task asks the DHT every ``refresh_s`` seconds, each query under a tim
 """
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -16,7 +17,8 @@ from farmesh_ws.mesh.discovery import ModelCoverage
 logger = logging.getLogger(__name__)
 
 Probe = Callable[[str], Awaitable[ModelCoverage]]
-Discover = Callable[[], Awaitable[list[ModelCoverage]]]
+Discover = Callable[[frozenset[str]], Awaitable[list[ModelCoverage]]]
+"""Every model the DHT announces but the given DHT prefixes."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +98,7 @@ class MeshStatusCache:
         self._discover = discover
         self._served_prefixes = served_prefixes
         self.unservable: tuple[ModelCoverage, ...] = ()
+        self._discovery: asyncio.Task[list[ModelCoverage]] | None = None
         self._latest: dict[str, ModelStatus] = {}
         self._task: asyncio.Task[None] | None = None
         self.on_update: Callable[[ModelStatus], None] | None = None
@@ -120,22 +123,33 @@ class MeshStatusCache:
             self._latest[model_id] = status
             if self.on_update is not None:
                 self.on_update(status)
-        if self._discover is not None:
-            try:
-                announced = await asyncio.wait_for(self._discover(), self._refresh_s * 2)
-            except Exception as exc:  # noqa: BLE001 - a failed probe keeps the last snapshot
-                logger.warning("announced models unavailable: %s", type(exc).__name__)
-                return
-            self.unservable = tuple(
-                model for model in announced if model.dht_prefix not in self._served_prefixes
-            )
+        await self._refresh_unservable()
+
+    async def _refresh_unservable(self) -> None:
+        """At most one discovery at a time: one that outlives the timeout goes on in the
+        background (its DHT queries cannot be interrupted) and the next refresh waits for it
+        instead of starting another."""
+        if self._discover is None:
+            return
+        if self._discovery is None or self._discovery.done():
+            self._discovery = asyncio.ensure_future(self._discover(self._served_prefixes))
+        try:
+            announced = await asyncio.wait_for(asyncio.shield(self._discovery), self._refresh_s * 2)
+        except Exception as exc:  # noqa: BLE001 - a failed probe keeps the last snapshot
+            logger.warning("announced models unavailable: %s", type(exc).__name__)
+            return
+        self.unservable = tuple(
+            model for model in announced if model.dht_prefix not in self._served_prefixes
+        )
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._loop(), name="farmesh-mesh-status")
 
     async def aclose(self) -> None:
         await cancel_and_wait(self._task)
-        self._task = None
+        with contextlib.suppress(Exception):  # a failed discovery was logged already
+            await cancel_and_wait(self._discovery)
+        self._task = self._discovery = None
 
     async def _loop(self) -> None:
         while True:

@@ -6,6 +6,7 @@ models"), read from a TOML file (``FARMESH_MODELS_FILE``)::
     [[model]]
     id = "tiny-llama"                 # the name clients ask for (``model`` in open/requests)
     path = "/srv/models/tiny-llama"   # the client half: config, tokenizer, embeddings, head
+                                      # (a relative path: from this file's folder)
     dht_prefix = "tiny-llama-hf"      # what its servers announce (default: from the id)
     price_per_token_far = "0.00002"   # a string: money is never a float
     price_per_prompt_token_far = "0"
@@ -61,7 +62,7 @@ BUNDLED_TERMS = ModelTerms(BUNDLED_MODEL_ID, dht_prefix_for(BUNDLED_MODEL_ID))
 def load_catalog(path: Path) -> tuple[ModelTerms, ...]:
     """The models of the file at ``path``, the bundled one first unless ``include_bundled``
     is false. Raises :class:`CatalogError` for an unreadable file, an unknown or mistyped
-    field, a duplicate id, or no model at all."""
+    field, a folder without ``config.json``, a duplicate id or DHT prefix, or no model."""
     try:
         document = tomllib.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
@@ -80,11 +81,12 @@ def load_catalog(path: Path) -> tuple[ModelTerms, ...]:
         where = f"{path}: model {index + 1}"
         if not isinstance(entry, dict):
             raise CatalogError(f"{where}: not a table")
-        models.append(_terms(entry, where, path.parent))
-    ids = [model.model_id for model in models]
-    duplicate = next((model_id for model_id in ids if ids.count(model_id) > 1), None)
-    if duplicate is not None:
-        raise CatalogError(f"{path}: model {duplicate!r} is listed twice")
+        models.append(_terms(entry, where, path.resolve().parent))
+    for field in ("model_id", "dht_prefix"):
+        values = [getattr(model, field) for model in models]
+        duplicate = next((value for value in values if values.count(value) > 1), None)
+        if duplicate is not None:
+            raise CatalogError(f"{path}: {field} {duplicate!r} is listed twice")
     if not models:
         raise CatalogError(f"{path}: no model to serve")
     return tuple(models)
@@ -100,22 +102,28 @@ def _terms(entry: dict[str, Any], where: str, base: Path) -> ModelTerms:
     folder = _text(entry, "path", where)
     if folder is None:
         raise CatalogError(f"{where} ({model_id}): path is required")
-    prefix = _text(entry, "dht_prefix", where)
+    given = _text(entry, "dht_prefix", where)
     try:
-        prefix = dht_prefix_for(prefix or model_id)
+        prefix = dht_prefix_for(given or model_id)
     except ValueError as exc:
         raise CatalogError(f"{where}: {exc}") from None
-    if entry.get("dht_prefix") not in (None, prefix):
+    if given is not None and given != prefix:
         raise CatalogError(f"{where}: dht_prefix may hold only letters, digits, - and _")
-    return ModelTerms(
+    terms = ModelTerms(
         model_id=model_id,
         dht_prefix=prefix,
-        path=base / Path(folder).expanduser(),
+        path=(base / Path(folder).expanduser()).resolve(),
         price_per_token_far=_price(entry, "price_per_token_far", where),
         price_per_prompt_token_far=_price(entry, "price_per_prompt_token_far", where),
         max_length_limit=_count(entry, "max_length_limit", where, minimum=16),
         max_new_tokens_limit=_count(entry, "max_new_tokens_limit", where, minimum=1),
     )
+    if terms.path is None or not (terms.path / "config.json").is_file():
+        raise CatalogError(
+            f"{where} ({model_id}): {terms.path} is not a model folder (no config.json; the "
+            "gateway loads the model's config, tokenizer and embeddings from it)"
+        )
+    return terms
 
 
 def _text(entry: dict[str, Any], name: str, where: str) -> str | None:
