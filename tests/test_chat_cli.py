@@ -135,7 +135,10 @@ async def test_server_errors_are_one_line_and_the_chat_goes_on(gateway: GatewayS
     )  # fmt: skip
     output = stdout.getvalue()
     assert code == 0, output  # the end of input
-    error = "error: max_new_tokens 1000000000 is above the limit 1024 (invalid_request)"
+    error = (
+        "error: max_new_tokens 1000000000 is above the limit 1024 of SmolLM2-135M-Instruct "
+        "(invalid_request)"
+    )
     assert output.splitlines()[1:] == [
         "you> ",
         error,
