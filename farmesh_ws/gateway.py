@@ -21,6 +21,7 @@ from pathlib import Path
 from farmesh_ws.auth.credentials import Authenticator
 from farmesh_ws.auth.siwe import SiweAuth
 from farmesh_ws.config import ConfigError, Settings
+from farmesh_ws.discovered_models import adopt_announced_models
 from farmesh_ws.home import farmesh_home
 from farmesh_ws.ledger.checkpoints import TurnCheckpoints
 from farmesh_ws.ledger.holds import LedgerHolds
@@ -164,6 +165,8 @@ async def running_gateway(settings: Settings, *, progress: bool = True) -> Async
             )
         )
         stack.push_async_callback(backend.aclose)
+        settings, adopted = await adopt_announced_models(backend, settings, home / "models")
+        folders.update(adopted)
         ledger_observer, writer = await _start_ledger(settings, home)
         stack.push_async_callback(writer.aclose)
         metrics = Metrics()

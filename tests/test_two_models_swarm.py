@@ -14,6 +14,9 @@ from typing import Any
 import pytest
 from websockets.asyncio.client import connect
 
+from farmesh_ws.config import Settings
+from farmesh_ws.core.types import SamplingParams
+from farmesh_ws.discovered_models import adopt_announced_models
 from farmesh_ws.mesh.petals import ModelSpec, PetalsBackend
 from farmesh_ws.models import BUNDLED_MODEL_ID, dht_prefix_for
 from farmesh_ws.models.catalog import BUNDLED_TERMS, ModelTerms, load_catalog
@@ -124,3 +127,30 @@ def test_the_swarm_writes_a_models_file_a_gateway_loads(tmp_path: Path) -> None:
     assert bundled == BUNDLED_TERMS
     assert (tiny_terms.model_id, tiny_terms.path) == (TINY_MODEL_ID, model.model_path)
     assert tiny_terms.dht_prefix == model.dht_prefix
+
+
+async def test_an_announced_model_with_a_local_folder_is_served_too(
+    swarm: Any, bundled_model_path: Path, tiny: tuple[SwarmModel, Any], tmp_path: Path
+) -> None:
+    model, _ = tiny
+    models_dir = tmp_path / "models"
+    models_dir.mkdir()
+    (models_dir / TINY_MODEL_ID).symlink_to(model.model_path, target_is_directory=True)
+    backend = await PetalsBackend.start(swarm_backend_config(swarm, bundled_model_path))
+    try:
+        settings, adopted = await adopt_announced_models(backend, Settings(), models_dir)
+        assert adopted == {TINY_MODEL_ID: models_dir / TINY_MODEL_ID}
+        assert [terms.model_id for terms in settings.models] == [BUNDLED_MODEL_ID, TINY_MODEL_ID]
+        assert settings.prices_for(TINY_MODEL_ID) == Settings().prices
+        session = await backend.open_session(TINY_MODEL_ID, max_length=64)
+        try:
+            events = [
+                e async for e in session.run_tokens([1, 2, 3], SamplingParams(max_new_tokens=2))
+            ]
+        finally:
+            await session.aclose()
+    finally:
+        await backend.aclose()
+    done = events[-1]
+    assert done.error is None
+    assert done.completion_tokens == 2

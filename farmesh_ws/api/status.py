@@ -22,7 +22,8 @@ from farmesh_ws.models.generation import Sampling
 SERVICE_NAME: Final = "farmesh-ws"
 UNSERVABLE_REASON: Final = (
     "announced in the DHT, but this gateway has no client half for it (config, tokenizer, "
-    "embeddings); list its folder in FARMESH_MODELS_FILE"
+    "embeddings); list its folder in FARMESH_MODELS_FILE, or put it in $FARMESH_HOME/models "
+    "under the model's name and restart"
 )
 HealthCheck = Callable[[], str | None]
 """Returns None when the component is fine, else a short reason (shown in /health)."""

@@ -27,7 +27,7 @@ from typing import Any
 from farmesh_ws.errors import InvalidRequest, ModelNotFound
 from farmesh_ws.logcontext import run_in_context
 from farmesh_ws.mesh import compat, spot_check_run
-from farmesh_ws.mesh.discovery import ModelCoverage, discover, model_coverage
+from farmesh_ws.mesh.discovery import ModelCoverage, announced_models, discover, model_coverage
 from farmesh_ws.mesh.petals_errors import translate_error
 from farmesh_ws.mesh.petals_model import LoadedModel, ModelSpec, PetalsBackendConfig
 from farmesh_ws.mesh.petals_session import PetalsChatSession
@@ -91,6 +91,13 @@ class PetalsBackend:
             raise
         return backend
 
+    async def add_model(self, spec: ModelSpec) -> None:
+        """Load one more model's client half (blocking work, in a thread). Raises
+        ``ValueError`` for a model id already served."""
+        if spec.model_id in self._models:
+            raise ValueError(f"model {spec.model_id!r} is served already")
+        self._models[spec.model_id] = await asyncio.to_thread(LoadedModel, spec, self.config)
+
     @property
     def model_ids(self) -> list[str]:
         return list(self._models)
@@ -130,6 +137,14 @@ class PetalsBackend:
         for loaded in self._models.values():
             if loaded.spot_checker is not None:
                 await asyncio.to_thread(loaded.spot_checker.wait_background, timeout_s)
+
+    async def announced(self) -> dict[str, int]:
+        """Each DHT prefix the mesh announces, with its number of blocks (one DHT query;
+        bounded as :func:`~farmesh_ws.mesh.discovery.announced_models`)."""
+        if not self._models:
+            return {}
+        dht = next(iter(self._models.values())).sequence_manager.dht
+        return await asyncio.to_thread(announced_models, dht)
 
     async def discover(self, skip: frozenset[str] = frozenset()) -> list[ModelCoverage]:
         """Every model the DHT announces but the DHT prefixes in ``skip``, with coverage (not
