@@ -59,7 +59,7 @@ T = TypeVar("T")
 def run_chat(
     url: str,
     *,
-    max_new_tokens: int,
+    max_new_tokens: int | None = None,
     system_prompt: str | None = None,
     temperature: float | None = None,
     top_p: float | None = None,
@@ -69,7 +69,8 @@ def run_chat(
     token: str | None = None,
 ) -> int:
     """Chat with the gateway at ``url`` until ``/quit`` or the end of input; returns the exit
-    code. ``stdin``/``stdout`` default to the process's (looked up at call time). ``token``
+    code. ``max_new_tokens`` None: the gateway's default for the model (within its limit).
+    ``stdin``/``stdout`` default to the process's (looked up at call time). ``token``
     (an API key or session token) is sent in every connection's handshake."""
     terminal = _Terminal(
         url,
@@ -153,7 +154,7 @@ class _Terminal:
         url: str,
         *,
         token: str | None,
-        max_new_tokens: int,
+        max_new_tokens: int | None,
         system_prompt: str | None,
         overrides: dict[str, float | None],
         stdin: TextIO,

@@ -93,7 +93,12 @@ def _build_parser() -> argparse.ArgumentParser:
     chat.add_argument(
         "--url", default=local, help="the gateway's WebSocket URL (default: %(default)s)"
     )
-    chat.add_argument("--max-new-tokens", type=int, default=256, help="tokens per reply at most")
+    chat.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=None,
+        help="tokens per reply at most (default: the gateway's default for the model)",
+    )
     chat.add_argument("--system-prompt", default=None, help="system prompt of the session")
     chat.add_argument(
         "--temperature",

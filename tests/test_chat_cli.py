@@ -272,3 +272,31 @@ async def test_ctrl_c_cancels_the_reply_and_keeps_the_session(
     assert after["reason"] in {"stop", "length"}
     assert after["cached"] > cancelled["cached"]  # the cancelled reply stayed in the history
     assert output.endswith("you> \n")
+
+
+async def test_without_max_new_tokens_the_chat_takes_the_models_own_default() -> None:
+    """A model whose limit is below the gateway-wide default still chats: the chat sends no
+    max_new_tokens of its own unless given one."""
+    from farmesh_ws.mesh.fake import FAKE_MODEL_ID, FakeBackend
+    from farmesh_ws.models.catalog import ModelTerms
+    from tests.transport.support import fake_gateway
+
+    terms = (ModelTerms(FAKE_MODEL_ID, "fake", max_new_tokens_limit=3),)
+    server = await fake_gateway(
+        FakeBackend(reply="one two three four five"),
+        models=terms,
+        price_per_prompt_token_far=PROMPT_PRICE,
+    )
+    stdout = io.StringIO()
+    try:
+        code = await asyncio.to_thread(
+            run_chat, ws_url(server), stdin=io.StringIO("Hi\n"), stdout=stdout
+        )
+    finally:
+        await server.shutdown()
+    output = stdout.getvalue()
+    assert code == 0, output
+    assert "error:" not in output
+    (usage,) = usages(output)
+    assert int(usage["tokens"]) == 3
+    assert usage["reason"] == "length"
