@@ -106,8 +106,9 @@ def test_swarm_command_prints_peers_and_stops_cleanly_on_ctrl_c(
     command.wait_for_line(r"^swarm ready", 120)
     server0 = command.wait_for_line(r"^server0: ", 5)
     server1 = command.wait_for_line(r"^server1: ", 5)
-    assert re.match(r"^server0: Qm\w+ blocks 0:15 payout unbound$", server0.strip())
-    assert re.match(rf"^server1: Qm\w+ blocks 15:30 payout {wallet}$", server1.strip())
+    model = BUNDLED_MODEL_ID
+    assert re.match(rf"^server0: Qm\w+ {model} blocks 0:15 payout unbound$", server0.strip())
+    assert re.match(rf"^server1: Qm\w+ {model} blocks 15:30 payout {wallet}$", server1.strip())
     peers = command.wait_for_line(r"^initial peers: ", 5)
     assert re.match(r"^initial peers: /ip4/127\.0\.0\.1/tcp/\d+/p2p/\w+$", peers.strip())
     logs = sorted(path.name for path in (tmp_path / "logs").iterdir())
