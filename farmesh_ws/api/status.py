@@ -117,24 +117,8 @@ class StatusRoutes:
         folder recommends (protocol v1 fields, :mod:`farmesh_ws.models.generation`), or
         ``{}``. Models the DHT announces that this gateway cannot serve follow, with
         ``servable`` false and the reason."""
-        settings = self._settings
-        served = [
-            {
-                "model_id": model.model_id,
-                "servable": True,
-                "active_nodes": model.active_nodes,
-                "price_per_token_far": far_text(settings.prices_for(model.model_id).per_token),
-                "price_per_prompt_token_far": far_text(
-                    settings.prices_for(model.model_id).per_prompt_token
-                ),
-                "status": model.status,
-                "num_blocks": model.num_blocks,
-                "max_length": settings.max_length_limit_for(model.model_id),
-                "max_new_tokens": settings.max_new_tokens_limit_for(model.model_id),
-                "generation": dict(self._generation.get(model.model_id, {})),
-            }
-            for model in self._status.all()
-        ]
+        served = [self._served_entry(model) for model in self._status.all()]
+        served_ids = {entry["model_id"] for entry in served}
         unservable = [
             {
                 "model_id": coverage.dht_prefix,
@@ -144,9 +128,25 @@ class StatusRoutes:
                 "num_blocks": coverage.num_blocks,
             }
             for coverage in self._status.unservable
-            if coverage.dht_prefix not in {entry["model_id"] for entry in served}
+            if coverage.dht_prefix not in served_ids
         ]
         return {"models": served + unservable}
+
+    def _served_entry(self, model: ModelStatus) -> dict[str, Any]:
+        settings = self._settings
+        prices = settings.prices_for(model.model_id)
+        return {
+            "model_id": model.model_id,
+            "servable": True,
+            "active_nodes": model.active_nodes,
+            "price_per_token_far": far_text(prices.per_token),
+            "price_per_prompt_token_far": far_text(prices.per_prompt_token),
+            "status": model.status,
+            "num_blocks": model.num_blocks,
+            "max_length": settings.max_length_limit_for(model.model_id),
+            "max_new_tokens": settings.max_new_tokens_limit_for(model.model_id),
+            "generation": dict(self._generation.get(model.model_id, {})),
+        }
 
     def metrics(self) -> bytes:
         self._metrics.sessions_active.set(self._engine.sessions.count)
